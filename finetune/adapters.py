@@ -1,0 +1,135 @@
+"""PEFT adapters on a policy: method by name, default or user targets, fully trained modules, counts.
+
+Targets are resolved here to the explicit list of module names before PEFT sees them, so a pattern that matches
+nothing fails with the candidate names, and the adapter config says exactly which modules were adapted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftModel, get_peft_model
+from torch import nn
+
+from .config import PEFT_METHOD_FULL, ConfigError, PeftOptions
+
+# Layer types PEFT's tuners adapt; the candidates we list and match against.
+ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+
+
+def adaptable_module_names(model: nn.Module) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, ADAPTABLE_TYPES) or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
+            names.append(name)
+    return names
+
+
+def _looks_like_regex(pattern: str) -> bool:
+    return any(ch in pattern for ch in "()[]|*+?\\^$")
+
+
+def resolve_target_modules(model: nn.Module, targets: str | tuple[str, ...] | list[str]) -> list[str]:
+    """Full names of the adaptable modules selected by one regex (full match) or by name suffixes."""
+    candidates = adaptable_module_names(model)
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets)
+    if len(targets) == 1 and _looks_like_regex(targets[0]):
+        try:
+            regex = re.compile(targets[0])
+        except re.error as err:
+            raise ConfigError(f"--peft.target-modules {targets[0]!r} is not a valid regex: {err}") from err
+        selected = [n for n in candidates if regex.fullmatch(n)]
+        if not selected:
+            raise ConfigError(_no_match_message(targets[0], candidates))
+        return selected
+    selected = []
+    for suffix in targets:
+        hits = [n for n in candidates if n == suffix or n.endswith("." + suffix)]
+        if not hits:
+            raise ConfigError(_no_match_message(suffix, candidates))
+        selected += [n for n in hits if n not in selected]
+    return selected
+
+
+def _no_match_message(pattern: str, candidates: list[str]) -> str:
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    key = pattern.rsplit(".", 1)[-1].strip("()$^\\")
+    near = difflib.get_close_matches(key, suffixes, n=5, cutoff=0.3)
+    examples = [n for n in candidates if any(n.endswith("." + s) or n == s for s in near)][:8]
+    return (
+        f"--peft.target-modules {pattern!r} matches no adaptable (linear) module. Nearby names: {near or suffixes[:10]}; "
+        f"e.g. {examples or candidates[:8]}. Give suffixes (q_proj v_proj) or one regex matched against full names."
+    )
+
+
+def resolve_full_training_modules(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    module_names = [n for n, _ in model.named_modules() if n]
+    out = []
+    for suffix in names:
+        hits = [n for n in module_names if n == suffix or n.endswith("." + suffix)]
+        if not hits:
+            near = difflib.get_close_matches(suffix, sorted({n.rsplit(".", 1)[-1] for n in module_names}), n=5)
+            raise ConfigError(f"--peft.full-training-modules {suffix!r} matches no module; nearby names: {near}")
+        out += hits
+    return out
+
+
+def build_peft_config(opts: PeftOptions, targets: list[str], full_training: list[str]):
+    """A PEFT config of the chosen method, passing each option the method has."""
+    method = opts.method.upper()
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[method]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    alpha = opts.lora_alpha if opts.lora_alpha is not None else opts.r
+    wanted = {
+        "target_modules": targets,
+        "modules_to_save": full_training or None,
+        "r": opts.r,
+        "lora_alpha": alpha,
+        "alpha": alpha,  # LoHa / LoKr
+        "lora_dropout": opts.lora_dropout,
+        "feedforward_modules": [],  # IA3: scale outputs (not inputs) of every target
+    }
+    if opts.init_type is not None:
+        wanted["init_lora_weights" if "init_lora_weights" in fields else "init_weights"] = opts.init_type
+    if "target_modules" not in fields:
+        raise ConfigError(f"--peft.method {method} does not adapt linear layers (it tunes prompts or tokens); "
+                          "choose e.g. LORA, LOHA, LOKR, IA3, VERA or OFT")
+    return config_cls(**{k: v for k, v in wanted.items() if k in fields})
+
+
+def apply_adapter(policy: nn.Module, opts: PeftOptions) -> nn.Module:
+    """Wrap the policy with a fresh adapter (or, for FULL, make everything trainable) and freeze the rest."""
+    if opts.method.upper() == PEFT_METHOD_FULL:
+        for p in policy.parameters():
+            p.requires_grad_(True)
+        return policy
+    targets_opt = opts.target_modules if opts.target_modules is not None else policy.default_lora_targets
+    full_training = resolve_full_training_modules(policy, opts.full_training_modules)
+    targets = [
+        t for t in resolve_target_modules(policy, targets_opt)
+        if not any(t == f or t.startswith(f + ".") for f in full_training)
+    ]
+    if not targets:
+        raise ConfigError("every adapter target is also in --peft.full-training-modules; nothing left to adapt")
+    return get_peft_model(policy, build_peft_config(opts, targets, full_training))
+
+
+def load_adapter(policy: nn.Module, adapter_dir: str | Path, trainable: bool) -> PeftModel:
+    """Attach a saved adapter (config and weights) to the base: the one adapter, never a fresh one on top."""
+    return PeftModel.from_pretrained(policy, str(adapter_dir), is_trainable=trainable)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def base_policy(model: nn.Module) -> nn.Module:
+    """The policy under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -1,0 +1,252 @@
+"""Typed run configuration, named presets and the command line.
+
+`accelerate launch finetune/train.py <preset> [--flags]`: the preset gives every default, flags override any field
+(nested fields are dotted: `--policy.path`, `--peft.r`, `--dataset.root`). Topology, ZeRO stage and mixed precision
+live in `accelerate_configs/*.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+PEFT_METHOD_FULL = "FULL"  # no adapter: every parameter trains (used by the demo's base pretraining)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    path: str | None = None
+    """Pretrained policy: a local LeRobot-format folder (config.json + model.safetensors) or a Hub id such as
+    lerobot/smolvla_base. Hub ids are fetched through the Hugging Face cache when online."""
+    tokenizer_path: str | None = None
+    """Folder holding the tokenizer files (tokenizer.json, tokenizer_config.json). Default: the policy folder, then
+    the VLM's Hub id (cached copy when offline)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the frozen base weights (trained parameters stay in float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass: less activation memory, about 30% more compute."""
+    chunk_size: int | None = None
+    """Override the policy's action chunk length (None keeps the checkpoint's value)."""
+    num_steps: int | None = None
+    """Override the number of denoising (Euler) steps used when sampling actions."""
+
+
+@dataclass(frozen=True)
+class PeftOptions:
+    method: str = "LORA"
+    """PEFT method by name: LORA, LOHA, LOKR, IA3, VERA, OFT, BOFT, ... (any PEFT type that adapts linear layers),
+    or FULL to train every parameter without an adapter."""
+    r: int = 64
+    """Adapter rank (for methods that have one)."""
+    lora_alpha: int | None = None
+    """Adapter scaling numerator; None uses r (scale 1)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    init_type: str | None = None
+    """Adapter initialization passed to PEFT's init_lora_weights (e.g. gaussian, pissa, olora); None = default."""
+    target_modules: tuple[str, ...] | None = None
+    """Modules to adapt: module-name suffixes (q_proj v_proj), or one regex matched against full names.
+    None uses the policy's defaults (LeRobot's)."""
+    full_training_modules: tuple[str, ...] = ()
+    """Modules trained in full beside the adapter (PEFT's modules_to_save), e.g. action_out_proj."""
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    root: str | None = None
+    """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/)."""
+    repo_id: str | None = None
+    """Hub dataset id, fetched through the Hugging Face cache when online (ignored when root is given)."""
+    rename_map: dict[str, str] = field(default_factory=dict)
+    """Dataset feature name -> policy input name, e.g. observation.images.front:observation.images.top"""
+    eval_episodes: int = 2
+    """Number of episodes (the last ones) held out for evaluation; 0 disables evaluation."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    video_cache_mb: int = 1024
+    """Decoded-video cache per worker process, in MiB."""
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-10
+    grad_clip_norm: float = 10.0
+    """Gradient-norm clip applied at each optimizer update; 0 disables."""
+    warmup_steps: int = 1000
+    """Linear warmup length in optimizer updates."""
+    decay_steps: int | None = None
+    """Cosine decay length in optimizer updates; None decays over the whole run."""
+    decay_lr: float = 2.5e-6
+    """Learning rate at the end of the cosine decay."""
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    every: int = 1000
+    """Save a checkpoint every N optimizer updates (and always at the end)."""
+    keep_last: int = 3
+    """How many checkpoints to keep; older ones are deleted."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    enabled: bool = False
+    """Build the demo's base policy and synthetic datasets first (once; reused when present)."""
+    assets_dir: str = "runs/demo_assets"
+    """Where the demo's base policy and datasets are written."""
+    pretrain_steps: int = 500
+    """Full-training steps of the tiny base policy on the pretraining part of the task family."""
+    pretrain_colors: tuple[str, ...] = ("red", "green", "blue")
+    """Target colors seen in pretraining."""
+    finetune_colors: tuple[str, ...] = ("yellow", "purple", "cyan")
+    """Target colors of the fine-tuning dataset (new to the base policy)."""
+    episodes: int = 60
+    """Episodes in each synthetic dataset."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    policy: PolicyOptions = PolicyOptions()
+    peft: PeftOptions = PeftOptions()
+    dataset: DataOptions = DataOptions()
+    optim: OptimOptions = OptimOptions()
+    checkpoint: CheckpointOptions = CheckpointOptions()
+    demo: DemoOptions = DemoOptions()
+    output_dir: str = "runs/train"
+    """Run folder: checkpoints/, metrics.jsonl, tensorboard/, train_config.json."""
+    steps: int = 30_000
+    """Optimizer updates to run (each one is grad_accum_steps micro-batches)."""
+    batch_size: int = 32
+    """Micro-batch size per process."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer update."""
+    seed: int = 1000
+    resume: bool = False
+    """Continue the run in output_dir from checkpoints/last (same adapter, optimizer, scheduler, RNG, data order)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """Autocast precision; None takes it from the accelerate config."""
+    log_every: int = 10
+    """Write metrics every N optimizer updates."""
+    eval_every: int = 500
+    """Held-out action MSE every N optimizer updates (and before the first and after the last)."""
+    eval_batches: int = 4
+    """Held-out batches per evaluation."""
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the field and the fix."""
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse bad values before any model is built."""
+    from peft import PeftType
+
+    checks = [
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}"),
+        (cfg.optim.lr > 0, f"--optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.optim.decay_lr >= 0, f"--optim.decay-lr must be >= 0, got {cfg.optim.decay_lr}"),
+        (cfg.optim.warmup_steps >= 0, f"--optim.warmup-steps must be >= 0, got {cfg.optim.warmup_steps}"),
+        (cfg.optim.grad_clip_norm >= 0, f"--optim.grad-clip-norm must be >= 0, got {cfg.optim.grad_clip_norm}"),
+        (cfg.peft.r > 0, f"--peft.r must be > 0, got {cfg.peft.r}"),
+        (0 <= cfg.peft.lora_dropout < 1, f"--peft.lora-dropout must be in [0, 1), got {cfg.peft.lora_dropout}"),
+        (cfg.checkpoint.every >= 1, f"--checkpoint.every must be >= 1, got {cfg.checkpoint.every}"),
+        (cfg.checkpoint.keep_last >= 1, f"--checkpoint.keep-last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
+        (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    method = cfg.peft.method.upper()
+    methods = sorted(t.value for t in PeftType)
+    if method != PEFT_METHOD_FULL and method not in methods:
+        raise ConfigError(f"unknown --peft.method {cfg.peft.method!r}; choose one of {methods} or FULL")
+    if not cfg.demo.enabled:
+        if cfg.policy.path is None:
+            raise ConfigError("--policy.path is required: a LeRobot-format policy folder or a Hub id")
+        if cfg.dataset.root is None and cfg.dataset.repo_id is None:
+            raise ConfigError("give the dataset with --dataset.root (a local folder) or --dataset.repo-id (Hub id)")
+        if cfg.dataset.root is not None and not (Path(cfg.dataset.root) / "meta" / "info.json").is_file():
+            what = "does not exist" if not Path(cfg.dataset.root).exists() else "has no meta/info.json"
+            raise ConfigError(f"--dataset.root {cfg.dataset.root} {what}: it must be a LeRobotDataset v3.0 folder")
+    if cfg.resume and not (cfg.checkpoints_dir / "last").exists():
+        raise ConfigError(f"--resume: no checkpoint at {cfg.checkpoints_dir / 'last'}; start without --resume")
+
+
+# --- presets ----------------------------------------------------------------------------------------------------------
+
+SMOLVLA_LORA = TrainConfig(
+    policy=PolicyOptions(path="lerobot/smolvla_base"),
+    # LeRobot's SmolVLA LoRA recipe: r 64 on the expert's q/v and the action/state projections.
+    peft=PeftOptions(method="LORA", r=64, lora_alpha=64),
+    optim=OptimOptions(lr=1e-3, betas=(0.9, 0.95), decay_lr=1e-4, warmup_steps=1000, grad_clip_norm=10.0),
+    output_dir="runs/smolvla_lora",
+    steps=20_000,
+    batch_size=32,
+)
+
+DEMO = TrainConfig(
+    peft=PeftOptions(method="LORA", r=16, lora_alpha=32, full_training_modules=()),
+    dataset=DataOptions(eval_episodes=8),
+    optim=OptimOptions(lr=3e-3, decay_lr=3e-4, warmup_steps=20, grad_clip_norm=10.0),
+    checkpoint=CheckpointOptions(every=100, keep_last=2),
+    demo=DemoOptions(enabled=True),
+    output_dir="runs/demo",
+    steps=300,
+    batch_size=32,
+    seed=0,
+    log_every=10,
+    eval_every=100,
+    eval_batches=2,
+)
+
+PRESETS: dict[str, tuple[str, TrainConfig]] = {
+    "demo": ("Tiny SmolVLA on the synthetic reach task, CPU, a few minutes: pretrain a base, LoRA on new tasks.", DEMO),
+    "smolvla_lora": ("SmolVLA (450M) with LeRobot's LoRA recipe; give --policy.path and --dataset.root.", SMOLVLA_LORA),
+}
+
+
+def cli(args: Sequence[str] | None = None, console_outputs: bool = True) -> TrainConfig:
+    """Parse `<preset> [--flags]` into a TrainConfig."""
+    return tyro.extras.overridable_config_cli(
+        PRESETS, args=args, use_underscores=False, console_outputs=console_outputs,
+        description="Fine-tune a VLA policy with PEFT adapters.",
+    )
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> TrainConfig:
+    """Rebuild a TrainConfig from `to_dict` output (e.g. a checkpoint's train_config.json)."""
+
+    def build(cls, values: dict):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+            if dataclasses.is_dataclass(f.default):
+                value = build(type(f.default), value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    return build(TrainConfig, data)

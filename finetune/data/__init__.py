@@ -1,0 +1,39 @@
+"""LeRobotDataset v3.0 reading, video helpers and the synthetic reach task."""
+
+from .lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
+from .synthetic import (
+    COLORS,
+    Scene,
+    expert_action,
+    instruction,
+    is_success,
+    make_synthetic_dataset,
+    render,
+    rollout_expert,
+    sample_scene,
+    step,
+    synthetic_episode,
+)
+from .video import DEFAULT_CODEC, VideoFrameReader, decode_video, encode_video
+
+__all__ = [
+    "COLORS",
+    "DEFAULT_CODEC",
+    "DatasetError",
+    "DatasetMeta",
+    "LeRobotDataset",
+    "Scene",
+    "VideoFrameReader",
+    "decode_video",
+    "encode_video",
+    "expert_action",
+    "instruction",
+    "is_success",
+    "load_dataset_meta",
+    "make_synthetic_dataset",
+    "render",
+    "rollout_expert",
+    "sample_scene",
+    "step",
+    "synthetic_episode",
+]

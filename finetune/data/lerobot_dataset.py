@@ -1,0 +1,385 @@
+"""Reader for LeRobotDataset v3.0 folders (meta/, data/, videos/) serving frames with action chunks."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from .video import VideoFrameReader
+
+CAMERA_DTYPES = ("video", "image")
+# Bookkeeping columns every v3 data file has; loaded whatever the caller asked for.
+INDEX_COLUMNS = ("episode_index", "frame_index", "index", "timestamp", "task_index")
+
+
+class DatasetError(ValueError):
+    """A dataset folder is malformed; the message names the file, the field and how to fix it."""
+
+
+@dataclass
+class DatasetMeta:
+    root: Path
+    info: dict
+    features: dict[str, dict]
+    fps: float
+    stats: dict[str, dict[str, np.ndarray]]
+    tasks: list[str]
+    episodes: list[dict]
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f.get("dtype") in CAMERA_DTYPES]
+
+    @property
+    def video_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f.get("dtype") == "video"]
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f.get("dtype") == "image"]
+
+    @property
+    def total_episodes(self) -> int:
+        return len(self.episodes)
+
+    @property
+    def total_frames(self) -> int:
+        return int(sum(ep["dataset_to_index"] - ep["dataset_from_index"] for ep in self.episodes))
+
+
+def _read_parquet(path: Path, pointed_by: str, columns: Sequence[str] | None = None) -> pa.Table:
+    if not path.is_file():
+        raise DatasetError(f"{path} not found ({pointed_by}); restore the file or fix the metadata that names it")
+    try:
+        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{path}: cannot read parquet ({e}); the file is corrupt or not parquet") from e
+
+
+def _load_tasks(root: Path) -> list[str]:
+    path = root / "meta/tasks.parquet"
+    table = _read_parquet(path, "meta/tasks.parquet of a v3 dataset")
+    # pandas writes the task strings as the index when they were the DataFrame index.
+    text_col = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
+    if text_col is None or "task_index" not in table.column_names:
+        raise DatasetError(
+            f"{path}: needs a 'task_index' column and task strings in 'task' (or the pandas index); "
+            f"found columns {table.column_names}"
+        )
+    ids = table.column("task_index").to_pylist()
+    texts = table.column(text_col).to_pylist()
+    if sorted(ids) != list(range(len(ids))):
+        raise DatasetError(f"{path}: 'task_index' must be 0..{len(ids) - 1} without gaps, found {sorted(ids)}")
+    tasks = [""] * len(ids)
+    for i, text in zip(ids, texts):
+        tasks[i] = text
+    return tasks
+
+
+def _load_episodes(root: Path, info: dict) -> list[dict]:
+    files = sorted((root / "meta/episodes").glob("*/*.parquet"))
+    if not files:
+        raise DatasetError(
+            f"{root / 'meta/episodes'}: no chunk-XXX/file-XXX.parquet files; a v3 dataset lists its episodes there"
+        )
+    episodes: list[dict] = []
+    for path in files:
+        schema = pq.read_schema(path)
+        # Per-episode stats columns are many and unused here.
+        columns = [n for n in schema.names if not n.startswith("stats/")]
+        episodes.extend(_read_parquet(path, "meta/episodes", columns).to_pylist())
+    episodes.sort(key=lambda ep: ep.get("episode_index", -1))
+
+    video_keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+    required = ["episode_index", "dataset_from_index", "dataset_to_index", "data/chunk_index", "data/file_index"]
+    for key in video_keys:
+        required += [f"videos/{key}/chunk_index", f"videos/{key}/file_index", f"videos/{key}/from_timestamp"]
+    seen: set[int] = set()
+    for ep in episodes:
+        missing = [c for c in required if ep.get(c) is None]
+        if missing:
+            raise DatasetError(
+                f"{root / 'meta/episodes'}: episode {ep.get('episode_index')} lacks {missing}; "
+                "regenerate the episodes metadata (every episode row needs them)"
+            )
+        index, lo, hi = ep["episode_index"], ep["dataset_from_index"], ep["dataset_to_index"]
+        if index in seen:
+            raise DatasetError(f"{root / 'meta/episodes'}: episode_index {index} appears twice")
+        seen.add(index)
+        if not 0 <= lo < hi:
+            raise DatasetError(
+                f"{root / 'meta/episodes'}: episode {index} has dataset_from_index={lo}, dataset_to_index={hi}; "
+                "need 0 <= from < to"
+            )
+        if ep.get("length") is not None and ep["length"] != hi - lo:
+            raise DatasetError(
+                f"{root / 'meta/episodes'}: episode {index} has length={ep['length']} but "
+                f"dataset_to_index - dataset_from_index = {hi - lo}; fix one of them"
+            )
+    return episodes
+
+
+def load_dataset_meta(root: str | Path) -> DatasetMeta:
+    """Read and check meta/ (info.json, stats.json, tasks.parquet, episodes/) of a LeRobotDataset v3 folder."""
+    root = Path(root)
+    info_path = root / "meta/info.json"
+    if not info_path.is_file():
+        raise DatasetError(f"{info_path} not found; point to the root of a LeRobotDataset v3 folder (with meta/)")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{info_path}: invalid JSON ({e})") from e
+    version = str(info.get("codebase_version", ""))
+    if not version.startswith("v3"):
+        raise DatasetError(
+            f"{info_path}: 'codebase_version' is {version or 'missing'!r}; this reader needs v3.x "
+            "(convert older datasets with LeRobot's v2.1 -> v3.0 conversion script)"
+        )
+    for field in ("fps", "features", "data_path"):
+        if not info.get(field):
+            raise DatasetError(f"{info_path}: field {field!r} is missing or empty; every v3 info.json has it")
+    features = info["features"]
+    if any(f.get("dtype") == "video" for f in features.values()) and not info.get("video_path"):
+        raise DatasetError(f"{info_path}: has video features but no 'video_path' template")
+    for key, feature in features.items():
+        if "dtype" not in feature or "shape" not in feature:
+            raise DatasetError(f"{info_path}: features[{key!r}] needs 'dtype' and 'shape'")
+
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    stats_path = root / "meta/stats.json"
+    if stats_path.is_file():  # optional here; normalization code reports its absence where it matters
+        for key, values in json.loads(stats_path.read_text()).items():
+            stats[key] = {name: np.asarray(v, dtype=np.float32) for name, v in values.items()}
+
+    return DatasetMeta(
+        root=root,
+        info=info,
+        features=features,
+        fps=float(info["fps"]),
+        stats=stats,
+        tasks=_load_tasks(root),
+        episodes=_load_episodes(root, info),
+    )
+
+
+def _hwc(feature: dict) -> tuple[int, ...]:
+    """Expected (H, W, C) of a camera feature; some datasets list the shape channels-first."""
+    shape, names = tuple(feature["shape"]), feature.get("names") or []
+    if len(shape) == 3 and names and names[0] in ("channels", "channel", "c"):
+        return shape[1], shape[2], shape[0]
+    return shape
+
+
+def _column_to_numpy(column: pa.ChunkedArray, key: str, feature: dict, path: Path) -> np.ndarray:
+    """(N, *shape) array of a numeric column, checked against the feature's shape."""
+    shape = tuple(feature["shape"])
+    arr = column.combine_chunks()
+    n = len(arr)
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        expected = int(np.prod(shape[:1]))
+        if n and (lengths != expected).any():
+            found = int(lengths[np.argmax(lengths != expected)])
+            raise DatasetError(
+                f"{path}: column {key!r} holds vectors of shape ({found},) but meta/info.json "
+                f"features[{key!r}]['shape'] is {shape}; fix the feature's shape or rewrite the column"
+            )
+        while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+            arr = arr.flatten()
+        values = arr.to_numpy(zero_copy_only=False)
+        if values.size != n * int(np.prod(shape)):
+            raise DatasetError(
+                f"{path}: column {key!r} has {values.size // max(n, 1)} values per row but meta/info.json "
+                f"features[{key!r}]['shape'] is {shape}"
+            )
+        return values.reshape(n, *shape)
+    if int(np.prod(shape)) != 1:
+        raise DatasetError(
+            f"{path}: column {key!r} holds scalars (shape (1,)) but meta/info.json features[{key!r}]['shape'] "
+            f"is {shape}; fix the feature's shape or rewrite the column"
+        )
+    return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
+
+
+class LeRobotDataset(torch.utils.data.Dataset):
+    """Frames of a local LeRobotDataset v3 folder, each with the action chunk that starts there.
+
+    Numeric columns and image bytes are loaded into memory at init; video frames are decoded on demand
+    by a per-process reader (safe in DataLoader workers).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        chunk_size: int,
+        episodes: Sequence[int] | None = None,
+        keys: Sequence[str] | None = None,
+        video_cache_bytes: int = 1 << 30,
+    ):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.meta = meta = load_dataset_meta(root)
+        self.chunk_size = chunk_size
+        by_index = {ep["episode_index"]: ep for ep in meta.episodes}
+        if episodes is None:
+            selected = list(by_index.values())
+        else:
+            unknown = [e for e in episodes if e not in by_index]
+            if unknown:
+                valid = sorted(by_index)
+                raise DatasetError(
+                    f"{meta.root}: episode(s) {unknown} not in the dataset; valid episode indices are "
+                    f"{valid[0]}..{valid[-1]} ({len(valid)} episodes, see meta/episodes)"
+                )
+            selected = [by_index[e] for e in sorted(set(episodes))]
+        if keys is None:
+            keys = [*meta.camera_keys, "observation.state", "action"]
+        unknown = [k for k in keys if k not in meta.features]
+        if unknown:
+            raise DatasetError(
+                f"{meta.root / 'meta/info.json'}: unknown key(s) {unknown}; available features: {list(meta.features)}"
+            )
+        self.keys = list(dict.fromkeys(keys))
+        self._video_keys = [k for k in self.keys if meta.features[k]["dtype"] == "video"]
+        self._image_keys = [k for k in self.keys if meta.features[k]["dtype"] == "image"]
+        self._value_keys = [k for k in self.keys if meta.features[k]["dtype"] not in CAMERA_DTYPES]
+        self._tolerance = 0.5 / meta.fps
+        self._videos = VideoFrameReader(video_cache_bytes)
+        self._load(selected)
+
+    def _load(self, selected: list[dict]) -> None:
+        meta = self.meta
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*INDEX_COLUMNS, *self._value_keys)}
+        images: dict[str, list[bytes | str]] = {k: [] for k in self._image_keys}
+        starts, ends = [], []
+        self._video_at: dict[str, list[tuple[str, float]]] = {k: [] for k in self._video_keys}
+        tables: dict[Path, tuple[pa.Table, np.ndarray]] = {}
+        total = 0
+        for ep in selected:
+            index, chunk, file = ep["episode_index"], ep["data/chunk_index"], ep["data/file_index"]
+            path = meta.root / meta.info["data_path"].format(chunk_index=chunk, file_index=file)
+            if path not in tables:
+                pointed = (
+                    f"meta/info.json 'data_path' with 'data/chunk_index'={chunk}, 'data/file_index'={file} "
+                    f"of episode {index} in meta/episodes"
+                )
+                if not path.is_file():
+                    raise DatasetError(f"{path} not found ({pointed}); restore it or fix the episode metadata")
+                names = pq.read_schema(path).names
+                wanted = list(dict.fromkeys([*INDEX_COLUMNS, *self._value_keys, *self._image_keys]))
+                missing = [c for c in wanted if c not in names]
+                if missing:
+                    raise DatasetError(
+                        f"{path}: missing column(s) {missing} named in meta/info.json features; found {names}"
+                    )
+                table = _read_parquet(path, pointed, wanted)
+                tables = {path: (table, table.column("episode_index").to_numpy())}  # one file held at a time
+            table, episode_col = tables[path]
+            rows = np.flatnonzero(episode_col == index)
+            expected = ep["dataset_to_index"] - ep["dataset_from_index"]
+            if len(rows) != expected:
+                raise DatasetError(
+                    f"{path}: episode {index} has {len(rows)} rows but meta/episodes says {expected} "
+                    f"(dataset_from_index={ep['dataset_from_index']}, dataset_to_index={ep['dataset_to_index']})"
+                )
+            part = table.take(rows)
+            order = np.argsort(part.column("frame_index").to_numpy(), kind="stable")
+            part = part.take(order)
+            for key in parts:
+                feature = meta.features.get(key, {"shape": [1]})
+                values = _column_to_numpy(part.column(key), key, feature, path)
+                parts[key].append(values[:, 0] if key in INDEX_COLUMNS else values)
+            for key in self._image_keys:
+                for cell in part.column(key).to_pylist():
+                    images[key].append(cell["bytes"] if cell.get("bytes") else str(meta.root / cell["path"]))
+            for key in self._video_keys:
+                chunk_v, file_v = ep[f"videos/{key}/chunk_index"], ep[f"videos/{key}/file_index"]
+                video = meta.root / meta.info["video_path"].format(
+                    video_key=key, chunk_index=chunk_v, file_index=file_v
+                )
+                if not video.is_file():
+                    raise DatasetError(
+                        f"{video} not found (meta/info.json 'video_path' with 'videos/{key}/chunk_index'={chunk_v}, "
+                        f"'videos/{key}/file_index'={file_v} of episode {index} in meta/episodes); "
+                        "restore it or fix the episode metadata"
+                    )
+                self._video_at[key].append((str(video), float(ep[f"videos/{key}/from_timestamp"])))
+            starts.append(total)
+            total += expected
+            ends.append(total)
+
+        def cat(key: str, dtype: type) -> np.ndarray:
+            return np.concatenate(parts[key]).astype(dtype, copy=False) if parts[key] else np.zeros(0, dtype)
+
+        self._episode_index = cat("episode_index", np.int64)
+        self._frame_index = cat("frame_index", np.int64)
+        self._global_index = cat("index", np.int64)
+        self._timestamp = cat("timestamp", np.float64)
+        self._task_index = cat("task_index", np.int64)
+        self._values = {}
+        for key in self._value_keys:
+            dtype = np.float32 if np.issubdtype(parts[key][0].dtype, np.floating) else parts[key][0].dtype
+            self._values[key] = np.concatenate(parts[key]).astype(dtype, copy=False)
+        self._images = images
+        # Per frame: the position of its episode in `selected`, and that episode's frame range here.
+        self._frame_episode = np.repeat(np.arange(len(selected)), np.diff([0, *ends]))
+        self._episode_end = np.asarray(ends, np.int64)
+        bad_tasks = self._task_index[(self._task_index < 0) | (self._task_index >= len(meta.tasks))]
+        if len(bad_tasks):
+            raise DatasetError(
+                f"{meta.root}: data files use task_index {int(bad_tasks[0])} but meta/tasks.parquet has "
+                f"{len(meta.tasks)} tasks"
+            )
+
+    def __len__(self) -> int:
+        return len(self._frame_index)
+
+    def _camera(self, key: str, i: int, e: int) -> torch.Tensor:
+        if key in self._video_at:
+            path, start = self._video_at[key][e]
+            frame = self._videos.frame_at(path, start + float(self._timestamp[i]), self._tolerance)
+            source = path
+        else:
+            cell = self._images[key][i]
+            source = cell if isinstance(cell, str) else f"{key} column, frame {int(self._global_index[i])}"
+            with Image.open(cell if isinstance(cell, str) else io.BytesIO(cell)) as img:
+                frame = np.array(img.convert("RGB"))  # writable, as torch.from_numpy wants
+        expected = _hwc(self.meta.features[key])
+        if frame.shape != expected:
+            raise DatasetError(
+                f"{source}: decoded frames of {key!r} have shape {frame.shape} but meta/info.json "
+                f"features[{key!r}]['shape'] says {tuple(self.meta.features[key]['shape'])}"
+            )
+        return torch.from_numpy(frame).permute(2, 0, 1).float().div_(255)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"frame {i} out of range for a dataset of {n} frames")
+        i = int(i) % n
+        e = int(self._frame_episode[i])
+        item: dict = {key: self._camera(key, i, e) for key in (*self._video_keys, *self._image_keys)}
+        for key, values in self._values.items():
+            if key == "action":
+                steps = i + np.arange(self.chunk_size)
+                last = int(self._episode_end[e]) - 1
+                item["action"] = torch.from_numpy(values[np.minimum(steps, last)])
+                item["action_is_pad"] = torch.from_numpy(steps > last)
+            else:
+                item[key] = torch.from_numpy(values[i].copy())
+        item["task"] = self.meta.tasks[int(self._task_index[i])]
+        item["episode_index"] = int(self._episode_index[i])
+        item["frame_index"] = int(self._frame_index[i])
+        item["index"] = int(self._global_index[i])
+        item["timestamp"] = float(self._timestamp[i])
+        return item

@@ -1,0 +1,131 @@
+"""The built-in demo: a small SmolVLA, pretrained on part of a synthetic task family, then LoRA-tuned on the rest.
+
+Everything is made locally and offline: a byte-level BPE tokenizer trained on the task vocabulary, two LeRobotDataset
+v3.0 folders (videos encoded with a real codec) of the "move to the <color> ball" task, and a tiny SmolVLA (same code
+and module names as the 450M one) trained in full on the pretraining colors and saved in LeRobot's format. The
+fine-tune then starts from that folder like any user's run. Assets are reused when already present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from .config import PEFT_METHOD_FULL, CheckpointOptions, DataOptions, OptimOptions, PeftOptions, PolicyOptions, TrainConfig
+from .data import COLORS, instruction, load_dataset_meta, make_synthetic_dataset
+from .policies import make_policy, save_policy
+from .policies.smolvla import SmolVLAConfig
+
+IMAGE_SIZE = 64
+CHUNK_SIZE = 10
+
+# A SmolVLM small enough to pretrain in a minute on two CPU cores; the layout is the 500M one's.
+TINY_VLM = {
+    "scale_factor": 2,
+    "image_token_id": 1,
+    "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "llama", "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "pad_token_id": 0, "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE, "patch_size": 8, "num_channels": 3,
+    },
+}
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE tokenizer trained on the demo's instructions, saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [instruction(c) + "\n" for c in COLORS] * 20 + ["pick place push move the ball cube to red"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_smolvla_config(meta) -> SmolVLAConfig:
+    state_dim = meta.features["observation.state"]["shape"][0]
+    action_dim = meta.features["action"]["shape"][0]
+    cameras = {k: {"type": "VISUAL", "shape": [3, IMAGE_SIZE, IMAGE_SIZE]} for k in meta.camera_keys}
+    return SmolVLAConfig(
+        input_features={**cameras, "observation.state": {"type": "STATE", "shape": [state_dim]}},
+        output_features={"action": {"type": "ACTION", "shape": [action_dim]}},
+        chunk_size=CHUNK_SIZE, n_action_steps=CHUNK_SIZE, resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE),
+        tokenizer_max_length=16, num_vlm_layers=4, vlm_model_name="finetune/tiny-smolvlm", num_steps=10,
+    )
+
+
+def make_initial_policy(folder: Path, meta, seed: int) -> Path:
+    """A randomly initialized tiny SmolVLA in LeRobot's format, with its tokenizer beside it."""
+    torch.manual_seed(seed)
+    policy = make_policy(tiny_smolvla_config(meta), TINY_VLM)
+    save_policy(policy, folder)
+    train_tokenizer(folder)
+    return folder
+
+
+def prepare_demo(cfg: TrainConfig, accelerator: Accelerator, run_training) -> TrainConfig:
+    """Make (or reuse) the demo's datasets and base policy; return the fine-tuning config pointing at them."""
+    assets = Path(cfg.demo.assets_dir)
+    pretrain_ds, finetune_ds = assets / "pretrain_dataset", assets / "finetune_dataset"
+    base = assets / "base_policy"
+    d = cfg.demo
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            for root, colors, seed in ((pretrain_ds, d.pretrain_colors, 1), (finetune_ds, d.finetune_colors, 2)):
+                if not (root / "meta" / "info.json").is_file():
+                    shutil.rmtree(root, ignore_errors=True)
+                    accelerator.print(f"demo: writing synthetic dataset {root} (targets: {', '.join(colors)})")
+                    make_synthetic_dataset(root, num_episodes=d.episodes, target_colors=list(colors), seed=seed,
+                                           image_size=IMAGE_SIZE)
+
+    if not (base / "model.safetensors").is_file():
+        init = assets / "initial_policy"
+        if accelerator.is_main_process:
+            make_initial_policy(init, load_dataset_meta(pretrain_ds), seed=cfg.seed)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"demo: pretraining the base policy in full for {d.pretrain_steps} steps")
+        pretrain = TrainConfig(
+            policy=PolicyOptions(path=str(init)),
+            peft=PeftOptions(method=PEFT_METHOD_FULL),
+            dataset=DataOptions(root=str(pretrain_ds), eval_episodes=4),
+            optim=OptimOptions(lr=1e-3, decay_lr=1e-4, warmup_steps=30, weight_decay=0.0),
+            checkpoint=CheckpointOptions(every=d.pretrain_steps, keep_last=1),
+            output_dir=str(assets / "pretrain_run"),
+            steps=d.pretrain_steps, batch_size=cfg.batch_size, seed=cfg.seed, log_every=25,
+            eval_every=d.pretrain_steps, eval_batches=2,
+        )
+        summary: dict[str, Any] = run_training(pretrain, accelerator)
+        if accelerator.is_main_process:
+            export_base(Path(summary["checkpoint"]), init, base)
+        accelerator.wait_for_everyone()
+
+    return replace(cfg, policy=replace(cfg.policy, path=str(base)), dataset=replace(cfg.dataset, root=str(finetune_ds)))
+
+
+def export_base(checkpoint: Path, init: Path, base: Path) -> None:
+    """The pretrained policy as a LeRobot-format folder (weights, config, backbone, tokenizer, stats)."""
+    tmp = base.with_name(base.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp)
+    for name in ("model.safetensors", "config.json", "normalization_stats.safetensors"):
+        shutil.copy2(checkpoint / name, tmp / name)
+    (tmp / "demo.json").write_text(json.dumps({"pretrained_from": str(checkpoint)}, indent=2) + "\n")
+    shutil.rmtree(base, ignore_errors=True)
+    tmp.rename(base)

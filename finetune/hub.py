@@ -1,0 +1,68 @@
+"""Local folders first, the Hugging Face Hub only when it is reachable.
+
+Every path option takes a local folder or a Hub id. A Hub id goes through huggingface_hub's cache: downloaded when
+online, the cached copy used when offline, and a clear error saying how to pre-download it when neither works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_repo(path_or_id: str, repo_type: str, what: str) -> Path:
+    """A local folder for `path_or_id` (a folder as is, or a Hub repo from the cache / the network)."""
+    local = Path(path_or_id).expanduser()
+    if local.exists():
+        return local
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(f"{what} {path_or_id!r} is not a local folder (and not a Hub id like org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_id, repo_type=repo_type, local_files_only=is_offline()))
+    except Exception as err:  # network errors, missing repo, gated repo: all end in the same advice
+        try:
+            return Path(snapshot_download(path_or_id, repo_type=repo_type, local_files_only=True))
+        except Exception:
+            pass
+        raise FileNotFoundError(
+            f"{what} {path_or_id!r} is neither a local folder nor in the Hugging Face cache, and the Hub could not be "
+            f"reached ({type(err).__name__}). On a machine with network run `hf download {path_or_id}"
+            f"{' --repo-type dataset' if repo_type == 'dataset' else ''} --local-dir DIR`, copy DIR here and pass "
+            "its path."
+        ) from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(policy_dir: Path | None, tokenizer_path: str | None, vlm_model_name: str | None) -> Any:
+    """The tokenizer from --policy.tokenizer-path, else the policy folder, else the VLM's Hub id (cache)."""
+    from transformers import AutoTokenizer
+
+    candidates: list[tuple[str, str]] = []
+    if tokenizer_path is not None:
+        candidates.append(("--policy.tokenizer-path", tokenizer_path))
+    elif policy_dir is not None and any((policy_dir / f).is_file() for f in TOKENIZER_FILES):
+        candidates.append(("the policy folder", str(policy_dir)))
+    elif vlm_model_name:
+        candidates.append(("the VLM's Hub id", vlm_model_name))
+    for source, location in candidates:
+        try:
+            folder = resolve_repo(location, "model", f"tokenizer ({source})")
+            return AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"could not load the tokenizer from {source} ({location}): {err}. A tokenizer folder needs "
+                f"{' and '.join(TOKENIZER_FILES)}; pass one with --policy.tokenizer-path."
+            ) from None
+    raise FileNotFoundError(
+        f"no tokenizer: the policy folder {policy_dir} has none of {TOKENIZER_FILES} and no VLM name is set; "
+        "pass --policy.tokenizer-path"
+    )

@@ -1,0 +1,85 @@
+"""What every policy shares: the LeRobot-style config base and the batch keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+OBS_STATE = "observation.state"
+OBS_IMAGES_PREFIX = "observation.images."
+ACTION = "action"
+ACTION_IS_PAD = "action_is_pad"
+TASK = "task"
+LANG_TOKENS = "observation.language.tokens"
+LANG_MASK = "observation.language.attention_mask"
+
+
+@dataclass
+class PolicyConfig:
+    """Fields shared by LeRobot's policy configs; subclasses add their own.
+
+    `config.json` written by `to_dict` uses LeRobot's field names and `"type"`, so LeRobot can read it and we can read
+    LeRobot's. Fields this project does not know are kept in `extra` and written back unchanged.
+    """
+
+    type: ClassVar[str] = ""
+
+    n_obs_steps: int = 1
+    input_features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output_features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str | None = None
+    use_amp: bool = False
+    push_to_hub: bool = False
+    repo_id: str | None = None
+    private: bool | None = None
+    tags: list[str] | None = None
+    license: str | None = None
+    pretrained_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # --- features -------------------------------------------------------------------------------------------------
+    @property
+    def image_features(self) -> list[str]:
+        return [k for k, f in self.input_features.items() if f["type"] == "VISUAL"]
+
+    @property
+    def state_dim(self) -> int:
+        return int(self.input_features["observation.state"]["shape"][0])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.output_features["action"]["shape"][0])
+
+    # --- serialization --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
+        data = dict(data)
+        found_type = data.pop("type", cls.type)
+        if found_type != cls.type:
+            raise ValueError(f"config has policy type {found_type!r}, expected {cls.type!r}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs, extra = {}, dict(data.pop("extra", {}))
+        for key, value in data.items():
+            if key not in known:
+                extra[key] = value
+            elif isinstance(known[key].default, tuple) and isinstance(value, list):
+                kwargs[key] = tuple(value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs, extra=extra)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")

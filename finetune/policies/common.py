@@ -1,0 +1,94 @@
+"""Flow-matching math and tensor helpers shared by every policy (SmolVLA, pi0, pi0.5).
+
+The conventions follow LeRobot/openpi: t ~ Beta(1.5, 1) squeezed into [0.001, 1], x_t = t * noise + (1 - t) * actions,
+the network predicts the velocity u_t = noise - actions, and sampling integrates from t = 1 (noise) to t = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sample_flow_time(batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """Flow-matching time t ~ Beta(1.5, 1.0) * 0.999 + 0.001 (favours the noisy end, as pi0)."""
+    if generator is None:
+        beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+        t = beta.sample((batch_size,))
+    else:  # Beta(a, 1) has the closed-form inverse CDF u ** (1 / a); lets a private generator drive it.
+        t = torch.rand(batch_size, generator=generator) ** (1 / 1.5)
+    return (t * 0.999 + 0.001).to(device=device, dtype=torch.float32)
+
+
+def sinusoidal_time_embedding(time: Tensor, dim: int, min_period: float, max_period: float) -> Tensor:
+    """Sine-cosine embedding of a scalar time per sample, shape (B, dim); computed in float64 like LeRobot."""
+    if dim % 2 != 0:
+        raise ValueError(f"time embedding width must be even, got {dim}")
+    dtype = torch.float64 if time.device.type not in ("mps",) else torch.float32
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=dtype, device=time.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angles = (2 * math.pi / period)[None, :] * time[:, None].to(dtype)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def make_att_2d_masks(pad_masks: Tensor, att_masks: Tensor) -> Tensor:
+    """Block-causal mask: token i sees token j when cumsum(att)[j] <= cumsum(att)[i] and neither is padding.
+
+    A 1 in `att_masks` opens a new block that earlier tokens cannot see; runs of 0s attend bidirectionally.
+    """
+    cumsum = torch.cumsum(att_masks.long(), dim=1)
+    causal = cumsum[:, None, :] <= cumsum[:, :, None]
+    pad = pad_masks[:, None, :] & pad_masks[:, :, None]
+    return causal & pad
+
+
+def resize_with_pad(images: Tensor, height: int, width: int, pad_value: float = 0.0) -> Tensor:
+    """Resize (B, C, H, W) keeping the aspect ratio, then pad on the left and top to (height, width)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+    cur_h, cur_w = images.shape[2:]
+    if (cur_h, cur_w) == (height, width):
+        return images
+    ratio = max(cur_w / width, cur_h / height)
+    new_h, new_w = int(cur_h / ratio), int(cur_w / ratio)
+    resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return F.pad(resized, (max(0, width - new_w), 0, max(0, height - new_h), 0), value=pad_value)
+
+
+def pad_last_dim(x: Tensor, size: int) -> Tensor:
+    """Zero-pad the last dimension to `size` (state/action vectors are padded to max_state_dim/max_action_dim)."""
+    if x.shape[-1] > size:
+        raise ValueError(f"vector of width {x.shape[-1]} does not fit the policy's maximum of {size}")
+    return F.pad(x, (0, size - x.shape[-1]))
+
+
+def flow_matching_targets(actions: Tensor, noise: Tensor, time: Tensor) -> tuple[Tensor, Tensor]:
+    """Noisy actions x_t and the velocity target u_t for a batch."""
+    t = time[:, None, None]
+    return t * noise + (1 - t) * actions, noise - actions
+
+
+def masked_action_loss(per_element: Tensor, action_dim: int, action_is_pad: Tensor | None) -> Tensor:
+    """Mean of per-element losses over the real action dims and the in-episode chunk steps (LeRobot's reduction)."""
+    losses = per_element[:, :, :action_dim]
+    if action_is_pad is None:
+        return losses.mean()
+    valid = (~action_is_pad).to(losses.dtype).unsqueeze(-1)
+    num_valid = (valid.sum() * losses.shape[-1]).clamp_min(1)
+    return (losses * valid).sum() / num_valid
+
+
+def euler_sample(denoise: Callable[[Tensor, Tensor], Tensor], noise: Tensor, num_steps: int) -> Tensor:
+    """Integrate dx/dt = v(x, t) from t = 1 to t = 0 in `num_steps` Euler steps."""
+    # Time is accumulated in a float32 tensor, as LeRobot does, so the sampled times match bit for bit.
+    dt = torch.tensor(-1.0 / num_steps, dtype=torch.float32, device=noise.device)
+    time = torch.tensor(1.0, dtype=torch.float32, device=noise.device)
+    x_t = noise
+    for _ in range(num_steps):
+        x_t = x_t + dt * denoise(x_t, time.expand(noise.shape[0]))
+        time = time + dt
+    return x_t

@@ -1,0 +1,555 @@
+"""SmolVLA on transformers' SmolVLM, with LeRobot's module names, state-dict keys and config fields.
+
+`SmolVLAPolicy.model` is LeRobot's `VLAFlowMatching`: a SmolVLM backbone (truncated to `num_vlm_layers`) and a
+narrower Llama "action expert" run layer by layer side by side. Even layers attend jointly over both towers; odd
+layers (attention_mode "cross_attn") let the prefix attend to itself while the expert's queries attend to the VLM's
+keys/values re-projected by the expert's own k/v projections. The math mirrors LeRobot's modeling_smolvla.py so that
+a LeRobot checkpoint gives the same loss and actions here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModel, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+from .base import ACTION, ACTION_IS_PAD, LANG_MASK, LANG_TOKENS, OBS_STATE, PolicyConfig
+from .common import (
+    euler_sample,
+    flow_matching_targets,
+    make_att_2d_masks,
+    masked_action_loss,
+    pad_last_dim,
+    resize_with_pad,
+    sample_flow_time,
+    sinusoidal_time_embedding,
+)
+
+SMOLVLM2_500M = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+
+# Architectures known without the Hub (LeRobot fetches these with AutoConfig.from_pretrained, which needs a network).
+KNOWN_VLM_CONFIGS: dict[str, dict[str, Any]] = {
+    SMOLVLM2_500M: {
+        "scale_factor": 4,
+        "image_token_id": 49190,
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 960,
+            "intermediate_size": 2560,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 15,
+            "num_key_value_heads": 5,
+            "head_dim": 64,
+            "vocab_size": 49280,
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0,
+            "pad_token_id": 2,
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 512,
+            "patch_size": 16,
+            "num_channels": 3,
+        },
+    },
+}
+
+
+@dataclass
+class SmolVLAConfig(PolicyConfig):
+    """LeRobot's SmolVLAConfig fields (same names and defaults)."""
+
+    type: ClassVar[str] = "smolvla"
+
+    chunk_size: int = 50
+    n_action_steps: int = 50
+    normalization_mapping: dict[str, str] = field(
+        default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    )
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    resize_imgs_with_padding: tuple[int, int] = (512, 512)
+    empty_cameras: int = 0
+    adapt_to_pi_aloha: bool = False
+    use_delta_joint_actions_aloha: bool = False
+    tokenizer_max_length: int = 48
+    num_steps: int = 10
+    use_cache: bool = True
+    freeze_vision_encoder: bool = True
+    train_expert_only: bool = True
+    train_state_proj: bool = True
+    optimizer_lr: float = 1e-4
+    optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer_eps: float = 1e-8
+    optimizer_weight_decay: float = 1e-10
+    optimizer_grad_clip_norm: float = 10.0
+    scheduler_warmup_steps: int = 1_000
+    scheduler_decay_steps: int = 30_000
+    scheduler_decay_lr: float = 2.5e-6
+    vlm_model_name: str = SMOLVLM2_500M
+    load_vlm_weights: bool = False
+    add_image_special_tokens: bool = False
+    attention_mode: str = "cross_attn"
+    prefix_length: int = -1
+    pad_language_to: str = "longest"
+    num_expert_layers: int = -1
+    num_vlm_layers: int = 16
+    self_attn_every_n_layers: int = 2
+    expert_width_multiplier: float = 0.75
+    min_period: float = 4e-3
+    max_period: float = 4.0
+    compile_model: bool = False
+    compile_mode: str = "max-autotune"
+
+
+def expert_intermediate_size(hidden: int, ffn_multiplier: int = 4, multiple_of: int = 256) -> int:
+    """LeRobot's rule for the expert MLP width: 4 * (2/3 * hidden), rounded up to a multiple of 256."""
+    size = int(ffn_multiplier * int(2 * hidden / 3))
+    return multiple_of * ((size + multiple_of - 1) // multiple_of)
+
+
+def make_vlm_config(vlm_model_name: str, vlm_config: dict[str, Any] | None = None) -> SmolVLMConfig:
+    """SmolVLM config from an explicit dict (tiny/test models) or the built-in table of known architectures."""
+    spec = vlm_config if vlm_config is not None else KNOWN_VLM_CONFIGS.get(vlm_model_name)
+    if spec is None:
+        raise ValueError(
+            f"unknown VLM architecture {vlm_model_name!r}: known offline are {sorted(KNOWN_VLM_CONFIGS)}. "
+            "Put its SmolVLM config in the policy folder as vlm_config.json."
+        )
+    return SmolVLMConfig(**copy.deepcopy(spec))
+
+
+def apply_rope(x: Tensor, positions: Tensor, max_wavelength: float = 10_000) -> Tensor:
+    """SmolVLA's rotary embedding on (B, L, H, D), halves rotated (not interleaved), computed in float32."""
+    d_half = x.shape[-1] // 2
+    dtype = x.dtype
+    x = x.float()
+    exponents = (2.0 / x.shape[-1]) * torch.arange(d_half, dtype=torch.float32, device=x.device)
+    timescale = max_wavelength**exponents
+    radians = (positions[..., None].float() / timescale[None, None, :])[..., None, :]
+    sin, cos = torch.sin(radians), torch.cos(radians)
+    x1, x2 = x.split(d_half, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+
+
+def eager_attention(mask: Tensor, query: Tensor, key: Tensor, value: Tensor, num_heads: int) -> Tensor:
+    """Grouped-KV attention in float32 on (B, L, H, D) tensors; masked scores get the dtype's minimum."""
+    batch, _, kv_heads, head_dim = key.shape
+    groups = num_heads // kv_heads
+    key = key.repeat_interleave(groups, dim=2)
+    value = value.repeat_interleave(groups, dim=2)
+    scores = torch.matmul(query.float().transpose(1, 2), key.float().permute(0, 2, 3, 1)) * head_dim**-0.5
+    scores = torch.where(mask[:, None], scores, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value.transpose(1, 2)).transpose(1, 2)
+    return out.reshape(batch, -1, num_heads * head_dim)
+
+
+def _project_qkv(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Input norm and q/k/v projections of one decoder layer, each reshaped to (B, L, heads, head_dim)."""
+    attn = layer.self_attn
+    hidden = layer.input_layernorm(hidden)
+    hidden = hidden.to(_compute_dtype(attn.q_proj, hidden))
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    return attn.q_proj(hidden).view(shape), attn.k_proj(hidden).view(shape), attn.v_proj(hidden).view(shape)
+
+
+def _compute_dtype(linear: nn.Module, fallback: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in (quantized weights are stored as ints: keep the input's dtype)."""
+    weight = getattr(linear, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype
+    return fallback.dtype
+
+
+class SmolVLMWithExpertModel(nn.Module):
+    """LeRobot's `vlm_with_expert`: the SmolVLM (`vlm`) and the action expert (`lm_expert`) run jointly."""
+
+    def __init__(self, config: SmolVLAConfig, vlm_config: SmolVLMConfig):
+        super().__init__()
+        self.vlm = SmolVLMForConditionalGeneration(vlm_config)
+        text_model = self.vlm.model.text_model
+        if config.num_vlm_layers > 0:
+            text_model.layers = text_model.layers[: config.num_vlm_layers]
+        self.num_vlm_layers = len(text_model.layers)
+
+        text_cfg = vlm_config.text_config
+        expert_cfg = copy.deepcopy(text_cfg)
+        expert_cfg.hidden_size = int(text_cfg.hidden_size * config.expert_width_multiplier)
+        expert_cfg.intermediate_size = expert_intermediate_size(expert_cfg.hidden_size)
+        expert_cfg.num_hidden_layers = self.num_vlm_layers
+        if config.num_expert_layers > 0:
+            if self.num_vlm_layers % config.num_expert_layers:
+                raise ValueError(
+                    f"num_vlm_layers ({self.num_vlm_layers}) must be a multiple of num_expert_layers "
+                    f"({config.num_expert_layers})"
+                )
+            expert_cfg.num_hidden_layers = config.num_expert_layers
+        self.lm_expert = AutoModel.from_config(expert_cfg)
+        self.num_expert_layers = len(self.lm_expert.layers)
+
+        # In cross-attention layers the expert re-projects the VLM's keys/values, so its k/v take the VLM's KV width.
+        self.attention_mode = config.attention_mode
+        self.self_attn_every_n_layers = config.self_attn_every_n_layers
+        vlm_kv_width = text_cfg.num_key_value_heads * text_cfg.head_dim
+        expert_kv_width = expert_cfg.num_key_value_heads * expert_cfg.head_dim
+        if "cross" in self.attention_mode:
+            for idx, layer in enumerate(self.lm_expert.layers):
+                if not self._is_self_attn_layer(idx):
+                    layer.self_attn.k_proj = nn.Linear(vlm_kv_width, expert_kv_width, bias=expert_cfg.attention_bias)
+                    layer.self_attn.v_proj = nn.Linear(vlm_kv_width, expert_kv_width, bias=expert_cfg.attention_bias)
+        self.lm_expert.embed_tokens = None
+
+        self.num_attention_heads = text_cfg.num_attention_heads
+        self.head_dim = text_cfg.head_dim
+        self.expert_hidden_size = expert_cfg.hidden_size
+        self.gradient_checkpointing = False
+
+    def _is_self_attn_layer(self, idx: int) -> bool:
+        every = self.self_attn_every_n_layers
+        return "cross" not in self.attention_mode or (every > 0 and idx % every == 0)
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.vlm.model.text_model
+
+    def expert_layer(self, idx: int) -> nn.Module | None:
+        """The expert layer paired with VLM layer `idx` (None when the expert is shallower and skips it)."""
+        every = self.num_vlm_layers // self.num_expert_layers
+        if every > 1 and idx % every != 0:
+            return None
+        return self.lm_expert.layers[idx // every]
+
+    def embed_image(self, image: Tensor) -> Tensor:
+        vision = self.vlm.model.vision_model
+        hidden = vision(pixel_values=image.to(vision.embeddings.patch_embedding.weight.dtype)).last_hidden_state
+        return self.vlm.model.connector(hidden)
+
+    def embed_language_tokens(self, tokens: Tensor) -> Tensor:
+        return self.text_model.get_input_embeddings()(tokens)
+
+    # --- joint forward --------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        inputs_embeds: list[Tensor | None],
+        kv_cache: dict[int, tuple[Tensor, Tensor]] | None = None,
+        fill_kv_cache: bool = False,
+    ) -> tuple[list[Tensor | None], dict[int, tuple[Tensor, Tensor]] | None]:
+        """Run both towers layer by layer.
+
+        inputs_embeds is [prefix, suffix]; either may be None. With `fill_kv_cache` every layer self-attends over the
+        prefix and stores its post-RoPE keys/values; with a filled `kv_cache` the suffix attends to those.
+        """
+        if fill_kv_cache:
+            kv_cache = {}
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for idx in range(self.num_vlm_layers):
+            if use_checkpoint:
+                inputs_embeds = checkpoint(
+                    self._layer, idx, inputs_embeds, attention_mask, position_ids, kv_cache, fill_kv_cache,
+                    use_reentrant=False,
+                )
+            else:
+                inputs_embeds = self._layer(idx, inputs_embeds, attention_mask, position_ids, kv_cache, fill_kv_cache)
+        models = [self.text_model, self.lm_expert]
+        outputs = [None if h is None else models[i].norm(h) for i, h in enumerate(inputs_embeds)]
+        return outputs, kv_cache
+
+    def _layer(self, idx, inputs_embeds, attention_mask, position_ids, kv_cache, fill_kv_cache):
+        layers = [self.text_model.layers[idx], self.expert_layer(idx)]
+        if fill_kv_cache or self._is_self_attn_layer(idx):
+            att_outputs = self._self_attention(idx, layers, inputs_embeds, attention_mask, position_ids, kv_cache,
+                                               fill_kv_cache)
+        else:
+            att_outputs = self._cross_attention(idx, layers, inputs_embeds, attention_mask, position_ids, kv_cache)
+
+        outputs, start = [], 0
+        for i, hidden in enumerate(inputs_embeds):
+            layer = layers[i]
+            if hidden is None or layer is None:
+                outputs.append(hidden)
+                continue
+            # A joint (self-attention) layer returns one output for the concatenated sequence; slice our part.
+            att = att_outputs[0] if len(att_outputs) == 1 else att_outputs[i]
+            end = start + hidden.shape[1]
+            att = att[:, start:end] if len(att_outputs) == 1 else att
+            start = end if len(att_outputs) == 1 else 0
+            att = att.to(_compute_dtype(layer.self_attn.o_proj, att))
+            out = layer.self_attn.o_proj(att) + hidden
+            out = layer.mlp(layer.post_attention_layernorm(out)) + out
+            outputs.append(out)
+        return outputs
+
+    def _self_attention(self, idx, layers, inputs_embeds, attention_mask, position_ids, kv_cache, fill_kv_cache):
+        queries, keys, values = [], [], []
+        for hidden, layer in zip(inputs_embeds, layers, strict=True):
+            if hidden is None or layer is None:
+                continue
+            q, k, v = _project_qkv(layer, hidden)
+            queries.append(q), keys.append(k), values.append(v)
+        if not queries:  # only the suffix is running and the (shallower) expert skips this layer
+            return [None]
+        query, key, value = torch.cat(queries, 1), torch.cat(keys, 1), torch.cat(values, 1)
+        seq_len = query.shape[1]
+        if seq_len < position_ids.shape[1]:  # the expert is shallower than the VLM and skipped this layer
+            position_ids, attention_mask = position_ids[:, :seq_len], attention_mask[:, :seq_len, :seq_len]
+        query, key = apply_rope(query, position_ids), apply_rope(key, position_ids)
+        if fill_kv_cache:
+            kv_cache[idx] = (key, value)
+        elif kv_cache is not None:
+            key = torch.cat([kv_cache[idx][0], key], dim=1)
+            value = torch.cat([kv_cache[idx][1], value], dim=1)
+        return [eager_attention(attention_mask, query, key, value, self.num_attention_heads)]
+
+    def _cross_attention(self, idx, layers, inputs_embeds, attention_mask, position_ids, kv_cache):
+        vlm_layer, expert_layer = layers
+        prefix, suffix = inputs_embeds
+        att_outputs = []
+        if kv_cache is None:
+            seq_len = prefix.shape[1]
+            prefix_pos, expert_pos = position_ids[:, :seq_len], position_ids[:, seq_len:]
+            q, k, value = _project_qkv(vlm_layer, prefix)
+            query, key = apply_rope(q, prefix_pos), apply_rope(k, prefix_pos)
+            prefix_mask = attention_mask[:, :seq_len, :seq_len]
+            att_outputs.append(eager_attention(prefix_mask, query, key, value, self.num_attention_heads))
+        else:
+            expert_pos = position_ids
+            key, value = kv_cache[idx]
+        if expert_layer is None:
+            return att_outputs + [None]
+
+        attn = expert_layer.self_attn
+        hidden = expert_layer.input_layernorm(suffix)
+        hidden = hidden.to(_compute_dtype(attn.q_proj, hidden))
+        query = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, attn.head_dim)
+        flat_k = key.reshape(*key.shape[:2], -1).to(_compute_dtype(attn.k_proj, key))
+        flat_v = value.reshape(*value.shape[:2], -1).to(_compute_dtype(attn.v_proj, value))
+        expert_key = attn.k_proj(flat_k).view(*flat_k.shape[:-1], -1, attn.head_dim)
+        expert_value = attn.v_proj(flat_v).view(*flat_v.shape[:-1], -1, attn.head_dim)
+        expert_pos = expert_pos - expert_pos.min(dim=1, keepdim=True).values  # expert positions restart at 0
+        query = apply_rope(query, expert_pos)
+        expert_mask = attention_mask[:, -suffix.shape[1] :, : expert_key.shape[1]]
+        att_outputs.append(eager_attention(expert_mask, query, expert_key, expert_value, self.num_attention_heads))
+        return att_outputs
+
+
+class VLAFlowMatching(nn.Module):
+    """LeRobot's `model`: prefix/suffix embedding, the joint transformer and the flow-matching head."""
+
+    def __init__(self, config: SmolVLAConfig, vlm_config: SmolVLMConfig):
+        super().__init__()
+        self.config = config
+        self.vlm_with_expert = SmolVLMWithExpertModel(config, vlm_config)
+        vlm_width = vlm_config.text_config.hidden_size
+        expert_width = self.vlm_with_expert.expert_hidden_size
+        self.state_proj = nn.Linear(config.max_state_dim, vlm_width)
+        self.action_in_proj = nn.Linear(config.max_action_dim, expert_width)
+        self.action_out_proj = nn.Linear(expert_width, config.max_action_dim)
+        self.action_time_mlp_in = nn.Linear(expert_width * 2, expert_width)
+        self.action_time_mlp_out = nn.Linear(expert_width, expert_width)
+        # Token ids of <fake_token_around_image> and <global-img>; set from the tokenizer when the config asks for them.
+        self.image_special_token_ids: tuple[int, int] | None = None
+
+    def embed_prefix(self, images, img_masks, lang_tokens, lang_masks, state) -> tuple[Tensor, Tensor, Tensor]:
+        embs, pad_masks, att_flags = [], [], []
+        vlm = self.vlm_with_expert
+        batch = state.shape[0]
+
+        def add_special(token_ids: list[int]) -> None:
+            ids = torch.tensor(token_ids, dtype=torch.long, device=state.device)
+            emb = vlm.embed_language_tokens(ids).unsqueeze(0).expand(batch, -1, -1)
+            embs.append(emb)
+            pad_masks.append(torch.ones(batch, len(token_ids), dtype=torch.bool, device=state.device))
+            att_flags.extend([0] * len(token_ids))
+
+        for img, img_mask in zip(images, img_masks, strict=True):
+            if self.config.add_image_special_tokens:
+                if self.image_special_token_ids is None:
+                    raise ValueError("add_image_special_tokens needs the tokenizer's image token ids; load the "
+                                     "policy with its tokenizer")
+                add_special(list(self.image_special_token_ids))
+            img_emb = vlm.embed_image(img)
+            img_emb = img_emb * torch.tensor(img_emb.shape[-1] ** 0.5, dtype=img_emb.dtype, device=img_emb.device)
+            embs.append(img_emb)
+            pad_masks.append(img_mask[:, None].expand(batch, img_emb.shape[1]))
+            att_flags.extend([0] * img_emb.shape[1])
+            if self.config.add_image_special_tokens:
+                add_special([self.image_special_token_ids[0]])
+
+        lang_emb = vlm.embed_language_tokens(lang_tokens)
+        embs.append(lang_emb * math.sqrt(lang_emb.shape[-1]))
+        pad_masks.append(lang_masks.bool())
+        att_flags.extend([0] * lang_emb.shape[1])
+
+        state_emb = self.state_proj(state)
+        state_emb = state_emb[:, None, :] if state_emb.ndim == 2 else state_emb
+        embs.append(state_emb)
+        pad_masks.append(torch.ones(batch, state_emb.shape[1], dtype=torch.bool, device=state.device))
+        att_flags.extend([1] * state_emb.shape[1])  # the state opens a block: the images and text do not see it
+
+        embs = torch.cat([e.to(embs[0].dtype) for e in embs], dim=1)
+        pad_masks = torch.cat(pad_masks, dim=1)
+        att = torch.tensor(att_flags, dtype=torch.bool, device=state.device)[None, :]
+        if 0 < embs.shape[1] < self.config.prefix_length:
+            extra = self.config.prefix_length - embs.shape[1]
+            embs = F.pad(embs, (0, 0, 0, extra))
+            pad_masks = F.pad(pad_masks, (0, extra))
+            att = F.pad(att, (0, extra))
+        return embs, pad_masks, att.expand(batch, -1)
+
+    def embed_suffix(self, noisy_actions: Tensor, time: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        action_emb = self.action_in_proj(noisy_actions)
+        width = self.vlm_with_expert.expert_hidden_size
+        time_emb = sinusoidal_time_embedding(time, width, self.config.min_period, self.config.max_period)
+        time_emb = time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)
+        hidden = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=2))
+        hidden = self.action_time_mlp_out(F.silu(hidden))
+        batch, length = hidden.shape[:2]
+        pad_masks = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        att = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)  # actions attend causally
+        return hidden, pad_masks, att
+
+    def forward(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None) -> Tensor:
+        """Per-element flow-matching loss, shape (B, chunk_size, max_action_dim)."""
+        if noise is None:
+            noise = torch.randn(actions.shape, dtype=torch.float32, device=actions.device)
+        if time is None:
+            time = sample_flow_time(actions.shape[0], actions.device)
+        x_t, u_t = flow_matching_targets(actions, noise, time)
+        prefix, prefix_pad, prefix_att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state)
+        suffix, suffix_pad, suffix_att = self.embed_suffix(x_t, time)
+        pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
+        att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
+        position_ids = torch.cumsum(pad_masks, dim=1) - 1
+        (_, suffix_out), _ = self.vlm_with_expert(att_2d, position_ids, [prefix, suffix])
+        v_t = self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
+        return F.mse_loss(u_t, v_t, reduction="none")
+
+    @torch.no_grad()
+    def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None) -> Tensor:
+        """Euler-integrate the flow from noise; the prefix is encoded once into a KV cache when use_cache is set."""
+        batch = state.shape[0]
+        if noise is None:
+            shape = (batch, self.config.chunk_size, self.config.max_action_dim)
+            noise = torch.randn(shape, dtype=torch.float32, device=state.device)
+        prefix, prefix_pad, prefix_att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state)
+        if self.config.use_cache:
+            prefix_2d = make_att_2d_masks(prefix_pad, prefix_att)
+            _, kv_cache = self.vlm_with_expert(
+                prefix_2d, torch.cumsum(prefix_pad, dim=1) - 1, [prefix, None], fill_kv_cache=True
+            )
+
+            def denoise(x_t: Tensor, time: Tensor) -> Tensor:
+                return self._denoise_cached(prefix_pad, kv_cache, x_t, time)
+        else:
+
+            def denoise(x_t: Tensor, time: Tensor) -> Tensor:
+                return self._denoise_full(prefix, prefix_pad, prefix_att, x_t, time)
+
+        return euler_sample(denoise, noise, self.config.num_steps)
+
+    def _denoise_cached(self, prefix_pad, kv_cache, x_t, time) -> Tensor:
+        suffix, suffix_pad, suffix_att = self.embed_suffix(x_t, time)
+        batch, suffix_len = suffix_pad.shape
+        prefix_2d = prefix_pad[:, None, :].expand(batch, suffix_len, prefix_pad.shape[1])
+        mask = torch.cat([prefix_2d, make_att_2d_masks(suffix_pad, suffix_att)], dim=2)
+        position_ids = prefix_pad.sum(dim=-1)[:, None] + torch.cumsum(suffix_pad, dim=1) - 1
+        (_, suffix_out), _ = self.vlm_with_expert(mask, position_ids, [None, suffix], kv_cache=kv_cache)
+        return self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
+
+    def _denoise_full(self, prefix, prefix_pad, prefix_att, x_t, time) -> Tensor:
+        suffix, suffix_pad, suffix_att = self.embed_suffix(x_t, time)
+        pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
+        att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
+        (_, suffix_out), _ = self.vlm_with_expert(att_2d, torch.cumsum(pad_masks, dim=1) - 1, [prefix, suffix])
+        return self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
+
+
+class SmolVLAPolicy(nn.Module):
+    """The trainable policy: `forward(batch)` gives the loss, `predict_action_chunk(batch)` normalized actions.
+
+    The batch is already normalized and tokenized (see finetune.processor): camera images (B, 3, H, W) in [0, 1],
+    `observation.state`, `observation.language.tokens` / `.attention_mask`, and for training `action` and
+    `action_is_pad`.
+    """
+
+    config_class = SmolVLAConfig
+    # LeRobot's default LoRA targets for SmolVLA: the expert's q/v projections and the action/state projections.
+    default_lora_targets = (
+        r"(model\.vlm_with_expert\.lm_expert\..*\.(q|v)_proj|"
+        r"model\.(state_proj|action_in_proj|action_out_proj|action_time_mlp_in|action_time_mlp_out))"
+    )
+
+    def __init__(self, config: SmolVLAConfig, vlm_config: SmolVLMConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.vlm_config = vlm_config or make_vlm_config(config.vlm_model_name)
+        self.model = VLAFlowMatching(config, self.vlm_config)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.model.vlm_with_expert.gradient_checkpointing = enabled
+
+    def input_embeddings_module(self) -> nn.Module:
+        """Where inputs enter the checkpointed layers (k-bit training makes its output require grad)."""
+        return self.model.vlm_with_expert.text_model.get_input_embeddings()
+
+    def prepare_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        images, masks = [], []
+        present = [key for key in self.config.image_features if key in batch]
+        missing = [key for key in self.config.image_features if key not in batch]
+        if not present:
+            raise ValueError(
+                f"the batch has none of the policy's cameras {self.config.image_features}; "
+                f"it has {sorted(batch)}. Map the dataset's camera keys with --dataset.rename-map."
+            )
+        if len(missing) > self.config.empty_cameras:
+            raise ValueError(
+                f"cameras {missing} are missing from the batch and the policy allows only "
+                f"{self.config.empty_cameras} empty camera(s); map them with --dataset.rename-map"
+            )
+        for key in present:
+            img = batch[key][:, -1] if batch[key].ndim == 5 else batch[key]
+            if self.config.resize_imgs_with_padding is not None:
+                img = resize_with_pad(img, *self.config.resize_imgs_with_padding, pad_value=0)
+            images.append(img * 2.0 - 1.0)  # SigLIP expects [-1, 1]
+            pad_key = f"{key}_padding_mask"
+            mask = batch[pad_key].bool() if pad_key in batch else torch.ones(img.shape[0], dtype=torch.bool,
+                                                                               device=img.device)
+            masks.append(mask)
+        for _ in missing:
+            images.append(torch.full_like(images[0], -1.0))
+            masks.append(torch.zeros_like(masks[0]))
+        return images, masks
+
+    def _inputs(self, batch: dict[str, Tensor]) -> tuple:
+        images, img_masks = self.prepare_images(batch)
+        state = pad_last_dim(batch[OBS_STATE], self.config.max_state_dim)
+        return images, img_masks, batch[LANG_TOKENS], batch[LANG_MASK], state
+
+    def forward(self, batch: dict[str, Tensor], noise: Tensor | None = None,
+                time: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        actions = pad_last_dim(batch[ACTION], self.config.max_action_dim)
+        losses = self.model(*self._inputs(batch), actions, noise, time)
+        loss = masked_action_loss(losses, batch[ACTION].shape[-1], batch.get(ACTION_IS_PAD))
+        return loss, {"loss": loss.detach().item()}
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """Normalized action chunk (B, chunk_size, action_dim)."""
+        actions = self.model.sample_actions(*self._inputs(batch), noise=noise)
+        return actions[:, :, : self.config.action_dim]

@@ -1,0 +1,358 @@
+"""Fine-tune a VLA policy with PEFT adapters: `accelerate launch finetune/train.py <preset> [--flags]`.
+
+setup() builds everything from the config (policy, adapter, data, optimizer) and restores a checkpoint on --resume;
+fit() runs the loop: accumulate -> autocast -> backward -> clip and step only when gradients sync.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `finetune` importable and keep finetune/ off the path
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from finetune import checkpoint as ckpt
+from finetune.adapters import apply_adapter, base_policy, count_parameters, load_adapter
+from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, validate
+from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
+from finetune.hub import load_tokenizer, resolve_repo
+from finetune.metrics import MetricsLogger
+from finetune.policies import load_policy, save_policy
+from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
+from finetune.processor import PolicyProcessor, save_stats
+from finetune.sampling import ResumableBatchSampler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_lr_factor(step: int, warmup_steps: int, decay_steps: int, peak_lr: float, decay_lr: float) -> float:
+    """LeRobot's cosine-decay-with-warmup schedule as a multiplier of the peak lr, for optimizer update `step`."""
+    if step < warmup_steps:
+        if step <= 0:
+            return 1 / (warmup_steps + 1)
+        frac = 1 - step / warmup_steps
+        return (1 / (warmup_steps + 1) - 1) * frac + 1
+    progress = min(step, decay_steps) / max(1, decay_steps)
+    alpha = decay_lr / peak_lr
+    return (1 - alpha) * 0.5 * (1 + math.cos(math.pi * progress)) + alpha
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    processor: PolicyProcessor
+    train_loader: DataLoader
+    sampler: ResumableBatchSampler
+    eval_batches: list[dict[str, Any]]
+    policy_dir: Path
+    step: int = 0
+    samples_seen: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    kwargs: dict[str, Any] = {"timeout": timedelta(minutes=30)}
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs["backend"] = "gloo"  # CPU ranks: without it DeepSpeed ranks silently run alone
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
+    )
+    ckpt.exclude_model_weights_from_state(accelerator)
+    return accelerator
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def policy_features(meta, rename_map: dict[str, str]) -> tuple[dict, dict]:
+    """The policy's input/output features from the dataset's (cameras, state, action), after renaming."""
+    inputs = {}
+    for key in meta.camera_keys:
+        h, w, c = meta.features[key]["shape"]
+        inputs[rename_map.get(key, key)] = {"type": "VISUAL", "shape": [c, h, w]}
+    for key, kind in ((OBS_STATE, "STATE"),):
+        if key not in meta.features:
+            raise DatasetError(f"{meta.root / 'meta/info.json'}: features has no {key!r}; the policy needs a state")
+        inputs[rename_map.get(key, key)] = {"type": kind, "shape": list(meta.features[key]["shape"])}
+    if ACTION not in meta.features:
+        raise DatasetError(f"{meta.root / 'meta/info.json'}: features has no 'action'")
+    return inputs, {ACTION: {"type": "ACTION", "shape": list(meta.features[ACTION]["shape"])}}
+
+
+def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
+    overrides = {k: v for k, v in (("chunk_size", cfg.policy.chunk_size), ("num_steps", cfg.policy.num_steps))
+                 if v is not None}
+    policy = load_policy(policy_dir, dtype=DTYPES[cfg.policy.dtype], **overrides)
+    inputs, outputs = policy_features(meta, cfg.dataset.rename_map)
+    pcfg = policy.config
+    if inputs[OBS_STATE]["shape"][0] > getattr(pcfg, "max_state_dim", 1 << 30):
+        raise ConfigError(f"the dataset's state has {inputs[OBS_STATE]['shape'][0]} dims, more than the policy's "
+                          f"max_state_dim {pcfg.max_state_dim}")
+    if outputs[ACTION]["shape"][0] > getattr(pcfg, "max_action_dim", 1 << 30):
+        raise ConfigError(f"the dataset's action has {outputs[ACTION]['shape'][0]} dims, more than the policy's "
+                          f"max_action_dim {pcfg.max_action_dim}")
+    pcfg.input_features, pcfg.output_features = inputs, outputs  # as LeRobot: features come from the dataset
+    policy.set_gradient_checkpointing(cfg.policy.gradient_checkpointing)
+    return policy
+
+
+def split_episodes(total: int, eval_episodes: int) -> tuple[list[int], list[int]]:
+    if eval_episodes >= total:
+        raise ConfigError(f"--dataset.eval-episodes {eval_episodes} leaves no training episode (dataset has {total})")
+    return list(range(total - eval_episodes)), list(range(total - eval_episodes, total))
+
+
+def fixed_eval_batches(dataset: LeRobotDataset, processor: PolicyProcessor, batch_size: int, count: int) -> list:
+    """A fixed, evenly spread subset of held-out frames, so every evaluation sees the same inputs."""
+    n = min(len(dataset), batch_size * count)
+    indices = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()
+    return [processor([dataset[i] for i in indices[s : s + batch_size]]) for s in range(0, n, batch_size)]
+
+
+def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
+    set_seed(cfg.seed)
+    policy_dir = resolve_repo(cfg.policy.path, "model", "--policy.path")
+    dataset_root = Path(cfg.dataset.root) if cfg.dataset.root else resolve_repo(cfg.dataset.repo_id, "dataset",
+                                                                              "--dataset.repo-id")
+    meta = load_dataset_meta(dataset_root)
+    policy = load_base_policy(cfg, policy_dir, meta)
+    tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, getattr(policy.config, "vlm_model_name", None))
+    stats = {cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}
+    processor = PolicyProcessor(policy.config, tokenizer, stats, cfg.dataset.rename_map)
+
+    resume_from = ckpt.resolve_last(cfg.checkpoints_dir) if cfg.resume else None
+    if resume_from is not None and (resume_from / "adapter_config.json").is_file():
+        model = load_adapter(policy, resume_from, trainable=True)  # the saved adapter itself, not a fresh one
+    elif resume_from is not None:
+        model = load_policy(resume_from)  # a FULL run: its checkpoint holds the whole policy
+        model.config.input_features, model.config.output_features = policy.config.input_features, \
+            policy.config.output_features
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = apply_adapter(policy, cfg.peft)
+    for p in model.parameters():  # trained parameters in float32 whatever the base's storage dtype
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+    train_eps, eval_eps = split_episodes(meta.total_episodes, cfg.dataset.eval_episodes)
+    keys = [*meta.camera_keys, OBS_STATE, ACTION]
+    chunk = policy.config.chunk_size
+    cache = cfg.dataset.video_cache_mb << 20
+    train_set = LeRobotDataset(dataset_root, chunk, episodes=train_eps, keys=keys, video_cache_bytes=cache)
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes,
+                                    accelerator.process_index, cfg.seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor, num_workers=cfg.dataset.num_workers,
+                        persistent_workers=cfg.dataset.num_workers > 0, generator=torch.Generator().manual_seed(0))
+    eval_batches = []
+    if eval_eps and accelerator.is_main_process:
+        eval_set = LeRobotDataset(dataset_root, chunk, episodes=eval_eps, keys=keys, video_cache_bytes=cache)
+        eval_batches = fixed_eval_batches(eval_set, processor, cfg.batch_size, cfg.eval_batches)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    decay_steps = o.decay_steps or cfg.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: get_lr_factor(s, o.warmup_steps, decay_steps, o.lr, o.decay_lr))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, saved with the state
+
+    run = Run(cfg, accelerator, model, optimizer, scheduler, processor, loader, sampler, eval_batches, policy_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / ckpt.TRAINING_STATE_DIR))
+        state = ckpt.load_trainer_state(resume_from)
+        run.step, run.samples_seen = state["step"], state["samples_seen"]
+        sampler.set_position(state["batches_seen"])
+        accelerator.print(f"resumed from {resume_from} at step {run.step}")
+    trainable, total = count_parameters(model)
+    run.summary.update(trainable_params=trainable, total_params=total)
+    accelerator.print(f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
+    return run
+
+
+def train_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, float | None]:
+    """One micro-batch: forward under autocast, backward, and on the last micro-batch clip, step, schedule."""
+    accelerator, model = run.accelerator, run.model
+    grad_norm = None
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss, _ = model(batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            if run.cfg.optim.grad_clip_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.cfg.optim.grad_clip_norm).item()
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+@torch.no_grad()
+def evaluate(run: Run, seed: int = 0) -> float | None:
+    """Held-out action MSE (normalized units, real action dims, in-episode steps), sampled with fixed noise."""
+    if not run.eval_batches or not run.accelerator.is_main_process:
+        return None
+    policy = run.accelerator.unwrap_model(run.model)
+    was_training = policy.training
+    policy.eval()
+    generator = torch.Generator().manual_seed(seed)
+    sq_err, count = 0.0, 0
+    for batch in run.eval_batches:
+        batch = to_device(batch, run.accelerator.device)
+        cfg = base_policy(policy).config
+        noise = torch.randn(len(batch[OBS_STATE]), cfg.chunk_size, cfg.max_action_dim, generator=generator)
+        with run.accelerator.autocast():
+            pred = policy.predict_action_chunk(batch, noise=noise.to(run.accelerator.device))
+        valid = (~batch[ACTION_IS_PAD]).unsqueeze(-1).float()
+        sq_err += (((pred.float() - batch[ACTION]) ** 2) * valid).sum().item()
+        count += int(valid.sum().item()) * pred.shape[-1]
+    policy.train(was_training)
+    return sq_err / max(count, 1)
+
+
+def save(run: Run) -> Path:
+    cfg, accelerator = run.cfg, run.accelerator
+    policy = base_policy(accelerator.unwrap_model(run.model))
+    accelerate_cfg = os.environ.get("ACCELERATE_CONFIG_FILE_USED") or os.environ.get("ACCELERATE_CONFIG_FILE")
+    files = {
+        "config.json": policy.config.to_dict(),
+        "train_config.json": to_dict(cfg),
+        "accelerate_config.yaml": _accelerate_config_text(accelerate_cfg, accelerator),
+    }
+
+    def write_model_files(folder: Path) -> None:
+        ckpt.write_trained_weights(accelerator.unwrap_model(run.model), folder, save_policy)
+        save_stats(run.processor.normalizer.stats, folder)
+
+    state = {"step": run.step, "samples_seen": run.samples_seen, "batches_seen": run.step * cfg.grad_accum_steps}
+    return ckpt.save_checkpoint(accelerator, run.model, run.step, cfg.checkpoints_dir, files, write_model_files,
+                                cfg.checkpoint.keep_last, state)
+
+
+def _accelerate_config_text(path: str | None, accelerator: Accelerator) -> str:
+    if path and Path(path).is_file():
+        return f"# from {path}\n" + Path(path).read_text()
+    state = accelerator.state
+    return (f"# resolved at run time (no config file was passed)\ndistributed_type: {state.distributed_type.value}\n"
+            f"num_processes: {state.num_processes}\nmixed_precision: {state.mixed_precision}\n")
+
+
+def fit(run: Run) -> dict[str, Any]:
+    cfg, accelerator = run.cfg, run.accelerator
+    logger = MetricsLogger(Path(cfg.output_dir), enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    mse = evaluate(run)
+    if mse is not None:
+        run.summary.setdefault("eval_mse_before", mse)
+        logger.log(run.step, {"eval/action_mse": mse})
+        accelerator.print(f"step {run.step}: held-out action MSE {mse:.4f}")
+    batch_iter = iter(run.train_loader)
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not accelerator.is_main_process, desc="train",
+               dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), run.step
+    run.model.train()
+    while run.step < cfg.steps:
+        losses = []
+        for _ in range(cfg.grad_accum_steps):
+            batch = to_device(next(batch_iter), accelerator.device)
+            loss, grad_norm = train_step(run, batch)
+            losses.append(loss)
+        run.step += 1
+        run.samples_seen += global_batch
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()  # global mean over ranks
+        lr = run.scheduler.get_last_lr()[0]
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            elapsed = time.perf_counter() - tick
+            throughput = (run.step - tick_step) * global_batch / max(elapsed, 1e-9)
+            tick, tick_step = time.perf_counter(), run.step
+            logger.log(run.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                  "train/samples_per_s": throughput})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{throughput:.1f}")
+        bar.update(1)
+        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+            mse = evaluate(run)
+            if mse is not None:
+                logger.log(run.step, {"eval/action_mse": mse})
+                run.summary["eval_mse_after"] = mse
+                bar.write(f"step {run.step}: held-out action MSE {mse:.4f}")
+        if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
+            run.summary["checkpoint"] = str(save(run))
+    bar.close()
+    logger.close()
+    return run.summary
+
+
+def report(run: Run) -> None:
+    """Sizes and the before/after figures, printed once at the end."""
+    s = run.summary
+    out = Path(s["checkpoint"])
+    trained = sum(p.stat().st_size for p in out.glob("*.safetensors") if "normalization" not in p.name)
+    base = (run.policy_dir / "model.safetensors").stat().st_size
+    lines = [f"checkpoint: {out}", f"trained weights: {trained / 2**20:.2f} MiB; base model: {base / 2**20:.2f} MiB "
+             f"({100 * trained / base:.1f}%)"]
+    if "eval_mse_before" in s and "eval_mse_after" in s:
+        lines.append(f"held-out action MSE: before {s['eval_mse_before']:.4f} -> after {s['eval_mse_after']:.4f} "
+                     f"({s['eval_mse_before'] / max(s['eval_mse_after'], 1e-12):.1f}x lower)")
+    run.accelerator.print("\n".join(lines))
+    s.update(trained_bytes=trained, base_bytes=base)
+
+
+def run_training(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
+    run = setup(cfg, accelerator)
+    summary = fit(run)
+    report(run)
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    cfg = cli(argv, console_outputs=is_main)
+    try:
+        validate(cfg)
+        accelerator = make_accelerator(cfg)
+        if cfg.demo.enabled:
+            from finetune.demo import prepare_demo
+
+            cfg = prepare_demo(cfg, accelerator, run_training)
+        if cfg.resume:
+            saved = from_dict(json.loads((ckpt.resolve_last(cfg.checkpoints_dir) / "train_config.json").read_text()))
+            if saved.peft != cfg.peft:
+                raise ConfigError("--resume with different --peft.* options than the checkpoint: resume keeps the "
+                                  f"saved adapter ({saved.peft}); drop the PEFT flags or start a new output dir")
+        return run_training(cfg, accelerator)
+    except (ConfigError, DatasetError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""LeRobotDataset v3 reader, video helpers and the synthetic reach task, on real files."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from finetune.data import (
+    COLORS,
+    DatasetError,
+    LeRobotDataset,
+    VideoFrameReader,
+    decode_video,
+    encode_video,
+    expert_action,
+    is_success,
+    load_dataset_meta,
+    make_synthetic_dataset,
+    render,
+    sample_scene,
+    step,
+    synthetic_episode,
+)
+
+CAM = "observation.images.top"
+COLORS_USED = ["red", "green", "blue"]
+EPISODES, LENGTH = 6, 12
+
+
+@pytest.fixture(scope="module")
+def video_ds(tmp_path_factory) -> Path:
+    # 4 episodes per file: the second video file starts mid-dataset, exercising from_timestamp offsets.
+    root = tmp_path_factory.mktemp("data") / "video"
+    return make_synthetic_dataset(
+        root, num_episodes=EPISODES, target_colors=COLORS_USED, episode_length=LENGTH, episodes_per_file=4, seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def image_ds(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "image"
+    return make_synthetic_dataset(
+        root, num_episodes=4, target_colors=COLORS_USED, episode_length=LENGTH, use_videos=False, seed=3
+    )
+
+
+def _data_table(root: Path, file_index: int = 0) -> pa.Table:
+    return pq.read_table(root / f"data/chunk-000/file-{file_index:03d}.parquet")
+
+
+def _all_images(root: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(c["bytes"]))) for c in _data_table(root).column(CAM).to_pylist()]
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(root, tmp_path / "copy"))
+
+
+def test_video_dataset_reads_back(video_ds):
+    ds = LeRobotDataset(video_ds, chunk_size=5)
+    assert len(ds) == EPISODES * LENGTH == ds.meta.total_frames
+    assert ds.meta.total_episodes == EPISODES and ds.meta.fps == 10
+    assert ds.meta.video_keys == [CAM] and ds.meta.camera_keys == [CAM] and ds.meta.image_keys == []
+    assert ds.meta.tasks == [f"move to the {c} ball" for c in COLORS_USED]
+    assert ds.meta.info["features"][CAM]["info"]["video.pix_fmt"] == "yuv420p"
+
+    item = ds[LENGTH + 3]
+    assert item[CAM].shape == (3, 64, 64) and item[CAM].dtype == torch.float32
+    assert 0.0 <= item[CAM].min() and item[CAM].max() <= 1.0
+    assert item["observation.state"].shape == (2,) and item["observation.state"].dtype == torch.float32
+    assert item["action"].shape == (5, 2) and item["action"].dtype == torch.float32
+    assert item["action_is_pad"].dtype == torch.bool and not item["action_is_pad"].any()
+    assert (item["episode_index"], item["frame_index"], item["index"]) == (1, 3, LENGTH + 3)
+    assert item["timestamp"] == pytest.approx(0.3)
+    for ep in range(EPISODES):
+        assert ds[ep * LENGTH]["task"] == f"move to the {COLORS_USED[ep % 3]} ball"
+
+
+def test_action_chunk_matches_parquet_and_clamps_at_episode_end(video_ds):
+    ds = LeRobotDataset(video_ds, chunk_size=5)
+    table = _data_table(video_ds)
+    actions = np.asarray(table.column("action").to_pylist(), np.float32)
+    states = np.asarray(table.column("observation.state").to_pylist(), np.float32)
+
+    item = ds[LENGTH + 4]  # interior frame of episode 1
+    np.testing.assert_array_equal(item["action"].numpy(), actions[LENGTH + 4 : LENGTH + 9])
+    np.testing.assert_array_equal(item["observation.state"].numpy(), states[LENGTH + 4])
+
+    end = 2 * LENGTH - 2  # two frames before episode 1 ends: 2 real actions, then 3 copies of the last
+    item = ds[end]
+    np.testing.assert_array_equal(item["action"][:2].numpy(), actions[end : end + 2])
+    np.testing.assert_array_equal(item["action"][2:].numpy(), np.repeat(actions[end + 1 : end + 2], 3, axis=0))
+    assert item["action_is_pad"].tolist() == [False, False, True, True, True]
+
+
+def test_parquet_matches_the_expert_rollout(video_ds):
+    table = _data_table(video_ds, file_index=1)  # episodes 4 and 5
+    states = np.asarray(table.column("observation.state").to_pylist(), np.float32)
+    scene, expected_states, expected_actions = synthetic_episode(3, 5, COLORS_USED[5 % 3], episode_length=LENGTH)
+    np.testing.assert_array_equal(states[LENGTH:], expected_states)
+    np.testing.assert_array_equal(np.asarray(table.column("action").to_pylist())[LENGTH:], expected_actions)
+    assert scene.instruction == "move to the blue ball"
+
+
+def test_decoded_frames_match_the_rendered_scene(video_ds):
+    ds = LeRobotDataset(video_ds, chunk_size=1)
+    scenes = {ep: synthetic_episode(3, ep, COLORS_USED[ep % 3], episode_length=LENGTH) for ep in (0, 5)}
+    for ep, t in [(0, 0), (0, LENGTH - 1), (5, 0), (5, 7)]:
+        scene, states, _ = scenes[ep]
+        decoded = ds[ep * LENGTH + t][CAM].permute(1, 2, 0).numpy() * 255
+        assert np.abs(decoded - render(scene, states[t], 64)).mean() < 8
+    # A wrong from_timestamp would show another episode's scene: that must be far off.
+    other, other_states, _ = scenes[0]
+    decoded = ds[5 * LENGTH][CAM].permute(1, 2, 0).numpy() * 255
+    assert np.abs(decoded - render(other, other_states[0], 64)).mean() > 10
+
+
+def test_seek_path_matches_cached_path(video_ds):
+    cached = LeRobotDataset(video_ds, chunk_size=1)
+    seeking = LeRobotDataset(video_ds, chunk_size=1, video_cache_bytes=0)
+    for i in [0, 7, LENGTH * 5 + 11, LENGTH * 4, 3]:
+        torch.testing.assert_close(seeking[i][CAM], cached[i][CAM], atol=0, rtol=0)
+
+
+def test_dataloader_workers(video_ds):
+    ds = LeRobotDataset(video_ds, chunk_size=4)
+    _ = ds[0]  # the parent's cache and containers must not leak into the workers
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, shuffle=False)
+    batch = next(iter(loader))
+    assert batch[CAM].shape == (8, 3, 64, 64) and batch["action"].shape == (8, 4, 2)
+    torch.testing.assert_close(batch[CAM][5], ds[5][CAM])
+    assert batch["task"][0] == "move to the red ball"
+
+
+def test_image_column_dataset(image_ds):
+    ds = LeRobotDataset(image_ds, chunk_size=3)
+    assert ds.meta.image_keys == [CAM] and ds.meta.video_keys == []
+    assert len(ds) == 4 * LENGTH
+    scene, states, _ = synthetic_episode(3, 2, "blue", episode_length=LENGTH)
+    item = ds[2 * LENGTH + 6]
+    assert item[CAM].shape == (3, 64, 64) and item[CAM].dtype == torch.float32
+    # PNG is lossless: the frame is exactly the rendered one.
+    np.testing.assert_array_equal((item[CAM].permute(1, 2, 0) * 255).round().byte().numpy(), render(scene, states[6]))
+    assert item["task"] == "move to the blue ball"
+
+
+def test_stats_match_the_data(video_ds, image_ds):
+    meta = load_dataset_meta(video_ds)
+    table = pa.concat_tables([_data_table(video_ds, 0), _data_table(video_ds, 1)])
+    for key in ("observation.state", "action"):
+        x = np.asarray(table.column(key).to_pylist(), np.float64)
+        np.testing.assert_allclose(meta.stats[key]["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(meta.stats[key]["std"], x.std(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(meta.stats[key]["min"], x.min(0))
+        np.testing.assert_allclose(meta.stats[key]["q50"], np.quantile(x, 0.5, axis=0), rtol=1e-5, atol=1e-6)
+        assert meta.stats[key]["count"].tolist() == [EPISODES * LENGTH]
+    # Camera stats are per channel in [0, 1], shaped (3, 1, 1), computed from the rendered frames.
+    frames = np.stack(_all_images(image_ds)) / 255.0
+    cam = load_dataset_meta(image_ds).stats[CAM]
+    assert cam["mean"].shape == (3, 1, 1)
+    np.testing.assert_allclose(cam["mean"][:, 0, 0], frames.mean((0, 1, 2)), atol=1e-5)
+    np.testing.assert_allclose(cam["std"][:, 0, 0], frames.std((0, 1, 2)), atol=1e-5)
+    np.testing.assert_allclose(cam["max"][:, 0, 0], frames.max((0, 1, 2)), atol=1e-6)
+
+
+def test_episode_subset(video_ds):
+    ds = LeRobotDataset(video_ds, chunk_size=20, episodes=[4, 1])
+    assert len(ds) == 2 * LENGTH
+    assert [ds[0]["episode_index"], ds[LENGTH]["episode_index"]] == [1, 4]
+    assert ds[LENGTH]["index"] == 4 * LENGTH and ds[LENGTH]["task"] == "move to the green ball"
+    # The chunk of episode 1's first frame clamps at its own end, never reaching into episode 4.
+    full = LeRobotDataset(video_ds, chunk_size=20)
+    np.testing.assert_array_equal(ds[0]["action"].numpy(), full[LENGTH]["action"].numpy())
+    assert ds[0]["action_is_pad"].sum() == 20 - LENGTH
+
+
+def test_keys_subset(video_ds):
+    ds = LeRobotDataset(video_ds, chunk_size=2, keys=["observation.state"])
+    item = ds[0]
+    assert CAM not in item and "action" not in item and "action_is_pad" not in item
+    assert item["observation.state"].shape == (2,)
+
+
+def test_error_missing_info(tmp_path):
+    with pytest.raises(DatasetError, match=r"meta/info.json not found"):
+        LeRobotDataset(tmp_path, chunk_size=2)
+
+
+def test_error_old_codebase_version(video_ds, tmp_path):
+    root = _copy(video_ds, tmp_path)
+    info = json.loads((root / "meta/info.json").read_text())
+    info["codebase_version"] = "v2.1"
+    (root / "meta/info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match=r"codebase_version.*'v2.1'.*v3"):
+        load_dataset_meta(root)
+
+
+def test_error_missing_data_file(video_ds, tmp_path):
+    root = _copy(video_ds, tmp_path)
+    missing = root / "data/chunk-000/file-001.parquet"
+    missing.unlink()
+    with pytest.raises(DatasetError, match=rf"{missing}.* not found.*data_path.*data/file_index'=1"):
+        LeRobotDataset(root, chunk_size=2)
+    # Episodes 0-3 live in file 0 and still load.
+    assert len(LeRobotDataset(root, chunk_size=2, episodes=[0, 3])) == 2 * LENGTH
+
+
+def test_error_missing_video_file(video_ds, tmp_path):
+    root = _copy(video_ds, tmp_path)
+    (root / f"videos/{CAM}/chunk-000/file-000.mp4").unlink()
+    with pytest.raises(DatasetError, match=rf"file-000.mp4 not found.*videos/{CAM}/chunk_index"):
+        LeRobotDataset(root, chunk_size=2)
+
+
+def test_error_state_of_wrong_length(video_ds, tmp_path):
+    root = _copy(video_ds, tmp_path)
+    path = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(path)
+    states = np.asarray(table.column("observation.state").to_pylist(), np.float32)
+    widened = np.concatenate([states, np.zeros((len(states), 1), np.float32)], axis=1)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(widened.ravel()), 3)
+    table = table.set_column(table.schema.get_field_index("observation.state"), "observation.state", column)
+    pq.write_table(table, path)
+    with pytest.raises(DatasetError, match=r"file-000.parquet: column 'observation.state'.*\(3,\).*\(2,\)"):
+        LeRobotDataset(root, chunk_size=2)
+
+
+def test_error_episode_rows_inconsistent(video_ds, tmp_path):
+    root = _copy(video_ds, tmp_path)
+    path = root / "meta/episodes/chunk-000/file-000.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[2]["dataset_to_index"] += 1
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DatasetError, match=r"episode 2 has length=12 but dataset_to_index - dataset_from_index = 13"):
+        load_dataset_meta(root)
+
+
+def test_error_unknown_key(video_ds):
+    with pytest.raises(DatasetError, match=r"unknown key\(s\) \['observation.images.wrist'\].*observation.state"):
+        LeRobotDataset(video_ds, chunk_size=2, keys=["observation.images.wrist", "action"])
+
+
+def test_error_bad_episode_index(video_ds):
+    with pytest.raises(DatasetError, match=r"episode\(s\) \[6\] not in the dataset; valid episode indices are 0..5"):
+        LeRobotDataset(video_ds, chunk_size=2, episodes=[0, 6])
+
+
+def test_video_round_trip(tmp_path):
+    t, h, w = 8, 48, 64
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.stack(
+        [np.stack([xx * 3 + 10 * i, yy * 4, np.full_like(xx, 128 + 8 * i)], -1) for i in range(t)]
+    ).astype(np.uint8)
+    codec = encode_video(frames, tmp_path / "a.mp4", fps=10)
+    decoded, times = decode_video(tmp_path / "a.mp4")
+    assert codec == "libsvtav1"
+    assert decoded.shape == frames.shape
+    np.testing.assert_allclose(times, np.arange(t) / 10, atol=1e-6)
+    assert np.abs(decoded.astype(int) - frames).mean() < 8
+    # An encoder this build lacks falls back to one that round-trips.
+    assert encode_video(frames, tmp_path / "b.mp4", fps=10, codec="no_such_codec") == "libx264"
+    reader = VideoFrameReader(cache_bytes=0)
+    np.testing.assert_array_equal(
+        reader.frame_at(tmp_path / "b.mp4", 0.52, tolerance=0.05), decode_video(tmp_path / "b.mp4")[0][5]
+    )
+    with pytest.raises(RuntimeError, match="no frame within"):
+        reader.frame_at(tmp_path / "b.mp4", 2.0, tolerance=0.05)
+
+
+def test_scene_and_dynamics():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng, "yellow")
+        assert scene.target_color == "yellow" and len(set(scene.ball_colors)) == 3
+        assert np.abs(scene.ball_positions).max() <= 0.8
+        d = np.linalg.norm(scene.ball_positions[:, None] - scene.ball_positions[None], axis=-1)
+        assert d[~np.eye(3, dtype=bool)].min() >= 0.35
+    scene = sample_scene(np.random.default_rng(1), "red", distractor_colors=["green", "cyan"])
+    assert sorted(scene.ball_colors) == ["cyan", "green", "red"]
+    np.testing.assert_allclose(step(np.array([0.95, 0.0]), np.array([0.5, -0.05])), [1.0, -0.05], atol=1e-6)
+    img = render(scene, scene.agent_start, 64)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    for color in scene.ball_colors:  # every ball is visible in its own color
+        assert (img == COLORS[color]).all(-1).sum() > 40
+    assert (img == 255).all(-1).sum() >= 8  # the white agent cross
+
+
+def test_expert_solves_the_task():
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        scene = sample_scene(rng, list(COLORS)[seed % len(COLORS)])
+        xy = scene.agent_start
+        for _ in range(30):
+            xy = step(xy, expert_action(scene, xy, rng))
+        assert is_success(scene, xy), f"seed {seed}: ended {np.linalg.norm(xy - scene.target_position):.3f} away"
+        assert np.abs(expert_action(scene, xy, rng)).max() < 0.02  # and it has settled
+
+
+def test_synthetic_writer_is_deterministic(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", num_episodes=2, target_colors=["cyan"], episode_length=4, seed=7)
+    b = make_synthetic_dataset(tmp_path / "b", num_episodes=2, target_colors=["cyan"], episode_length=4, seed=7)
+    assert _data_table(a).equals(_data_table(b))
+    assert load_dataset_meta(a).episodes == load_dataset_meta(b).episodes
+    with pytest.raises(FileExistsError):
+        make_synthetic_dataset(a, num_episodes=1, target_colors=["cyan"])
+    with pytest.raises(ValueError, match="unknown target colors"):
+        make_synthetic_dataset(tmp_path / "c", num_episodes=1, target_colors=["magenta"])
