@@ -62,7 +62,8 @@ def _no_match_message(pattern: str, candidates: list[str]) -> str:
     near = difflib.get_close_matches(key, suffixes, n=5, cutoff=0.3)
     examples = [n for n in candidates if any(n.endswith("." + s) or n == s for s in near)][:8]
     return (
-        f"--peft.target-modules {pattern!r} matches no adaptable (linear) module. Nearby names: {near or suffixes[:10]}; "
+        f"--peft.target-modules {pattern!r} matches no adaptable (linear) module. "
+        f"Nearby names: {near or suffixes[:10]}; "
         f"e.g. {examples or candidates[:8]}. Give suffixes (q_proj v_proj) or one regex matched against full names."
     )
 

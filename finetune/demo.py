@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .config import PEFT_METHOD_FULL, CheckpointOptions, DataOptions, OptimOptions, PeftOptions, PolicyOptions, TrainConfig
+from .config import (
+    PEFT_METHOD_FULL,
+    CheckpointOptions,
+    DataOptions,
+    OptimOptions,
+    PeftOptions,
+    PolicyOptions,
+    TrainConfig,
+)
 from .data import COLORS, instruction, load_dataset_meta, make_synthetic_dataset
 from .policies import make_policy, save_policy
 from .policies.smolvla import SmolVLAConfig

@@ -1,0 +1,133 @@
+"""The training script end to end on a tiny SmolVLA: checkpoints, resume, reload, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import train_args
+from safetensors.torch import load_file
+
+from finetune import train
+from finetune.adapters import load_adapter
+from finetune.metrics import read_metrics
+from finetune.policies import load_policy
+from finetune.processor import load_stats
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def four_steps(policy_dir, dataset_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "4"))
+    return out
+
+
+def test_checkpoint_holds_only_the_adapter_and_what_resume_needs(four_steps, policy_dir):
+    ckpts = four_steps / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["000002", "000004", "last"]
+    assert os.readlink(ckpts / "last") == "000004"
+    last = ckpts / "000004"
+    assert {p.name for p in last.iterdir()} == {
+        "adapter_model.safetensors", "adapter_config.json", "config.json", "normalization_stats.safetensors",
+        "train_config.json", "accelerate_config.yaml", "trainer_state.json", "training_state", "README.md"}
+    adapter = load_file(str(last / "adapter_model.safetensors"))
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter), sorted(adapter)[:5]
+    assert len(adapter) == 2 * 13  # A and B for 8 expert q/v projections and 5 heads
+    base_keys = load_file(str(policy_dir / "model.safetensors")).keys()
+    assert not any(k in base_keys for k in adapter)
+    state_files = {p.name for p in (last / "training_state").iterdir()}
+    assert "optimizer.bin" in state_files and not any("model" in n for n in state_files)  # no copy of the base
+    size = (last / "adapter_model.safetensors").stat().st_size
+    assert size < 0.1 * (policy_dir / "model.safetensors").stat().st_size
+    assert json.loads((last / "trainer_state.json").read_text()) == {"step": 4, "samples_seen": 16, "batches_seen": 4}
+    assert json.loads((last / "config.json").read_text())["type"] == "smolvla"
+    assert json.loads((last / "train_config.json").read_text())["steps"] == 4
+    assert set(load_stats(last)) >= {"observation.state", "action"}
+
+
+def test_resume_continues_the_same_run(four_steps, policy_dir, dataset_root, tmp_path):
+    out = tmp_path / "resumed"
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "2"))
+    first = load_file(str(out / "checkpoints/000002/adapter_model.safetensors"))
+    summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", "--resume"))
+    assert summary["trainable_params"] == train_lora_param_count(four_steps)  # one adapter, not one on top of another
+    straight, resumed = losses(four_steps), losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), (step, straight, resumed)
+    a = load_file(str(four_steps / "checkpoints/000004/adapter_model.safetensors"))
+    b = load_file(str(out / "checkpoints/000004/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(first[k], b[k]) for k in first)  # it did train after resuming
+
+
+def train_lora_param_count(run_dir: Path) -> int:
+    return sum(t.numel() for t in load_file(str(run_dir / "checkpoints/last/adapter_model.safetensors")).values())
+
+
+def test_saved_adapter_on_the_base_reproduces_the_trained_policy(four_steps, policy_dir):
+    from helpers import tiny_batch
+
+    ckpt = four_steps / "checkpoints" / "last"
+    reloaded = load_adapter(load_policy(policy_dir), ckpt, trainable=False).eval()
+    fresh_base = load_policy(policy_dir).eval()
+    batch = tiny_batch(fresh_base)
+    noise = torch.randn(3, fresh_base.config.chunk_size, 32)
+    out_adapter = reloaded.predict_action_chunk(batch, noise=noise)
+    out_base = fresh_base.predict_action_chunk(batch, noise=noise)
+    assert not torch.allclose(out_adapter, out_base)  # the adapter changes the policy...
+    # ...and merging its weights by hand gives the same function: the file holds the trained tensors.
+    merged = load_adapter(load_policy(policy_dir), ckpt, trainable=False).merge_and_unload().eval()
+    torch.testing.assert_close(merged.predict_action_chunk(batch, noise=noise), out_adapter, rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_and_tensorboard_are_written(four_steps):
+    metrics = read_metrics(four_steps / "metrics.jsonl")
+    train_rows = [m for m in metrics if "train/loss" in m]
+    assert [m["step"] for m in train_rows] == [1, 2, 3, 4]
+    assert all(m["train/samples_per_s"] > 0 and m["train/lr"] > 0 for m in train_rows)
+    evals = [m for m in metrics if "eval/action_mse" in m]
+    assert [m["step"] for m in evals] == [0, 4] and all(m["eval/action_mse"] > 0 for m in evals)
+    assert any(p.name.startswith("events.out.tfevents") for p in (four_steps / "tensorboard").iterdir())
+    assert json.loads((four_steps / "train_config.json").read_text())["peft"]["r"] == 4
+
+
+def test_keep_last_prunes_old_checkpoints(policy_dir, dataset_root, tmp_path):
+    out = tmp_path / "prune"
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "3", "--checkpoint.every", "1",
+                          "--checkpoint.keep-last", "2", "--dataset.eval-episodes", "0"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "000003", "last"]
+
+
+def test_gradient_accumulation_and_checkpointing_run(policy_dir, dataset_root, tmp_path):
+    out = tmp_path / "accum"
+    summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "2", "--grad-accum-steps", "2",
+                                    "--policy.gradient-checkpointing", "--dataset.eval-episodes", "0"))
+    state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
+    assert state == {"step": 2, "samples_seen": 16, "batches_seen": 4}
+    assert summary["trainable_params"] > 0
+
+
+def test_accelerate_launch_runs_the_script(policy_dir, dataset_root, tmp_path):
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs/cpu.yaml"), str(REPO / "finetune/train.py"),
+           *train_args(policy_dir, dataset_root, out, "--steps", "2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters: trainable" in proc.stdout
+    assert (out / "checkpoints/000002/adapter_model.safetensors").is_file()
+    assert "distributed_type: NO" in (out / "checkpoints/000002/accelerate_config.yaml").read_text()
