@@ -57,6 +57,32 @@ class PeftOptions:
 
 
 @dataclass(frozen=True)
+class QuantOptions:
+    load_in_8bit: bool = False
+    """Load the frozen base's linear layers in 8-bit (bitsandbytes LLM.int8): about half the bf16 bytes."""
+    load_in_4bit: bool = False
+    """Load them in 4-bit (QLoRA): about a quarter of the bf16 bytes."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """4-bit: quantize the quantization constants too (saves ~0.4 bit/parameter)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """4-bit: dtype the matmuls run in."""
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """4-bit: dtype the packed weights are stored in; must equal the model dtype under ZeRO-3/FSDP."""
+    keep_vision: bool = False
+    """Keep the vision tower in full precision instead of quantizing it."""
+    int8_threshold: float = 6.0
+    """8-bit: outlier threshold of LLM.int8 (features above it run in 16-bit)."""
+    skip_modules: tuple[str, ...] = ()
+    """More module names (suffixes) to keep in full precision."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_in_8bit or self.load_in_4bit
+
+
+@dataclass(frozen=True)
 class DataOptions:
     root: str | None = None
     """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/)."""
@@ -117,6 +143,7 @@ class DemoOptions:
 class TrainConfig:
     policy: PolicyOptions = PolicyOptions()
     peft: PeftOptions = PeftOptions()
+    quant: QuantOptions = QuantOptions()
     dataset: DataOptions = DataOptions()
     optim: OptimOptions = OptimOptions()
     checkpoint: CheckpointOptions = CheckpointOptions()
@@ -172,6 +199,11 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.quant.load_in_8bit and cfg.quant.load_in_4bit:
+        raise ConfigError("--quant.load-in-8bit and --quant.load-in-4bit exclude each other; pick one")
+    if cfg.quant.enabled and cfg.peft.method.upper() == PEFT_METHOD_FULL:
+        raise ConfigError("a quantized base cannot be trained in full (--peft.method FULL); use an adapter such as "
+                          "LORA, or drop --quant.load-in-8bit/4bit")
     method = cfg.peft.method.upper()
     methods = sorted(t.value for t in PeftType)
     if method != PEFT_METHOD_FULL and method not in methods:
@@ -200,6 +232,14 @@ SMOLVLA_LORA = TrainConfig(
     batch_size=32,
 )
 
+# QLoRA-style: the same LoRA recipe on a quantized frozen base, with activation checkpointing.
+SMOLVLA_QLORA8 = dataclasses.replace(
+    SMOLVLA_LORA, quant=QuantOptions(load_in_8bit=True), output_dir="runs/smolvla_qlora8",
+    policy=dataclasses.replace(SMOLVLA_LORA.policy, dtype="bfloat16", gradient_checkpointing=True))
+SMOLVLA_QLORA4 = dataclasses.replace(
+    SMOLVLA_LORA, quant=QuantOptions(load_in_4bit=True), output_dir="runs/smolvla_qlora4",
+    policy=dataclasses.replace(SMOLVLA_LORA.policy, dtype="bfloat16", gradient_checkpointing=True))
+
 DEMO = TrainConfig(
     peft=PeftOptions(method="LORA", r=16, lora_alpha=32, full_training_modules=()),
     dataset=DataOptions(eval_episodes=8),
@@ -218,6 +258,8 @@ DEMO = TrainConfig(
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "demo": ("Tiny SmolVLA on the synthetic reach task, CPU, a few minutes: pretrain a base, LoRA on new tasks.", DEMO),
     "smolvla_lora": ("SmolVLA (450M) with LeRobot's LoRA recipe; give --policy.path and --dataset.root.", SMOLVLA_LORA),
+    "smolvla_qlora8": ("smolvla_lora on an 8-bit frozen base, gradient checkpointing on.", SMOLVLA_QLORA8),
+    "smolvla_qlora4": ("smolvla_lora on a 4-bit NF4 frozen base, gradient checkpointing on.", SMOLVLA_QLORA4),
 }
 
 

@@ -28,7 +28,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
-from finetune.adapters import apply_adapter, base_policy, count_parameters, load_adapter
+from finetune.adapters import (
+    apply_adapter,
+    base_policy,
+    count_parameters,
+    load_adapter,
+    resolve_full_training_modules,
+)
 from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, validate
 from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
 from finetune.hub import load_tokenizer, resolve_repo
@@ -36,6 +42,7 @@ from finetune.metrics import MetricsLogger
 from finetune.policies import load_policy, save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
 from finetune.processor import PolicyProcessor, save_stats
+from finetune.quant import enable_input_require_grads, quantize_policy
 from finetune.sampling import ResumableBatchSampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -139,6 +146,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
                                                                               "--dataset.repo-id")
     meta = load_dataset_meta(dataset_root)
     policy = load_base_policy(cfg, policy_dir, meta)
+    if cfg.quant.enabled:
+        keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
+        policy = quantize_policy(policy, cfg.quant, accelerator.device, keep)
+        enable_input_require_grads(policy)
     tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, getattr(policy.config, "vlm_model_name", None))
     stats = {cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}
     processor = PolicyProcessor(policy.config, tokenizer, stats, cfg.dataset.rename_map)

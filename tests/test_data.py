@@ -188,6 +188,14 @@ def test_keys_subset(video_ds):
     assert item["observation.state"].shape == (2,)
 
 
+def test_tasks_in_pandas_index_column(video_ds, tmp_path):
+    # LeRobot writes tasks.parquet from a DataFrame indexed by the task strings.
+    root = _copy(video_ds, tmp_path)
+    table = pa.table({"task_index": [1, 0, 2], "__index_level_0__": ["b", "a", "c"]})
+    pq.write_table(table, root / "meta/tasks.parquet")
+    assert load_dataset_meta(root).tasks == ["a", "b", "c"]
+
+
 def test_error_missing_info(tmp_path):
     with pytest.raises(DatasetError, match=r"meta/info.json not found"):
         LeRobotDataset(tmp_path, chunk_size=2)
@@ -240,6 +248,18 @@ def test_error_episode_rows_inconsistent(video_ds, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(DatasetError, match=r"episode 2 has length=12 but dataset_to_index - dataset_from_index = 13"):
         load_dataset_meta(root)
+
+
+def test_error_video_timestamps_off(video_ds, tmp_path):
+    root = _copy(video_ds, tmp_path)
+    path = root / "meta/episodes/chunk-000/file-000.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[5][f"videos/{CAM}/from_timestamp"] = 100.0
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    ds = LeRobotDataset(root, chunk_size=2)
+    assert ds[4 * LENGTH][CAM].shape == (3, 64, 64)
+    with pytest.raises(DatasetError, match=r"episode 5, frame 0: .*file-001.mp4: no frame within 0.0500s of t=100"):
+        ds[5 * LENGTH]
 
 
 def test_error_unknown_key(video_ds):

@@ -28,6 +28,8 @@ class DatasetError(ValueError):
 
 @dataclass
 class DatasetMeta:
+    """The meta/ folder of a dataset: info.json, stats.json, tasks and episode rows (sorted by episode_index)."""
+
     root: Path
     info: dict
     features: dict[str, dict]
@@ -242,8 +244,10 @@ class LeRobotDataset(torch.utils.data.Dataset):
                     f"{valid[0]}..{valid[-1]} ({len(valid)} episodes, see meta/episodes)"
                 )
             selected = [by_index[e] for e in sorted(set(episodes))]
+        if not selected:
+            raise DatasetError(f"{meta.root}: no episodes selected; pass episodes=None for all of them")
         if keys is None:
-            keys = [*meta.camera_keys, "observation.state", "action"]
+            keys = [*meta.camera_keys, *(k for k in ("observation.state", "action") if k in meta.features)]
         unknown = [k for k in keys if k not in meta.features]
         if unknown:
             raise DatasetError(
@@ -261,14 +265,14 @@ class LeRobotDataset(torch.utils.data.Dataset):
         meta = self.meta
         parts: dict[str, list[np.ndarray]] = {k: [] for k in (*INDEX_COLUMNS, *self._value_keys)}
         images: dict[str, list[bytes | str]] = {k: [] for k in self._image_keys}
-        starts, ends = [], []
+        ends: list[int] = []
         self._video_at: dict[str, list[tuple[str, float]]] = {k: [] for k in self._video_keys}
-        tables: dict[Path, tuple[pa.Table, np.ndarray]] = {}
+        loaded: Path | None = None  # selected episodes are sorted, so each data file is read once
         total = 0
         for ep in selected:
             index, chunk, file = ep["episode_index"], ep["data/chunk_index"], ep["data/file_index"]
             path = meta.root / meta.info["data_path"].format(chunk_index=chunk, file_index=file)
-            if path not in tables:
+            if path != loaded:
                 pointed = (
                     f"meta/info.json 'data_path' with 'data/chunk_index'={chunk}, 'data/file_index'={file} "
                     f"of episode {index} in meta/episodes"
@@ -283,25 +287,26 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         f"{path}: missing column(s) {missing} named in meta/info.json features; found {names}"
                     )
                 table = _read_parquet(path, pointed, wanted)
-                tables = {path: (table, table.column("episode_index").to_numpy())}  # one file held at a time
-            table, episode_col = tables[path]
+                episode_col, loaded = table.column("episode_index").to_numpy(), path
             rows = np.flatnonzero(episode_col == index)
-            expected = ep["dataset_to_index"] - ep["dataset_from_index"]
-            if len(rows) != expected:
-                raise DatasetError(
-                    f"{path}: episode {index} has {len(rows)} rows but meta/episodes says {expected} "
-                    f"(dataset_from_index={ep['dataset_from_index']}, dataset_to_index={ep['dataset_to_index']})"
-                )
+            lo, hi = ep["dataset_from_index"], ep["dataset_to_index"]
             part = table.take(rows)
-            order = np.argsort(part.column("frame_index").to_numpy(), kind="stable")
-            part = part.take(order)
+            part = part.take(np.argsort(part.column("frame_index").to_numpy(), kind="stable"))
+            if not np.array_equal(part.column("index").to_numpy(), np.arange(lo, hi)):
+                raise DatasetError(
+                    f"{path}: episode {index} has {len(rows)} rows with 'index' not equal to "
+                    f"dataset_from_index..dataset_to_index-1 = {lo}..{hi - 1} from meta/episodes; "
+                    "the episode metadata and the data file disagree, regenerate one of them"
+                )
             for key in parts:
                 feature = meta.features.get(key, {"shape": [1]})
                 values = _column_to_numpy(part.column(key), key, feature, path)
                 parts[key].append(values[:, 0] if key in INDEX_COLUMNS else values)
             for key in self._image_keys:
                 for cell in part.column(key).to_pylist():
-                    images[key].append(cell["bytes"] if cell.get("bytes") else str(meta.root / cell["path"]))
+                    if not (cell and (cell.get("bytes") or cell.get("path"))):
+                        raise DatasetError(f"{path}: image column {key!r} has a row with neither 'bytes' nor 'path'")
+                    images[key].append(cell["bytes"] or str(meta.root / cell["path"]))
             for key in self._video_keys:
                 chunk_v, file_v = ep[f"videos/{key}/chunk_index"], ep[f"videos/{key}/file_index"]
                 video = meta.root / meta.info["video_path"].format(
@@ -314,8 +319,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         "restore it or fix the episode metadata"
                     )
                 self._video_at[key].append((str(video), float(ep[f"videos/{key}/from_timestamp"])))
-            starts.append(total)
-            total += expected
+            total += hi - lo
             ends.append(total)
 
         def cat(key: str, dtype: type) -> np.ndarray:
@@ -347,7 +351,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def _camera(self, key: str, i: int, e: int) -> torch.Tensor:
         if key in self._video_at:
             path, start = self._video_at[key][e]
-            frame = self._videos.frame_at(path, start + float(self._timestamp[i]), self._tolerance)
+            try:
+                frame = self._videos.frame_at(path, start + float(self._timestamp[i]), self._tolerance)
+            except RuntimeError as err:
+                raise DatasetError(
+                    f"{key!r}, episode {int(self._episode_index[i])}, frame {int(self._frame_index[i])}: {err}"
+                ) from err
             source = path
         else:
             cell = self._images[key][i]

@@ -90,6 +90,9 @@ def decode_video(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(frames), np.asarray(times, dtype=np.float64)
 
 
+_FORK_ORPHANS: list = []
+
+
 class VideoFrameReader:
     """Per-process frame lookup by time, for dataset `__getitem__`.
 
@@ -127,7 +130,10 @@ class VideoFrameReader:
     def frame_at(self, path: str | Path, t: float, tolerance: float) -> np.ndarray:
         """The (H, W, 3) uint8 frame whose presentation time is nearest `t`, within `tolerance` seconds."""
         if os.getpid() != self._pid:
-            self._containers = OrderedDict()  # inherited through fork: never read from the parent's handles
+            # Containers inherited through fork share file offsets with the parent, and freeing a threaded
+            # decoder whose threads did not survive the fork hangs: keep them referenced, never touch them.
+            _FORK_ORPHANS.append(self._containers)
+            self._containers = OrderedDict()
             self._pid = os.getpid()
         key = str(path)
         if key in self._cache:
@@ -145,9 +151,14 @@ class VideoFrameReader:
         return frames[j]
 
     def _fits(self, key: str) -> bool:
-        stream = self._container(key).streams.video[0]
-        n = stream.frames or int(np.ceil(float(stream.duration * stream.time_base) * float(stream.average_rate)))
-        fits = n * stream.height * stream.width * 3 <= self.cache_bytes
+        container = self._container(key)
+        stream = container.streams.video[0]
+        n = stream.frames
+        if not n and stream.average_rate:
+            seconds = stream.duration * stream.time_base if stream.duration else (container.duration or 0) / 1e6
+            n = int(np.ceil(float(seconds) * float(stream.average_rate)))
+        # An unknown length counts as too big: seeking is slower but bounded in memory.
+        fits = 0 < n * stream.height * stream.width * 3 <= self.cache_bytes
         if not fits:
             self._too_big.add(key)
         return fits
@@ -168,6 +179,8 @@ class VideoFrameReader:
             self._containers.move_to_end(key)
             return self._containers[key]
         container = av.open(key)
+        # No decoder threads in containers kept open: cheaper per DataLoader worker, and safe to fork.
+        container.streams.video[0].thread_count = 1
         self._containers[key] = container
         while len(self._containers) > self.max_open_containers:
             self._containers.popitem(last=False)[1].close()

@@ -504,6 +504,13 @@ class SmolVLAPolicy(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.model.vlm_with_expert.gradient_checkpointing = enabled
 
+    def quantization_scopes(self, include_vision: bool) -> tuple[str, ...]:
+        """Module-name prefixes whose linear layers a quantized base stores in 8/4-bit (the big frozen matrices;
+        lm_head is unused by the policy but part of LeRobot's checkpoint)."""
+        vlm = "model.vlm_with_expert.vlm."
+        scopes = (f"{vlm}model.text_model.layers.", "model.vlm_with_expert.lm_expert.layers.", f"{vlm}lm_head")
+        return scopes + ((f"{vlm}model.vision_model.", f"{vlm}model.connector.") if include_vision else ())
+
     def input_embeddings_module(self) -> nn.Module:
         """Where inputs enter the checkpointed layers (k-bit training makes its output require grad)."""
         return self.model.vlm_with_expert.text_model.get_input_embeddings()
