@@ -104,7 +104,9 @@ def dequantize_policy(policy: nn.Module, dtype: torch.dtype = torch.float32) -> 
         if type(module).__name__ == "Linear4bit":
             dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         else:
-            dense = weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0
+            # the row scales move from the parameter to the layer state after the first forward
+            scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+            dense = weight.data.float() * scales.float().unsqueeze(1) / 127.0
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            device=dense.device, dtype=dtype)
         linear.weight.data.copy_(dense.to(dtype))
@@ -131,6 +133,8 @@ def weight_bytes(module: nn.Module) -> int:
                 if t is not None:
                     total += t.numel() * t.element_size()
         scb = getattr(weight, "SCB", None)
+        if scb is None and getattr(sub, "state", None) is not None:
+            scb = getattr(sub.state, "SCB", None)
         if scb is not None:  # 8-bit: one scale per row
             total += scb.numel() * scb.element_size()
     return total
