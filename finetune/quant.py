@@ -69,8 +69,10 @@ def quantize_policy(policy: nn.Module, opts: QuantOptions, device: torch.device,
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = policy.get_submodule(parent_name)
-        setattr(parent, child, _quantized_linear(getattr(parent, child), opts))
-    policy.to(device)  # bitsandbytes quantizes the weights when they are moved to the device
+        # bitsandbytes quantizes a weight when it is moved to the device: one layer at a time, so the peak is the
+        # full-precision base plus one layer, not two copies of the base.
+        setattr(parent, child, _quantized_linear(getattr(parent, child), opts).to(device))
+    policy.to(device)
     policy.is_loaded_in_8bit = opts.load_in_8bit
     policy.is_loaded_in_4bit = opts.load_in_4bit
     policy.quantization_method = "bitsandbytes"
