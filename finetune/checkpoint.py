@@ -6,7 +6,8 @@
         normalization_stats.safetensors                  dataset stats the policy was trained with
         train_config.json, accelerate_config.yaml        how the run was configured and launched
         trainer_state.json                               step, samples seen
-        training_state/                                  optimizer, scheduler, RNG states (Accelerate's state API)
+        training_state/                                  optimizer, scheduler, RNG states (Accelerate's state API;
+                                                         under DeepSpeed its ZeRO-sharded checkpoint, without the base)
     output_dir/checkpoints/last -> 000100
 
 Each checkpoint is written into a hidden temporary folder and renamed into place, then `last` is swapped atomically,
@@ -24,6 +25,8 @@ from typing import Any
 from accelerate import Accelerator
 from peft import PeftModel
 from torch import nn
+
+from . import distributed
 
 TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -76,9 +79,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
+    accelerator.save_state(str(tmp / TRAINING_STATE_DIR), **distributed.save_state_kwargs(accelerator))
+    # ZeRO-3 shards every parameter: gather the trained ones (all ranks take part) so the file holds real tensors.
+    with distributed.gathered(accelerator, distributed.trainable_parameters(model)):
+        if accelerator.is_main_process:
+            write_extra(tmp)
     if accelerator.is_main_process:
-        write_extra(tmp)
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
             (tmp / name).write_text(text)

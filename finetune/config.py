@@ -34,6 +34,11 @@ class PolicyOptions:
     """Override the policy's action chunk length (None keeps the checkpoint's value)."""
     num_steps: int | None = None
     """Override the number of denoising (Euler) steps used when sampling actions."""
+    repo_id: str | None = None
+    """Hub model repo (NAME or ORG/NAME) the last checkpoint and its model card are pushed to at the end (as
+    LeRobot's --policy.repo_id). Needs network and a login, checked before training starts."""
+    merged_repo_id: str | None = None
+    """Also merge the adapter into the base at the end and push that full LeRobot-format policy to this repo."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +140,14 @@ class DemoOptions:
     """Target colors seen in pretraining."""
     finetune_colors: tuple[str, ...] = ("yellow", "purple", "cyan")
     """Target colors of the fine-tuning dataset (new to the base policy)."""
+    finetune_action_sign: float = -1.0
+    """The fine-tuning robot's command sign: -1 is a robot whose motor axes are wired inverted (a new embodiment
+    the base has never driven), +1 the pretraining robot."""
     episodes: int = 60
     """Episodes in each synthetic dataset."""
+    rollout_episodes: int = 50
+    """Seeded closed-loop episodes in the simulated task, run with the base and the fine-tuned policy at the end
+    (success rate before/after, a GIF and a plot in output_dir/eval); 0 skips it."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +251,22 @@ SMOLVLA_QLORA4 = dataclasses.replace(
     SMOLVLA_LORA, quant=QuantOptions(load_in_4bit=True), output_dir="runs/smolvla_qlora4",
     policy=dataclasses.replace(SMOLVLA_LORA.policy, dtype="bfloat16", gradient_checkpointing=True))
 
+# pi0 / pi0.5: LeRobot's (= openpi's) full fine-tune recipe is AdamW lr 2.5e-5 (betas 0.9/0.95, weight decay 0.01),
+# 1000 warmup steps, cosine decay to 2.5e-6 over 30k steps, grad clip 1.0; LeRobot's PEFT guide scales the peak and
+# final lr by 10 for LoRA. Batch as LeRobot's pi0 / pi0.5 docs (32 / 64), bf16 base and gradient checkpointing on.
+# Image size (224), tokenizer length (48 / 200) and normalization (MEAN_STD / QUANTILES) come with the policy config.
+PI0_LORA = TrainConfig(
+    policy=PolicyOptions(path="lerobot/pi0_base", dtype="bfloat16", gradient_checkpointing=True),
+    peft=PeftOptions(method="LORA", r=64, lora_alpha=64),
+    optim=OptimOptions(lr=2.5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, decay_lr=2.5e-5, warmup_steps=1000,
+                       decay_steps=30_000, grad_clip_norm=1.0),
+    output_dir="runs/pi0_lora",
+    steps=30_000,
+    batch_size=32,
+)
+PI05_LORA = dataclasses.replace(PI0_LORA, policy=dataclasses.replace(PI0_LORA.policy, path="lerobot/pi05_base"),
+                                output_dir="runs/pi05_lora", batch_size=64)
+
 DEMO = TrainConfig(
     peft=PeftOptions(method="LORA", r=16, lora_alpha=32, full_training_modules=()),
     dataset=DataOptions(eval_episodes=8),
@@ -260,6 +287,10 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "smolvla_lora": ("SmolVLA (450M) with LeRobot's LoRA recipe; give --policy.path and --dataset.root.", SMOLVLA_LORA),
     "smolvla_qlora8": ("smolvla_lora on an 8-bit frozen base, gradient checkpointing on.", SMOLVLA_QLORA8),
     "smolvla_qlora4": ("smolvla_lora on a 4-bit NF4 frozen base, gradient checkpointing on.", SMOLVLA_QLORA4),
+    "pi0_lora": ("pi0 (3.2B: PaliGemma 3B + Gemma 300M expert) with LoRA on LeRobot's pi0 recipe (lr x10), bf16 base, "
+                 "gradient checkpointing; 224px images, 48 tokens, MEAN_STD.", PI0_LORA),
+    "pi05_lora": ("pi0.5 (3.4B, adaRMS expert) with LoRA on LeRobot's pi0.5 recipe (lr x10), bf16 base, gradient "
+                  "checkpointing; 224px images, 200-token prompt with the binned state, QUANTILES.", PI05_LORA),
 }
 
 

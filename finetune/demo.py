@@ -96,12 +96,13 @@ def prepare_demo(cfg: TrainConfig, accelerator: Accelerator, run_training) -> Tr
     d = cfg.demo
     with accelerator.main_process_first():
         if accelerator.is_main_process:
-            for root, colors, seed in ((pretrain_ds, d.pretrain_colors, 1), (finetune_ds, d.finetune_colors, 2)):
+            for root, colors, seed, sign in ((pretrain_ds, d.pretrain_colors, 1, 1.0),
+                                             (finetune_ds, d.finetune_colors, 2, d.finetune_action_sign)):
                 if not (root / "meta" / "info.json").is_file():
                     shutil.rmtree(root, ignore_errors=True)
                     accelerator.print(f"demo: writing synthetic dataset {root} (targets: {', '.join(colors)})")
                     make_synthetic_dataset(root, num_episodes=d.episodes, target_colors=list(colors), seed=seed,
-                                           image_size=IMAGE_SIZE)
+                                           image_size=IMAGE_SIZE, action_sign=sign)
 
     if not (base / "model.safetensors").is_file():
         init = assets / "initial_policy"

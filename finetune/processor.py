@@ -98,11 +98,11 @@ class PolicyProcessor:
         self.normalizer = Normalizer(stats, config.normalization_mapping, config)
         self.rename_map = dict(rename_map or {})
 
-    def tokenize(self, tasks: list[str]) -> dict[str, Tensor]:
-        # SmolVLA's processor ends every task with a newline before tokenizing.
-        tasks = [t if t.endswith("\n") else f"{t}\n" for t in tasks]
+    def tokenize(self, tasks: list[str], state: Tensor | None = None) -> dict[str, Tensor]:
+        """Tokenize the policy's prompts: its config builds them from the tasks and the normalized state."""
+        prompts = self.config.build_prompts(tasks, state)
         padding = getattr(self.config, "pad_language_to", "max_length")
-        enc = self.tokenizer(tasks, padding=padding, padding_side="right", truncation=True,
+        enc = self.tokenizer(prompts, padding=padding, padding_side="right", truncation=True,
                              max_length=self.config.tokenizer_max_length, return_tensors="pt")
         return {LANG_TOKENS: enc["input_ids"], LANG_MASK: enc["attention_mask"].bool()}
 
@@ -120,7 +120,7 @@ class PolicyProcessor:
         return self.prepare(batch)
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Normalize state (and action when present) and tokenize the task strings."""
+        """Normalize state (and action when present) and tokenize the policy's prompts."""
         if OBS_STATE not in batch:
             raise ValueError(f"the batch has no {OBS_STATE!r}; it has {sorted(batch)}. Map it with "
                              "--dataset.rename-map")
@@ -133,7 +133,7 @@ class PolicyProcessor:
         if ACTION_IS_PAD in batch:
             batch[ACTION_IS_PAD] = batch[ACTION_IS_PAD].bool()
         tasks = batch.get(TASK) or [""] * batch[OBS_STATE].shape[0]
-        batch.update(self.tokenize(list(tasks)))
+        batch.update(self.tokenize(list(tasks), batch[OBS_STATE]))  # after normalization: pi0.5 bins it
         return batch
 
     def unnormalize_actions(self, actions: Tensor) -> Tensor:

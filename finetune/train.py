@@ -17,7 +17,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
+from finetune import distributed as dist
 from finetune.adapters import (
     apply_adapter,
     base_policy,
@@ -42,6 +42,7 @@ from finetune.metrics import MetricsLogger
 from finetune.policies import load_policy, save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
 from finetune.processor import PolicyProcessor, save_stats
+from finetune.publish import check_push_access, push_repo_ids, push_run
 from finetune.quant import enable_input_require_grads, quantize_policy
 from finetune.sampling import ResumableBatchSampler
 
@@ -74,16 +75,19 @@ class Run:
     policy_dir: Path
     step: int = 0
     samples_seen: int = 0
+    micro_batches: int = 0  # global micro-batches trained on (seeds each one's flow-matching noise)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    kwargs: dict[str, Any] = {"timeout": timedelta(minutes=30)}
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    kwargs: dict[str, Any] = {"timeout": dist.process_group_timeout()}  # a stuck collective fails, never hangs
+    cpu_ranks = not torch.cuda.is_available() and dist.launched_world_size() > 1
+    if cpu_ranks:
         kwargs["backend"] = "gloo"  # CPU ranks: without it DeepSpeed ranks silently run alone
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum_steps,
         mixed_precision=cfg.mixed_precision,
+        cpu=cpu_ranks and not dist.wants_deepspeed(),  # CPU DDP (MULTI_CPU); cpu=True would switch DeepSpeed off
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )
     ckpt.exclude_model_weights_from_state(accelerator)
@@ -145,12 +149,13 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     dataset_root = Path(cfg.dataset.root) if cfg.dataset.root else resolve_repo(cfg.dataset.repo_id, "dataset",
                                                                               "--dataset.repo-id")
     meta = load_dataset_meta(dataset_root)
-    policy = load_base_policy(cfg, policy_dir, meta)
+    with dist.whole_model_construction(accelerator):
+        policy = load_base_policy(cfg, policy_dir, meta)
     if cfg.quant.enabled:
         keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
         policy = quantize_policy(policy, cfg.quant, accelerator.device, keep)
         enable_input_require_grads(policy)
-    tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, getattr(policy.config, "vlm_model_name", None))
+    tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, policy.config.tokenizer_name)
     stats = {cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}
     processor = PolicyProcessor(policy.config, tokenizer, stats, cfg.dataset.rename_map)
 
@@ -158,7 +163,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     if resume_from is not None and (resume_from / "adapter_config.json").is_file():
         model = load_adapter(policy, resume_from, trainable=True)  # the saved adapter itself, not a fresh one
     elif resume_from is not None:
-        model = load_policy(resume_from)  # a FULL run: its checkpoint holds the whole policy
+        with dist.whole_model_construction(accelerator):
+            model = load_policy(resume_from)  # a FULL run: its checkpoint holds the whole policy
         model.config.input_features, model.config.output_features = policy.config.input_features, \
             policy.config.output_features
         for p in model.parameters():
@@ -179,9 +185,11 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor, num_workers=cfg.dataset.num_workers,
                         persistent_workers=cfg.dataset.num_workers > 0, generator=torch.Generator().manual_seed(0))
     eval_batches = []
-    if eval_eps and accelerator.is_main_process:
+    if eval_eps:  # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
         eval_set = LeRobotDataset(dataset_root, chunk, episodes=eval_eps, keys=keys, video_cache_bytes=cache)
-        eval_batches = fixed_eval_batches(eval_set, processor, cfg.batch_size, cfg.eval_batches)
+        # global-batch-sized, so the figure is the same whatever the number of processes
+        eval_batches = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes,
+                                          cfg.eval_batches)
 
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
@@ -189,33 +197,48 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     decay_steps = o.decay_steps or cfg.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: get_lr_factor(s, o.warmup_steps, decay_steps, o.lr, o.decay_lr))
+    trainable, total = count_parameters(model)  # before prepare: ZeRO-3 leaves each rank a shard
+    dist.fill_deepspeed_config(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, saved with the state
 
     run = Run(cfg, accelerator, model, optimizer, scheduler, processor, loader, sampler, eval_batches, policy_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / ckpt.TRAINING_STATE_DIR))
+        accelerator.load_state(str(resume_from / ckpt.TRAINING_STATE_DIR), **dist.load_state_kwargs(accelerator))
         state = ckpt.load_trainer_state(resume_from)
         run.step, run.samples_seen = state["step"], state["samples_seen"]
+        run.micro_batches = state["batches_seen"]
         sampler.set_position(state["batches_seen"])
         accelerator.print(f"resumed from {resume_from} at step {run.step}")
-    trainable, total = count_parameters(model)
     run.summary.update(trainable_params=trainable, total_params=total)
     accelerator.print(f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
     return run
 
 
 def train_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, float | None]:
-    """One micro-batch: forward under autocast, backward, and on the last micro-batch clip, step, schedule."""
+    """One micro-batch: forward under autocast, backward, and on the last micro-batch clip, step, schedule.
+
+    Returns this rank's share of the global micro-batch's loss (their mean over ranks is the global masked mean).
+    Under DeepSpeed, backward() also clips and steps (with the clip norm written into its config).
+    """
     accelerator, model = run.accelerator, run.model
+    pcfg = base_policy(accelerator.unwrap_model(model)).config
+    noise, time = dist.flow_noise(run.cfg.seed, run.micro_batches, len(batch[OBS_STATE]), accelerator,
+                                  pcfg.chunk_size, pcfg.max_action_dim)
+    pad = batch.get(ACTION_IS_PAD)
+    valid = (~pad).sum() if pad is not None else torch.tensor(batch[ACTION].shape[0] * batch[ACTION].shape[1])
+    weight = dist.global_mean_weight(accelerator, valid.to(accelerator.device))
+    run.micro_batches += 1
     grad_norm = None
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            loss, _ = model(batch)
+            loss, _ = model(batch, noise=noise, time=time)
+        loss = loss * weight
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             if run.cfg.optim.grad_clip_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.cfg.optim.grad_clip_norm).item()
+                norm = accelerator.clip_grad_norm_(model.parameters(), run.cfg.optim.grad_clip_norm)
+                grad_norm = None if norm is None else float(norm)
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -224,25 +247,33 @@ def train_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, float | N
 
 @torch.no_grad()
 def evaluate(run: Run, seed: int = 0) -> float | None:
-    """Held-out action MSE (normalized units, real action dims, in-episode steps), sampled with fixed noise."""
-    if not run.eval_batches or not run.accelerator.is_main_process:
+    """Held-out action MSE (normalized units, real action dims, in-episode steps), sampled with fixed noise.
+
+    Every rank evaluates its own rows of each fixed batch and the sums are reduced: the same figure with any number
+    of processes, computed once, returned on the main process only (None elsewhere).
+    """
+    if not run.eval_batches:
         return None
-    policy = run.accelerator.unwrap_model(run.model)
+    accelerator = run.accelerator
+    policy = accelerator.unwrap_model(run.model)
     was_training = policy.training
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
-    sq_err, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)  # squared error, element count
     for batch in run.eval_batches:
-        batch = to_device(batch, run.accelerator.device)
         cfg = base_policy(policy).config
         noise = torch.randn(len(batch[OBS_STATE]), cfg.chunk_size, cfg.max_action_dim, generator=generator)
-        with run.accelerator.autocast():
-            pred = policy.predict_action_chunk(batch, noise=noise.to(run.accelerator.device))
-        valid = (~batch[ACTION_IS_PAD]).unsqueeze(-1).float()
-        sq_err += (((pred.float() - batch[ACTION]) ** 2) * valid).sum().item()
-        count += int(valid.sum().item()) * pred.shape[-1]
+        rows, weight = dist.eval_rows(len(batch[OBS_STATE]), accelerator)
+        mine = {k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
+        mine = to_device(mine, accelerator.device)
+        with dist.autocast(accelerator):
+            pred = policy.predict_action_chunk(mine, noise=noise[rows].to(accelerator.device))
+        valid = (~mine[ACTION_IS_PAD]).unsqueeze(-1).float() * weight
+        sums[0] += (((pred.float() - mine[ACTION]) ** 2) * valid).sum().item()
+        sums[1] += valid.sum().item() * pred.shape[-1]
     policy.train(was_training)
-    return sq_err / max(count, 1)
+    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    return (sums[0] / sums[1].clamp_min(1)).item() if accelerator.is_main_process else None
 
 
 def save(run: Run) -> Path:
@@ -265,11 +296,12 @@ def save(run: Run) -> Path:
 
 
 def _accelerate_config_text(path: str | None, accelerator: Accelerator) -> str:
+    ran = "".join(f"#   {k}: {v}\n" for k, v in dist.describe(accelerator).items())
     if path and Path(path).is_file():
-        return f"# from {path}\n" + Path(path).read_text()
+        return f"# from {path}\n" + Path(path).read_text().rstrip("\n") + "\n# as run:\n" + ran
     state = accelerator.state
     return (f"# resolved at run time (no config file was passed)\ndistributed_type: {state.distributed_type.value}\n"
-            f"num_processes: {state.num_processes}\nmixed_precision: {state.mixed_precision}\n")
+            f"num_processes: {state.num_processes}\nmixed_precision: {state.mixed_precision}\n# as run:\n" + ran)
 
 
 def fit(run: Run) -> dict[str, Any]:
@@ -315,6 +347,8 @@ def fit(run: Run) -> dict[str, Any]:
                 bar.write(f"step {run.step}: held-out action MSE {mse:.4f}")
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
             run.summary["checkpoint"] = str(save(run))
+    if os.environ.get(dist.DEBUG_DUMP_ENV):
+        dist.dump_rank_view(accelerator, run.model, Path(cfg.output_dir) / "debug", run.step)
     bar.close()
     logger.close()
     return run.summary
@@ -349,7 +383,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = cli(argv, console_outputs=is_main)
     try:
         validate(cfg)
+        check_push_access(cfg)  # offline or logged out: fail now, not after training
         accelerator = make_accelerator(cfg)
+        dist.check_distributed_support(cfg, accelerator)
         if cfg.demo.enabled:
             from finetune.demo import prepare_demo
 
@@ -359,7 +395,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if saved.peft != cfg.peft:
                 raise ConfigError("--resume with different --peft.* options than the checkpoint: resume keeps the "
                                   f"saved adapter ({saved.peft}); drop the PEFT flags or start a new output dir")
-        return run_training(cfg, accelerator)
+        summary = run_training(cfg, accelerator)
+        if cfg.demo.enabled and accelerator.is_main_process:
+            from finetune.eval import demo_closed_loop_report
+
+            demo_closed_loop_report(cfg, summary)  # success rate before/after in the simulated task
+        if push_repo_ids(cfg) and accelerator.is_main_process:
+            push_run(cfg, summary)
+        return summary
     except (ConfigError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

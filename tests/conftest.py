@@ -28,3 +28,16 @@ def policy_dir(tmp_path_factory, dataset_root) -> Path:
 
     return make_initial_policy(tmp_path_factory.mktemp("policy") / "tiny_smolvla", load_dataset_meta(dataset_root),
                                seed=0)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, policy_dir, dataset_root) -> Path:
+    """A finished 4-step LoRA run of the tiny SmolVLA (run folder with checkpoints/last, metrics.jsonl), shared by
+    the merge, predict and eval tests. Treat it as read-only."""
+    from helpers import train_args
+
+    from finetune import train
+
+    out = tmp_path_factory.mktemp("lora_run") / "run"
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "4"))
+    return out

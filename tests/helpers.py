@@ -23,11 +23,47 @@ def tiny_batch(policy, batch_size=3, seed=0):
     return batch
 
 
-def train_args(policy_dir: Path, dataset_root: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Arguments of a tiny, fast LoRA run (the smolvla_lora preset with small sizes)."""
+def train_args(policy_dir: Path, dataset_root: Path, output_dir: Path, *extra: str,
+               preset: str = "smolvla_lora") -> list[str]:
+    """Arguments of a tiny, fast LoRA run (the given preset, smolvla_lora by default, with small sizes)."""
     return [
-        "smolvla_lora", "--policy.path", str(policy_dir), "--dataset.root", str(dataset_root),
+        preset, "--policy.path", str(policy_dir), "--dataset.root", str(dataset_root),
         "--output-dir", str(output_dir), "--batch-size", "4", "--peft.r", "4", "--optim.warmup-steps", "2",
         "--log-every", "1", "--eval-every", "100", "--eval-batches", "1", "--dataset.eval-episodes", "2",
         "--checkpoint.every", "2", "--seed", "7", "--optim.decay-steps", "4", *extra,
     ]
+
+
+# A PaliGemma + Gemma expert with pi0's layout at toy size (the real one: SigLIP So400m, Gemma 2B, Gemma 300M).
+TINY_PI_BACKBONE = {
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "patch_size": 8},
+    "paligemma": {"width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16},
+    "action_expert": {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16},
+    "vocab_size": 512,
+}
+
+
+def make_tiny_pi_policy(folder: Path, meta, policy_type: str = "pi0", seed: int = 0) -> Path:
+    """A randomly initialized tiny pi0 / pi0.5 in LeRobot's format (its architecture in vlm_config.json), with the
+    demo's tokenizer beside it (as finetune.demo.make_initial_policy does for SmolVLA)."""
+    from finetune.demo import train_tokenizer
+    from finetune.policies import PI0Config, PI05Config, make_policy, save_policy
+
+    config_cls = {"pi0": PI0Config, "pi05": PI05Config}[policy_type]
+    cameras = {k: {"type": "VISUAL", "shape": [3, *meta.features[k]["shape"][:2]]} for k in meta.camera_keys}
+    state_dim, action_dim = meta.features["observation.state"]["shape"][0], meta.features["action"]["shape"][0]
+    config = config_cls(
+        input_features={**cameras, "observation.state": {"type": "STATE", "shape": [state_dim]}},
+        output_features={"action": {"type": "ACTION", "shape": [action_dim]}},
+        chunk_size=10, n_action_steps=10, image_resolution=(32, 32), paligemma_variant="tiny",
+        action_expert_variant="tiny", tokenizer_max_length=16 if policy_type == "pi0" else 64,
+    )
+    torch.manual_seed(seed)
+    policy = make_policy(config, TINY_PI_BACKBONE)
+    for name, param in policy.named_parameters():  # adaRMS starts as the identity; a pretrained one is not
+        if name.endswith("norm.dense.weight"):
+            torch.nn.init.normal_(param, std=0.05)
+    save_policy(policy, folder)
+    train_tokenizer(folder)
+    return folder

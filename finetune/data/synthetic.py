@@ -233,8 +233,13 @@ def make_synthetic_dataset(
     use_videos: bool = True,
     episodes_per_file: int = 20,
     robot_type: str = "synthetic_reach",
+    action_sign: float = 1.0,
 ) -> Path:
-    """Write a complete LeRobotDataset v3.0 of expert episodes; episode i targets target_colors[i % len]."""
+    """Write a complete LeRobotDataset v3.0 of expert episodes; episode i targets target_colors[i % len].
+
+    `action_sign=-1` records a robot whose motor axes are wired inverted: the world and the motion are the same, the
+    commands that produce them are negated (ReachEnv(action_sign=-1) is that robot in closed loop).
+    """
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; pick a new folder for the synthetic dataset")
@@ -251,7 +256,7 @@ def make_synthetic_dataset(
         color = target_colors[ep % len(target_colors)]
         scene, s, a = synthetic_episode(seed, ep, color, distractor_colors, episode_length)
         states.append(s)
-        actions.append(a)
+        actions.append((action_sign * a).astype(np.float32))
         frames.append(np.stack([render(scene, xy, image_size) for xy in s]))
         task_ids.append(colors.index(color))
     all_states, all_actions = np.concatenate(states), np.concatenate(actions)
@@ -343,6 +348,7 @@ def make_synthetic_dataset(
     info = {
         "codebase_version": CODEBASE_VERSION,
         "robot_type": robot_type,
+        "synthetic_action_sign": float(action_sign),  # read back by the closed-loop env (finetune.eval)
         "total_episodes": num_episodes,
         "total_frames": n,
         "total_tasks": len(tasks),

@@ -18,7 +18,9 @@ FALLBACK_CODECS = ("libx264", "mpeg4")
 
 # Per-codec encoder options. g=2 (a keyframe every 2 frames) keeps seeks cheap, as LeRobot does.
 _CODEC_OPTIONS: dict[str, dict[str, str]] = {
-    "libsvtav1": {"g": "2", "crf": "30", "preset": "10"},
+    # lp=1: one encoder thread. SVT-AV1 otherwise starts a pool per file sized to the machine, which is slower for
+    # small frames and was seen to stall under heavy CPU contention.
+    "libsvtav1": {"g": "2", "crf": "30", "preset": "10", "svtav1-params": "lp=1"},
     "libx264": {"g": "2", "crf": "23", "preset": "veryfast"},
     "mpeg4": {"g": "2"},
 }

@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import PolicyConfig
+from .pi0 import PI0Config, PI0Policy
+from .pi05 import PI05Config, PI05Policy
 from .smolvla import SmolVLAConfig, SmolVLAPolicy, make_vlm_config
 
-POLICIES: dict[str, type[nn.Module]] = {"smolvla": SmolVLAPolicy}
+POLICIES: dict[str, type[nn.Module]] = {"smolvla": SmolVLAPolicy, "pi0": PI0Policy, "pi05": PI05Policy}
 VLM_CONFIG_FILE = "vlm_config.json"  # the backbone architecture, for backbones not in the built-in table
 # Keys of older LeRobot checkpoints that hold normalization buffers: the stats live beside the model here.
 _IGNORED_KEY_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
@@ -37,11 +39,15 @@ def config_from_dict(data: dict[str, Any]) -> PolicyConfig:
 
 
 def make_policy(config: PolicyConfig, backbone_config: dict[str, Any] | None = None) -> nn.Module:
-    """A freshly initialized policy (use `torch.device("meta")` as a context to build without memory)."""
+    """A freshly initialized policy (use `torch.device("meta")` as a context to build without memory).
+
+    `backbone_config` is what vlm_config.json holds for a backbone not built in; None builds the one the config names
+    (SmolVLM2-500M for SmolVLA, PaliGemma 3B + Gemma 300M for pi0/pi0.5).
+    """
     cls = policy_class(config.type)
-    if cls is SmolVLAPolicy:
+    if cls is SmolVLAPolicy:  # takes a transformers SmolVLMConfig
         return cls(config, make_vlm_config(config.vlm_model_name, backbone_config))
-    return cls(config)
+    return cls(config, backbone_config)
 
 
 def backbone_config_dict(policy: nn.Module) -> dict[str, Any] | None:
@@ -52,7 +58,8 @@ def backbone_config_dict(policy: nn.Module) -> dict[str, Any] | None:
         if policy.config.vlm_model_name in KNOWN_VLM_CONFIGS:
             return None
         return policy.vlm_config.to_dict()
-    return None
+    to_dict = getattr(policy, "backbone_config_dict", None)
+    return to_dict() if to_dict is not None else None
 
 
 def save_policy(policy: nn.Module, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -94,6 +101,9 @@ def load_policy(folder: str | Path, dtype: torch.dtype | None = None, **config_o
     with torch.device("meta"):
         policy = make_policy(config, backbone)
     state_dict = {k: v for k, v in load_file(str(weights_path)).items() if not k.startswith(_IGNORED_KEY_PREFIXES)}
+    fix_keys = getattr(policy, "fix_state_dict_keys", None)  # key layouts of other LeRobot/openpi versions
+    if fix_keys is not None:
+        state_dict = fix_keys(state_dict)
     expected = policy.state_dict().keys()
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -106,9 +116,15 @@ def load_policy(folder: str | Path, dtype: torch.dtype | None = None, **config_o
             raise ValueError(f"{weights_path}: {name} has shape {tuple(state_dict[name].shape)}, "
                              f"the config gives {tuple(tensor.shape)}")
     if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        keep = getattr(policy, "keep_in_float32", ())  # what LeRobot keeps in float32 in a bf16 policy (pi0)
+        state_dict = {k: v.to(torch.float32 if any(s in k for s in keep) else dtype) if v.is_floating_point() else v
+                      for k, v in state_dict.items()}
     policy.load_state_dict(state_dict, assign=True)
+    if hasattr(policy, "tie_weights"):  # assign=True gives tied parameters separate tensors: share them again
+        policy.tie_weights()
     _materialize_buffers(policy)
+    if dtype is not None and hasattr(policy, "apply_storage_dtype"):
+        policy.apply_storage_dtype(dtype)
     return policy
 
 
@@ -118,6 +134,9 @@ def _materialize_buffers(module: nn.Module) -> None:
     for sub in module.modules():
         meta_buffers = [name for name, buf in sub.named_buffers(recurse=False) if buf is not None and buf.is_meta]
         if not meta_buffers:
+            continue
+        if meta_buffers == ["embed_scale"] and hasattr(sub, "scalar_embed_scale"):  # Gemma's scaled embeddings
+            sub.register_buffer("embed_scale", torch.tensor(sub.scalar_embed_scale), persistent=False)
             continue
         if not hasattr(sub, "config"):
             raise RuntimeError(f"buffers {meta_buffers} of {type(sub).__name__} were not loaded")
@@ -131,6 +150,10 @@ def _materialize_buffers(module: nn.Module) -> None:
 
 __all__ = [
     "POLICIES",
+    "PI05Config",
+    "PI05Policy",
+    "PI0Config",
+    "PI0Policy",
     "PolicyConfig",
     "SmolVLAConfig",
     "SmolVLAPolicy",

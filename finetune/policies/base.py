@@ -53,6 +53,20 @@ class PolicyConfig:
     def action_dim(self) -> int:
         return int(self.output_features["action"]["shape"][0])
 
+    # --- text input -----------------------------------------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str | None:
+        """Hub id of the tokenizer LeRobot loads for this policy: the fallback when no local tokenizer is given."""
+        return getattr(self, "vlm_model_name", None)
+
+    def build_prompts(self, tasks: list[str], state: Any | None = None) -> list[str]:
+        """The text the tokenizer sees, one per sample, from the task strings and the normalized state.
+
+        LeRobot's SmolVLA and pi0 processors end every task with a newline; a policy with another rule overrides this
+        (pi0.5 writes the discretized state into the prompt).
+        """
+        return [t if t.endswith("\n") else f"{t}\n" for t in tasks]
+
     # --- serialization --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type}

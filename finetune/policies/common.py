@@ -84,11 +84,11 @@ def masked_action_loss(per_element: Tensor, action_dim: int, action_is_pad: Tens
 
 def euler_sample(denoise: Callable[[Tensor, Tensor], Tensor], noise: Tensor, num_steps: int) -> Tensor:
     """Integrate dx/dt = v(x, t) from t = 1 to t = 0 in `num_steps` Euler steps."""
-    # Time is accumulated in a float32 tensor, as LeRobot does, so the sampled times match bit for bit.
-    dt = torch.tensor(-1.0 / num_steps, dtype=torch.float32, device=noise.device)
-    time = torch.tensor(1.0, dtype=torch.float32, device=noise.device)
+    # Step i runs at t = 1 + i * dt computed in Python floats, then cast to float32, as LeRobot 0.6 does (its shared
+    # euler_integrate for SmolVLA, pi0 and pi0.5): the sampled times, and so the actions, match bit for bit.
+    dt = -1.0 / num_steps
     x_t = noise
-    for _ in range(num_steps):
+    for step in range(num_steps):
+        time = torch.tensor(1.0 + step * dt, dtype=torch.float32, device=noise.device)
         x_t = x_t + dt * denoise(x_t, time.expand(noise.shape[0]))
-        time = time + dt
     return x_t

@@ -1,0 +1,330 @@
+"""Merge an adapter checkpoint into its base and export a full policy folder in LeRobot's format.
+
+    finetune-merge --checkpoint runs/my_task/checkpoints/last --output-dir runs/my_task/merged [--base FOLDER_OR_ID]
+
+The output folder is a LeRobot policy: `config.json` (the config the adapter was trained with: type, dataset
+features, chunk size), `model.safetensors` (every weight, with exactly the base file's keys and, by default, its
+dtypes), the normalization stats both as finetune's `normalization_stats.safetensors` and as LeRobot 0.6's
+`policy_preprocessor.json` / `policy_postprocessor.json` + normalizer state files, the tokenizer, the run's
+`train_config.json` and a README.md model card (base, adapter config, dataset, metrics).
+
+Merging always starts from a full-precision load of the base. When the adapter was trained on an 8/4-bit base
+(train_config.json: quant), the base is first quantized as in training and dequantized again, so the merged weights
+reproduce the function that was trained; `--quant-base original` merges into the original weights instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from safetensors import safe_open
+from torch import nn
+
+from .adapters import load_adapter, resolve_full_training_modules
+from .config import ConfigError, TrainConfig
+from .hub import load_tokenizer, resolve_repo
+from .lerobot_processor import TOKENIZER_ARTIFACT, write_processor_files
+from .policies import load_policy, load_policy_config, save_policy
+from .policies.base import PolicyConfig
+from .processor import STATS_FILE, load_stats
+from .publish import check_can_push, model_card, push_folder, read_train_config, run_dir_of, run_metrics
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGE_INFO = "merge_info.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MergeError(ValueError):
+    """The checkpoint cannot be merged into this base; the message says why and what to pass instead."""
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    checkpoint: str
+    """Adapter checkpoint folder (output_dir/checkpoints/<step> or .../last)."""
+    output_dir: str
+    """Where the merged LeRobot-format policy is written (replaced when it exists)."""
+    base: str | None = None
+    """Base policy folder or Hub id; default: the --policy.path the checkpoint was trained from."""
+    tokenizer_path: str | None = None
+    """Tokenizer folder, when the base folder has none."""
+    dtype: Literal["base", "float32", "bfloat16", "float16"] = "base"
+    """Dtype of the merged weights: `base` keeps each tensor's dtype in the base file."""
+    quant_base: Literal["dequantized", "original"] = "dequantized"
+    """For an adapter trained on an 8/4-bit base: merge into that base dequantized (what was trained) or into the
+    original full-precision weights."""
+    push_to: str | None = None
+    """Also upload the merged folder to this Hub model repo (needs network and a login)."""
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+
+def checkpoint_kind(checkpoint: Path) -> str:
+    """`adapter` (PEFT files) or `full` (a whole policy: a FULL run's checkpoint or a merged folder)."""
+    if (checkpoint / ADAPTER_CONFIG).is_file():
+        if not (checkpoint / ADAPTER_WEIGHTS).is_file():
+            raise MergeError(f"{checkpoint} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: the checkpoint is "
+                             "incomplete")
+        return "adapter"
+    if (checkpoint / "model.safetensors").is_file():
+        return "full"
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    raise FileNotFoundError(f"{checkpoint} holds neither an adapter ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}) nor a "
+                            "policy (config.json, model.safetensors)")
+
+
+def resolve_base(checkpoint: Path, base: str | None) -> Path:
+    """The base folder: `base` when given, else the --policy.path recorded in the checkpoint's train_config.json."""
+    if base is not None:
+        return resolve_repo(base, "model", "base policy")
+    train_cfg = read_train_config(checkpoint)
+    if train_cfg is None or train_cfg.policy.path is None:
+        raise MergeError(f"{checkpoint} has no train_config.json naming its base; pass the base policy (--base)")
+    try:
+        return resolve_repo(train_cfg.policy.path, "model", "base policy")
+    except FileNotFoundError as err:  # e.g. a relative path from another working directory
+        raise FileNotFoundError(f"the base the checkpoint was trained from (train_config.json: policy.path) cannot "
+                                f"be found: {err} Pass the base policy (--base / base=).") from None
+
+
+def config_overrides(trained: PolicyConfig, base: PolicyConfig) -> dict:
+    """Config fields the run changed from the base's (dataset features, chunk size, denoising steps, ...)."""
+    return {f.name: getattr(trained, f.name) for f in dataclasses.fields(trained)
+            if f.name != "extra" and getattr(trained, f.name) != getattr(base, f.name, None)}
+
+
+def load_base_for_checkpoint(checkpoint: Path, base_dir: Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """The base policy, built with the config the checkpoint was trained with, in full precision (by default).
+
+    Refuses a base of another policy type, and one whose weights do not fit that config.
+    """
+    trained = load_policy_config(checkpoint)
+    base = load_policy_config(base_dir)
+    if base.type != trained.type:
+        raise MergeError(f"the checkpoint {checkpoint} was trained on a {trained.type!r} policy but the base "
+                         f"{base_dir} is a {base.type!r} policy; pass the base it was trained from")
+    overrides = config_overrides(trained, base)
+    try:
+        return load_policy(base_dir, dtype=dtype, **overrides)
+    except ValueError as err:
+        raise MergeError(f"the base {base_dir} does not fit the checkpoint's policy config "
+                         f"(fields changed by the run: {sorted(overrides) or 'none'}): {err}") from None
+
+
+def check_adapter_fits(policy: nn.Module, checkpoint: Path) -> None:
+    """Every adapted module exists in the base and has the shapes the adapter's tensors were trained for."""
+    modules = dict(policy.named_modules())
+    params = dict(policy.named_parameters())
+    prefix = "base_model.model."
+    problems = []
+    with safe_open(str(checkpoint / ADAPTER_WEIGHTS), "pt") as f:
+        for key in f.keys():
+            name = key.removeprefix(prefix)
+            shape = tuple(f.get_slice(key).get_shape())
+            for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+                if part not in name:
+                    continue
+                module_name = name.split(part)[0]
+                module = modules.get(module_name)
+                if module is None:
+                    problems.append(f"{module_name} (adapted) does not exist in the base")
+                    break
+                features = getattr(module, "in_features" if dim == 1 else "out_features", None)
+                if features is not None and len(shape) == 2 and shape[dim] != features:
+                    kind = "input" if dim == 1 else "output"
+                    problems.append(f"{module_name}: the adapter expects {shape[dim]} {kind} features, the base has "
+                                    f"{features}")
+                break
+            else:
+                if name in params and tuple(params[name].shape) != shape:  # a fully trained module (modules_to_save)
+                    problems.append(f"{name}: the checkpoint has shape {shape}, the base {tuple(params[name].shape)}")
+    if problems:
+        listed = "; ".join(dict.fromkeys(problems[:5]))
+        raise MergeError(f"the adapter in {checkpoint} does not fit the base policy ({len(problems)} mismatches, "
+                         f"e.g. {listed}); it was trained on a base with other shapes: pass that base")
+
+
+def attach_adapter(policy: nn.Module, checkpoint: Path) -> nn.Module:
+    check_adapter_fits(policy, checkpoint)
+    try:
+        return load_adapter(policy, checkpoint, trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise MergeError(f"the adapter in {checkpoint} does not load onto this base: {err}") from None
+
+
+def dequantize_as_trained(policy: nn.Module, train_cfg: TrainConfig) -> nn.Module:
+    """Quantize the full-precision base as the run did, then dequantize it: the weights the adapter was trained on."""
+    from .quant import dequantize_policy, quantize_policy
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep = resolve_full_training_modules(policy, train_cfg.peft.full_training_modules)
+    policy = quantize_policy(policy, train_cfg.quant, device, keep)
+    return dequantize_policy(policy, torch.float32).to("cpu")
+
+
+def quant_label(train_cfg: TrainConfig | None) -> str | None:
+    if train_cfg is None or not train_cfg.quant.enabled:
+        return None
+    q = train_cfg.quant
+    return "8-bit" if q.load_in_8bit else f"4-bit {q.quant_type}"
+
+
+def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequantized"
+                       ) -> tuple[nn.Module, list[str]]:
+    """Base (full precision) + adapter, merged: a plain policy module. Returns it and what was done, for the card."""
+    train_cfg = read_train_config(checkpoint)
+    policy = load_base_for_checkpoint(checkpoint, base_dir, torch.float32)
+    notes = []
+    label = quant_label(train_cfg)
+    if label is not None:
+        if quant_base == "dequantized":
+            message = (f"the adapter was trained on a {label} base: quantizing the full-precision base as in training "
+                       "and dequantizing it before merging (the merged weights reproduce what was trained; use "
+                       "--quant-base original to merge into the original weights)")
+            policy = dequantize_as_trained(policy, train_cfg)
+        else:
+            message = (f"the adapter was trained on a {label} base: merging into the original full-precision weights "
+                       "(not the quantized ones it was trained on), as --quant-base original asks")
+        print(f"merge: {message}", file=sys.stderr)
+        notes.append(message)
+    model = attach_adapter(policy, checkpoint)
+    try:
+        merged = model.merge_and_unload()
+    except (NotImplementedError, ValueError, TypeError) as err:
+        raise MergeError(f"PEFT cannot merge this adapter type into the base weights: {err}") from None
+    return merged.eval(), notes
+
+
+# --- writing ----------------------------------------------------------------------------------------------------------
+
+def base_file_layout(base_dir: Path) -> dict[str, torch.dtype]:
+    """Keys and dtypes of the base's model.safetensors (read from the header, without loading the weights)."""
+    with safe_open(str(base_dir / "model.safetensors"), "pt") as f:
+        return {key: f.get_slice(key).get_dtype() for key in f.keys()}
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+
+
+def state_dict_in_base_layout(policy: nn.Module, base_dir: Path, dtype: str = "base") -> dict[str, torch.Tensor]:
+    """The policy's weights under the base file's key names, with exactly its key set.
+
+    A base in another LeRobot/openpi key layout is mapped back through the policy's own key fix-up; base keys the
+    policy does not use (e.g. old normalization buffers) are copied through unchanged.
+    """
+    layout = base_file_layout(base_dir)
+    fix_keys = getattr(policy, "fix_state_dict_keys", None)
+    # Apply the loader's key fix-up to the key names themselves: model key -> the base file's key.
+    to_base = fix_keys({k: k for k in layout}) if fix_keys is not None else {k: k for k in layout}
+    state = policy.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for model_key, base_key in to_base.items():
+        if model_key in state:
+            out[base_key] = state[model_key]
+    missing = [k for k in layout if k not in out]
+    if missing:
+        with safe_open(str(base_dir / "model.safetensors"), "pt") as f:
+            for key in missing:
+                out[key] = f.get_tensor(key)
+    for key, tensor in out.items():
+        if not tensor.is_floating_point():
+            continue
+        target = DTYPES[dtype] if dtype != "base" else _SAFETENSORS_DTYPES.get(str(layout[key]), tensor.dtype)
+        out[key] = tensor.to(target)
+    if set(out) != set(layout):
+        raise MergeError(f"internal: merged keys differ from the base's ({sorted(set(out) ^ set(layout))[:5]})")
+    return out
+
+
+def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config: PolicyConfig) -> str | None:
+    """Save the tokenizer into `out` (top level for finetune, tokenizer/ for LeRobot's tokenizer step).
+
+    Returns the name LeRobot's tokenizer step should load: the saved artifact, or the Hub id when none was found.
+    """
+    try:
+        tokenizer = load_tokenizer(base_dir, tokenizer_path, config.tokenizer_name)
+    except FileNotFoundError as err:
+        print(f"merge: no tokenizer copied into the merged folder ({err})", file=sys.stderr)
+        return config.tokenizer_name
+    tokenizer.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out / TOKENIZER_ARTIFACT))
+    return TOKENIZER_ARTIFACT
+
+
+def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: str | None = None,
+                     tokenizer_path: str | None = None, dtype: str = "base",
+                     quant_base: str = "dequantized") -> Path:
+    """Write base + adapter as one LeRobot-format policy folder; returns the folder."""
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint_kind(checkpoint) != "adapter":
+        raise MergeError(f"{checkpoint} holds a whole policy (model.safetensors), not an adapter: there is nothing to "
+                         "merge; load it directly (finetune.policies.load_policy)")
+    if not (checkpoint / STATS_FILE).is_file():
+        raise MergeError(f"{checkpoint} has no {STATS_FILE}: without the normalization stats the merged policy "
+                         "cannot map actions to robot units; copy the file from the run's checkpoint")
+    base_dir = resolve_base(checkpoint, base)
+    merged, notes = load_merged_policy(checkpoint, base_dir, quant_base)
+    state = state_dict_in_base_layout(merged, base_dir, dtype)
+
+    out = Path(output_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_policy(merged, tmp, state_dict=state)  # config.json (+ vlm_config.json for custom backbones), weights
+    shutil.copy2(checkpoint / "config.json", tmp / "config.json")  # the config the adapter was trained with, verbatim
+    shutil.copy2(checkpoint / STATS_FILE, tmp / STATS_FILE)
+    train_cfg = read_train_config(checkpoint)
+    if train_cfg is not None:
+        shutil.copy2(checkpoint / "train_config.json", tmp / "train_config.json")
+    tokenizer_name = copy_tokenizer(base_dir, tmp, tokenizer_path, merged.config)
+    rename_map = train_cfg.dataset.rename_map if train_cfg is not None else {}
+    write_processor_files(tmp, merged.config, load_stats(checkpoint), rename_map=rename_map,
+                          tokenizer_name=tokenizer_name)
+    adapter_config = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
+    base_name = base or (train_cfg.policy.path if train_cfg else None) or str(base_dir)
+    card = model_card(kind="merged", policy_config=json.loads((checkpoint / "config.json").read_text()),
+                      train_cfg=train_cfg, adapter_config=adapter_config, metrics=run_metrics(run_dir_of(checkpoint)),
+                      base=base_name, notes=notes)
+    (tmp / "README.md").write_text(card)
+    info = {"base": base_name, "base_folder": str(base_dir), "checkpoint": str(checkpoint),
+            "quantized_base": quant_label(train_cfg), "quant_base": quant_base if quant_label(train_cfg) else None,
+            "dtype": dtype, "notes": notes}
+    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg = tyro.cli(MergeConfig, args=argv, description="Merge an adapter checkpoint into its base and export a "
+                   "LeRobot-format policy folder.")
+    try:
+        check_can_push([cfg.push_to] if cfg.push_to else [], "--push-to")  # before the work, not after it
+        out = merge_checkpoint(cfg.checkpoint, cfg.output_dir, base=cfg.base, tokenizer_path=cfg.tokenizer_path,
+                               dtype=cfg.dtype, quant_base=cfg.quant_base)
+    except (MergeError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"merged policy written to {out} ({len(base_file_layout(out))} tensors)")
+    if cfg.push_to:
+        print(f"pushed to {push_folder(out, cfg.push_to, commit_message='Upload merged policy')}")
+    return out
+
+
+def cli() -> None:
+    """Console-script entry point (`finetune-merge`): main() without its return value as the exit status."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Merging an adapter into its base and exporting LeRobot's format; publishing to the Hub (network intercepted)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_tiny_pi_policy, tiny_batch, train_args
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from finetune import merge, train
+from finetune.adapters import load_adapter
+from finetune.data import load_dataset_meta
+from finetune.lerobot_processor import read_processor_stats
+from finetune.policies import POLICIES, load_policy, make_policy, save_policy
+from finetune.processor import load_stats
+
+POLICY_TYPES = sorted(POLICIES)  # every policy the project has (smolvla; pi0 / pi0.5 when present)
+
+
+def file_layout(folder: Path) -> dict[str, str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def trained(request, tmp_path_factory, policy_dir, dataset_root, lora_run):
+    """policy type -> (base folder, last checkpoint) of a tiny LoRA run."""
+    runs = {"smolvla": (policy_dir, lora_run / "checkpoints" / "last")}
+
+    def get(policy_type: str) -> tuple[Path, Path]:
+        if policy_type not in runs:
+            if policy_type not in ("pi0", "pi05"):
+                pytest.skip(f"no tiny {policy_type} builder in the tests")
+            root = tmp_path_factory.mktemp(f"merge_{policy_type}")
+            base = make_tiny_pi_policy(root / f"tiny_{policy_type}", load_dataset_meta(dataset_root), policy_type)
+            train.main(train_args(base, dataset_root, root / "run", "--steps", "2", "--policy.dtype", "float32",
+                                  "--optim.lr", "1e-2", "--dataset.eval-episodes", "0",
+                                  preset="pi05_lora" if policy_type == "pi05" else "pi0_lora"))
+            runs[policy_type] = (base, root / "run" / "checkpoints" / "last")
+        return runs[policy_type]
+
+    return get
+
+
+@pytest.mark.parametrize("policy_type", POLICY_TYPES)
+def test_merged_policy_equals_base_plus_adapter(trained, policy_type, tmp_path):
+    base, ckpt = trained(policy_type)
+    out = merge.merge_checkpoint(ckpt, tmp_path / "merged")
+
+    assert file_layout(out) == file_layout(base)  # exactly the base's keys, in the base's dtypes
+    merged = load_policy(out).eval()  # loads back through the project's LeRobot-format loader
+    assert json.loads((out / "config.json").read_text()) == json.loads((ckpt / "config.json").read_text())
+    with_adapter = load_adapter(load_policy(base), ckpt, trainable=False).eval()
+    plain_base = load_policy(base).eval()
+    batch = tiny_batch(plain_base)
+    noise = torch.randn(3, plain_base.config.chunk_size, plain_base.config.max_action_dim,
+                        generator=torch.Generator().manual_seed(0))
+    expected = with_adapter.predict_action_chunk(batch, noise=noise)
+    torch.testing.assert_close(merged.predict_action_chunk(batch, noise=noise), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain_base.predict_action_chunk(batch, noise=noise), expected, atol=1e-4)
+
+    stats = load_stats(out)
+    for key, values in load_stats(ckpt).items():
+        for stat, tensor in values.items():
+            torch.testing.assert_close(stats[key][stat], tensor)
+            torch.testing.assert_close(read_processor_stats(out)[key][stat], tensor)  # LeRobot's processor layout
+    card = (out / "README.md").read_text()
+    assert str(base) in card and "LORA" in card and "## Metrics" in card and "dataset:" in card
+
+
+def test_lerobot_processor_files_follow_lerobots_pipelines(trained, tmp_path):
+    base, ckpt = trained("smolvla")
+    out = merge.merge_checkpoint(ckpt, tmp_path / "merged")
+    pre = json.loads((out / "policy_preprocessor.json").read_text())
+    post = json.loads((out / "policy_postprocessor.json").read_text())
+    assert pre["name"] == "policy_preprocessor" and post["name"] == "policy_postprocessor"
+    assert [s["registry_name"] for s in pre["steps"]] == [
+        "rename_observations_processor", "to_batch_processor", "smolvla_new_line_processor", "tokenizer_processor",
+        "device_processor", "normalizer_processor"]
+    assert [s["registry_name"] for s in post["steps"]] == ["unnormalizer_processor", "device_processor"]
+    normalizer = pre["steps"][5]
+    assert normalizer["state_file"] == "policy_preprocessor_step_5_normalizer_processor.safetensors"
+    assert normalizer["config"]["norm_map"] == {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    assert set(normalizer["config"]["features"]) == {"observation.images.top", "observation.state", "action"}
+    assert post["steps"][0]["state_file"] == "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+    flat = load_file(str(out / post["steps"][0]["state_file"]))
+    assert {"action.mean", "action.std", "observation.state.mean"} <= set(flat)
+    tokenizer = pre["steps"][3]
+    assert tokenizer["config"]["tokenizer_name"] == "tokenizer" and (out / "tokenizer" / "tokenizer.json").is_file()
+    assert tokenizer["config"]["max_length"] == 16 and tokenizer["artifacts"] == {"tokenizer_name": "tokenizer"}
+
+
+@pytest.mark.skipif("pi0" not in POLICIES, reason="needs a second policy type")
+def test_merge_refuses_a_base_of_another_policy_type(trained, tmp_path):
+    _, ckpt = trained("smolvla")
+    pi0_base, _ = trained("pi0")
+    with pytest.raises(merge.MergeError, match="trained on a 'smolvla' policy but the base .* is a 'pi0' policy"):
+        merge.merge_checkpoint(ckpt, tmp_path / "merged", base=str(pi0_base))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_a_base_with_other_shapes(trained, dataset_root, tmp_path):
+    from finetune.demo import TINY_VLM, tiny_smolvla_config
+
+    _, ckpt = trained("smolvla")
+    wider = json.loads(json.dumps(TINY_VLM))
+    wider["text_config"].update(hidden_size=128, head_dim=16, num_attention_heads=8)
+    other = save_policy(make_policy(tiny_smolvla_config(load_dataset_meta(dataset_root)), wider), tmp_path / "other")
+    with pytest.raises(merge.MergeError, match="does not fit the base policy .* features, the base has"):
+        merge.merge_checkpoint(ckpt, tmp_path / "merged", base=str(other))
+
+
+def test_merge_refuses_missing_stats_and_a_full_checkpoint(trained, tmp_path, capsys):
+    base, ckpt = trained("smolvla")
+    broken = tmp_path / "no_stats"
+    shutil.copytree(ckpt, broken, ignore=shutil.ignore_patterns("training_state"))
+    (broken / "normalization_stats.safetensors").unlink()
+    with pytest.raises(SystemExit):
+        merge.main(["--checkpoint", str(broken), "--output-dir", str(tmp_path / "m"), "--base", str(base)])
+    assert "no normalization_stats.safetensors" in capsys.readouterr().err
+    with pytest.raises(merge.MergeError, match="nothing to merge"):
+        merge.merge_checkpoint(base, tmp_path / "m")
+
+
+@pytest.mark.parametrize("quant_base", ["dequantized", "original"])
+def test_adapter_trained_on_an_8bit_base_merges_into_a_full_precision_base(
+        policy_dir, dataset_root, tmp_path_factory, tmp_path, capsys, quant_base):
+    pytest.importorskip("bitsandbytes")
+    from finetune.config import QuantOptions
+    from finetune.quant import dequantize_policy, quantize_policy
+
+    run = tmp_path_factory.getbasetemp() / "merge_q8_run"
+    if not (run / "checkpoints" / "last").exists():  # one quantized run for both parametrizations
+        train.main(train_args(policy_dir, dataset_root, run, "--steps", "2", "--quant.load-in-8bit",
+                              "--dataset.eval-episodes", "0"))
+    ckpt = run / "checkpoints" / "last"
+    out = merge.merge_checkpoint(ckpt, tmp_path / "merged", quant_base=quant_base)
+    err = capsys.readouterr().err
+    assert "trained on a 8-bit base" in err
+    assert ("dequantizing it before merging" in err) == (quant_base == "dequantized")
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["quantized_base"] == "8-bit" and info["quant_base"] == quant_base
+    assert file_layout(out) == file_layout(policy_dir)
+    merged = load_policy(out).eval()
+    assert all(type(m).__name__ != "Linear8bitLt" for m in merged.modules())
+
+    trained_base = quantize_policy(load_policy(policy_dir), QuantOptions(load_in_8bit=True), torch.device("cpu"), [])
+    as_trained = load_adapter(dequantize_policy(trained_base), ckpt, trainable=False).merge_and_unload().eval()
+    batch, noise = tiny_batch(merged), torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(1))
+    got = merged.predict_action_chunk(batch, noise=noise)
+    if quant_base == "dequantized":  # the dequantized base the adapter was trained on, merged
+        torch.testing.assert_close(got, as_trained.predict_action_chunk(batch, noise=noise), rtol=1e-4, atol=1e-5)
+        key = "model.vlm_with_expert.lm_expert.layers.0.mlp.down_proj.weight"
+        assert not torch.equal(merged.state_dict()[key], load_policy(policy_dir).state_dict()[key])
+    else:  # the original weights: the same function up to the quantization error
+        original = load_adapter(load_policy(policy_dir), ckpt, trainable=False).merge_and_unload().eval()
+        torch.testing.assert_close(got, original.predict_action_chunk(batch, noise=noise), rtol=1e-4, atol=1e-5)
+
+
+# --- publishing -------------------------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi's network methods; records what they were given."""
+
+    def __init__(self, monkeypatch, whoami_error: Exception | None = None):
+        from huggingface_hub import HfApi
+
+        self.created, self.uploads = [], []
+        self.whoami_error = whoami_error
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(HfApi, "whoami", self.whoami)
+        monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
+
+    def whoami(self, *args, **kwargs):
+        if self.whoami_error is not None:
+            raise self.whoami_error
+        return {"name": "tester"}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.created.append((repo_id, kwargs.get("repo_type")))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)  # a staging copy, gone after the call: record its content now
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
+
+
+def fake_training(lora_run):
+    def run_training(cfg, accelerator):
+        return {"checkpoint": str((lora_run / "checkpoints" / "last").resolve())}
+
+    return run_training
+
+
+def test_repo_id_pushes_the_checkpoint_and_the_merged_policy(monkeypatch, lora_run, policy_dir, dataset_root,
+                                                            tmp_path):
+    hub = FakeHub(monkeypatch)
+    monkeypatch.setattr(train, "run_training", fake_training(lora_run))  # the push, not the training, is tested
+    out = tmp_path / "run"
+    summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", "--policy.repo-id", "me/adapter",
+                                    "--policy.merged-repo-id", "me/merged"))
+    assert hub.created == [("me/adapter", "model"), ("me/merged", "model")]
+    adapter, merged = hub.uploads
+    assert adapter["repo_id"] == "me/adapter" and merged["repo_id"] == "me/merged"
+    assert set(adapter["files"]) == {"adapter_model.safetensors", "adapter_config.json", "config.json",
+                                     "normalization_stats.safetensors", "train_config.json", "accelerate_config.yaml",
+                                     "trainer_state.json", "README.md"}  # no optimizer state
+    card = adapter["files"]["README.md"].decode()
+    assert "library_name: peft" in card and str(policy_dir) in card and "method: LORA, r 4" in card
+    last = lora_run / "checkpoints" / "last"
+    assert adapter["files"]["adapter_model.safetensors"] == (last / "adapter_model.safetensors").read_bytes()
+    assert {"model.safetensors", "config.json", "policy_preprocessor.json", "policy_postprocessor.json",
+            "normalization_stats.safetensors", "README.md", "tokenizer/tokenizer.json"} <= set(merged["files"])
+    assert merged["files"]["model.safetensors"] == (out / "merged" / "model.safetensors").read_bytes()
+    assert summary["pushed"] == {"adapter": "https://huggingface.co/me/adapter",
+                                 "merged": "https://huggingface.co/me/merged"}
+
+
+def test_repo_id_offline_or_logged_out_fails_before_training(monkeypatch, lora_run, policy_dir, dataset_root,
+                                                            tmp_path, capsys):
+    trained_runs = []
+    monkeypatch.setattr(train, "run_training", lambda cfg, acc: trained_runs.append(cfg))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit):
+        train.main(train_args(policy_dir, dataset_root, tmp_path / "a", "--policy.repo-id", "me/adapter"))
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+    hub = FakeHub(monkeypatch, whoami_error=OSError("401 Unauthorized"))
+    with pytest.raises(SystemExit):
+        train.main(train_args(policy_dir, dataset_root, tmp_path / "b", "--policy.repo-id", "me/adapter"))
+    assert "hf auth login" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(train_args(policy_dir, dataset_root, tmp_path / "c", "--policy.repo-id", "not/a/repo"))
+    assert "is not a Hub repo id" in capsys.readouterr().err
+    assert trained_runs == [] and hub.uploads == [] and not (tmp_path / "a").exists()
+
+
+def test_merge_cli_pushes_on_request(monkeypatch, trained, tmp_path):
+    hub = FakeHub(monkeypatch)
+    _, ckpt = trained("smolvla")
+    out = merge.main(["--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "merged"), "--push-to", "me/m"])
+    assert hub.uploads[0]["repo_id"] == "me/m" and "model.safetensors" in hub.uploads[0]["files"]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_config_has_the_push_fields():
+    from finetune.config import PolicyOptions
+
+    names = {f.name for f in dataclasses.fields(PolicyOptions)}
+    assert {"repo_id", "merged_repo_id"} <= names

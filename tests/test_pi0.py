@@ -1,0 +1,482 @@
+"""pi0 / pi0.5: LeRobot names and sizes, LeRobot-format folders, joint attention, KV cache, LoRA targets, prompts,
+and LoRA training through the script (checkpoint, resume, reload)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from helpers import make_tiny_pi_policy, tiny_batch, train_args
+from safetensors.torch import load_file, save_file
+
+from finetune import train
+from finetune.adapters import apply_adapter, load_adapter
+from finetune.config import PRESETS, PeftOptions
+from finetune.hub import load_tokenizer
+from finetune.metrics import read_metrics
+from finetune.policies import (
+    PI0Config,
+    PI0Policy,
+    PI05Config,
+    PI05Policy,
+    backbone_config_dict,
+    load_policy,
+    make_policy,
+    save_policy,
+)
+from finetune.policies.common import make_att_2d_masks
+from finetune.processor import PolicyProcessor
+
+POLICY_TYPES = ["pi0", "pi05"]
+CONFIGS = {"pi0": PI0Config, "pi05": PI05Config}
+PREFIX = "model.paligemma_with_expert."
+
+
+@pytest.fixture(scope="module", params=POLICY_TYPES)
+def pi_dir(request, tmp_path_factory, dataset_root):
+    from finetune.data import load_dataset_meta
+
+    folder = tmp_path_factory.mktemp(request.param) / f"tiny_{request.param}"
+    return make_tiny_pi_policy(folder, load_dataset_meta(dataset_root), request.param, seed=0)
+
+
+def split_counts(policy) -> dict[str, int]:
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    pwe = policy.model.paligemma_with_expert
+    pg = pwe.paligemma.model
+    return {"vision": count(pg.vision_tower), "multi_modal_projector": count(pg.multi_modal_projector),
+            "language_model": count(pg.language_model), "expert": count(pwe.gemma_expert),
+            "projections": count(policy) - count(pwe), "total": count(policy)}
+
+
+@pytest.mark.parametrize("policy_type", POLICY_TYPES)
+def test_real_size_parameter_count_split_and_lerobot_keys(policy_type):
+    features = {"input_features": {"observation.state": {"type": "STATE", "shape": [8]},
+                                   "observation.images.base_0_rgb": {"type": "VISUAL", "shape": [3, 224, 224]}},
+                "output_features": {"action": {"type": "ACTION", "shape": [7]}}}
+    with torch.device("meta"):
+        policy = make_policy(CONFIGS[policy_type](**features))
+    counts = split_counts(policy)
+    print(policy_type, counts)
+    # SigLIP So400m/14 without pooling head, Gemma 2B with its tied embeddings (257152 x 2048), Gemma 300M layers.
+    assert counts["vision"] == 412_442_352 and counts["multi_modal_projector"] == 2_361_344
+    assert counts["language_model"] == 2_508_531_712
+    if policy_type == "pi0":  # 3.238B; LeRobot's unused expert LM head (263M) would make it 3.501B
+        assert counts["expert"] == 311_464_960 and counts["projections"] == 3_248_160
+        assert counts["total"] == 3_238_048_528
+    else:  # adaRMS: each of the expert's 37 norms is a 1024 -> 3072 dense layer instead of a 1024 scale
+        assert counts["expert"] == 427_932_672 and counts["projections"] == 2_165_792
+        assert counts["total"] == 3_353_433_872
+    assert 3.2e9 < counts["total"] < 3.6e9
+
+    keys = set(policy.state_dict())
+    expected = [
+        PREFIX + "paligemma.model.vision_tower.vision_model.embeddings.patch_embedding.weight",
+        PREFIX + "paligemma.model.vision_tower.vision_model.encoder.layers.26.mlp.fc2.weight",
+        PREFIX + "paligemma.model.vision_tower.vision_model.post_layernorm.bias",
+        PREFIX + "paligemma.model.multi_modal_projector.linear.weight",
+        PREFIX + "paligemma.model.language_model.embed_tokens.weight",
+        PREFIX + "paligemma.model.language_model.layers.17.self_attn.q_proj.weight",
+        PREFIX + "paligemma.model.language_model.norm.weight",
+        PREFIX + "paligemma.lm_head.weight",
+        PREFIX + "gemma_expert.model.layers.17.self_attn.v_proj.weight",
+        PREFIX + "gemma_expert.model.layers.17.mlp.down_proj.weight",
+        "model.action_in_proj.weight", "model.action_out_proj.bias",
+    ]
+    if policy_type == "pi0":
+        expected += [PREFIX + "gemma_expert.model.layers.0.input_layernorm.weight",
+                     PREFIX + "gemma_expert.model.norm.weight", "model.state_proj.weight",
+                     "model.action_time_mlp_in.weight", "model.action_time_mlp_out.bias"]
+    else:
+        expected += [PREFIX + "gemma_expert.model.layers.0.input_layernorm.dense.weight",
+                     PREFIX + "gemma_expert.model.layers.0.post_attention_layernorm.dense.bias",
+                     PREFIX + "gemma_expert.model.norm.dense.weight", "model.time_mlp_in.weight",
+                     "model.time_mlp_out.bias"]
+        assert not any(k.startswith(("model.state_proj", "model.action_time_mlp")) for k in keys)
+        assert not any(k.endswith("layernorm.weight") and "gemma_expert" in k for k in keys)
+    for key in expected:
+        assert key in keys, key
+    allowed = ("model.paligemma_with_expert.paligemma.model.vision_tower.vision_model.",
+               "model.paligemma_with_expert.paligemma.model.multi_modal_projector.",
+               "model.paligemma_with_expert.paligemma.model.language_model.",
+               "model.paligemma_with_expert.paligemma.lm_head.", "model.paligemma_with_expert.gemma_expert.model.",
+               "model.state_proj.", "model.action_in_proj.", "model.action_out_proj.", "model.action_time_mlp_",
+               "model.time_mlp_")
+    assert all(k.startswith(allowed) for k in keys), sorted(k for k in keys if not k.startswith(allowed))[:5]
+    assert not any("gemma_expert.model.embed_tokens" in k or "gemma_expert.lm_head" in k for k in keys)
+    sd = policy.state_dict()
+    assert sd[PREFIX + "gemma_expert.model.layers.0.self_attn.k_proj.weight"].shape == (256, 1024)
+    assert sd[PREFIX + "paligemma.model.language_model.layers.0.mlp.gate_proj.weight"].shape == (16384, 2048)
+    assert backbone_config_dict(policy) is None  # built in: a real LeRobot folder needs no vlm_config.json
+
+
+def test_unknown_variant_without_side_file_names_the_fix():
+    with pytest.raises(ValueError, match="vlm_config.json"):
+        make_policy(PI0Config(paligemma_variant="gemma_7b"))
+
+
+def test_folder_round_trip_gives_identical_tensors(pi_dir, tmp_path):
+    data = json.loads((pi_dir / "config.json").read_text())
+    assert data["type"] == pi_dir.name.removeprefix("tiny_") and data["chunk_size"] == 10
+    assert json.loads((pi_dir / "vlm_config.json").read_text())["paligemma"]["width"] == 64
+    policy = load_policy(pi_dir)
+    saved = load_file(str(pi_dir / "model.safetensors"))
+    assert saved.keys() == policy.state_dict().keys()
+    for key, value in policy.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    paligemma = policy.model.paligemma_with_expert.paligemma
+    assert paligemma.lm_head.weight is paligemma.model.language_model.embed_tokens.weight  # tied again after loading
+
+    save_policy(policy, tmp_path / "again")
+    reloaded = load_policy(tmp_path / "again")
+    assert reloaded.config.to_dict() == policy.config.to_dict() == data
+    for (name, a), (_, b) in zip(policy.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    batch, noise = tiny_batch(policy), torch.randn(3, 10, 32)
+    torch.testing.assert_close(policy.eval().predict_action_chunk(batch, noise=noise),
+                               reloaded.eval().predict_action_chunk(batch, noise=noise), rtol=0, atol=0)
+
+
+def test_loads_the_key_layouts_of_lerobot_and_openpi_files(pi_dir, tmp_path):
+    """Keys without the `model.` prefix, only one of PaliGemma's tied embedding / LM head, the expert's LM head."""
+    import shutil
+
+    other = tmp_path / "openpi_layout"
+    shutil.copytree(pi_dir, other)
+    original = load_file(str(pi_dir / "model.safetensors"))
+    renamed = {k.removeprefix("model."): v for k, v in original.items()
+               if not k.endswith("language_model.embed_tokens.weight")}
+    renamed["paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(512, 32)
+    save_file(renamed, str(other / "model.safetensors"))
+    policy = load_policy(other)
+    for key, value in policy.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+
+def run_towers(policy, batch, noise, time):
+    """Prefix and suffix outputs of the joint transformer for a batch (the training forward's internals)."""
+    model = policy.model
+    images, img_masks, tokens, masks, state = policy._inputs(batch)
+    prefix, prefix_pad, prefix_att = model.embed_prefix(images, img_masks, tokens, masks)
+    suffix, suffix_pad, suffix_att, cond = model.embed_suffix(state, noise, time)
+    pad = torch.cat([prefix_pad, suffix_pad], dim=1)
+    mask = make_att_2d_masks(pad, torch.cat([prefix_att, suffix_att], dim=1))
+    (prefix_out, suffix_out), _ = model.paligemma_with_expert(mask, torch.cumsum(pad, dim=1) - 1, [prefix, suffix],
+                                                              adarms_cond=[None, cond])
+    return prefix_out, suffix_out
+
+
+def test_joint_attention_mask_prefix_state_and_actions(pi_dir):
+    policy = load_policy(pi_dir).eval()
+    batch, time = tiny_batch(policy), torch.full((3,), 0.4)
+    noise = torch.randn(3, 10, 32)
+    changed = noise.clone()
+    changed[:, -1] += 1.0  # only the last action token's input changes
+    prefix_a, suffix_a = run_towers(policy, batch, noise, time)
+    prefix_b, suffix_b = run_towers(policy, batch, changed, time)
+    # padding rows attend to nothing: their (unused) outputs are arbitrary
+    images = torch.ones(3, prefix_a.shape[1] - 7, dtype=torch.bool)
+    real = torch.cat([images, batch["observation.language.attention_mask"]], dim=1)
+    torch.testing.assert_close(prefix_a[real], prefix_b[real], rtol=0, atol=0)  # the prefix never sees the suffix
+    n_state = 0 if isinstance(policy, PI05Policy) else 1
+    torch.testing.assert_close(suffix_a[:, :n_state], suffix_b[:, :n_state], rtol=0, atol=0)  # the state neither
+    assert not torch.allclose(suffix_a[:, n_state], suffix_b[:, n_state])  # the first action sees the last one
+    # the padded instruction of sample 0 is invisible: changing its padded token ids changes nothing
+    padded = dict(batch)
+    padded["observation.language.tokens"] = batch["observation.language.tokens"].clone()
+    padded["observation.language.tokens"][0, 5] = 3
+    prefix_c, suffix_c = run_towers(policy, padded, noise, time)
+    torch.testing.assert_close(suffix_a[0], suffix_c[0], rtol=0, atol=0)
+
+
+def test_prefix_pass_matches_transformers_gemma(pi_dir):
+    """Each joint layer computes what transformers' own Gemma layer computes (eager attention, openpi's mask value)."""
+    policy = load_policy(pi_dir).eval()
+    model = policy.model
+    images, img_masks, tokens, masks, _ = policy._inputs(tiny_batch(policy))
+    prefix, pad, att = model.embed_prefix(images, img_masks, tokens, masks)
+    mask, positions = make_att_2d_masks(pad, att), torch.cumsum(pad, dim=1) - 1
+    (ours, _), _ = model.paligemma_with_expert(mask, positions, [prefix, None])
+    language_model = model.paligemma_with_expert.language_model
+    language_model.config._attn_implementation = "eager"
+    additive = torch.where(mask[:, None], 0.0, -2.3819763e38)
+    reference = language_model(inputs_embeds=prefix, attention_mask=additive, position_ids=positions)
+    torch.testing.assert_close(ours, reference.last_hidden_state, rtol=1e-6, atol=1e-6)
+    # language embeddings are scaled by sqrt(width) exactly once (by the embedding module itself)
+    embed = language_model.get_input_embeddings()
+    torch.testing.assert_close(model.paligemma_with_expert.embed_language_tokens(tokens),
+                               torch.nn.functional.embedding(tokens, embed.weight) * 64**0.5)
+
+
+def test_kv_cache_sampling_matches_full_recompute(pi_dir):
+    policy = load_policy(pi_dir).eval()
+    batch, noise = tiny_batch(policy), torch.randn(3, 10, 32)
+    cached = policy.predict_action_chunk(batch, noise=noise)
+    full = policy.predict_action_chunk(batch, noise=noise, use_cache=False)
+    assert cached.shape == (3, 10, 2)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cached, noise[:, :, :2])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pi_dir):
+    policy = load_policy(pi_dir)
+    batch, noise, time = tiny_batch(policy), torch.randn(3, 10, 32), torch.full((3,), 0.7)
+    grads = []
+    for enabled in (False, True):
+        policy.zero_grad()
+        policy.set_gradient_checkpointing(enabled)
+        policy(batch, noise=noise, time=time)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    assert any("gemma_expert" in n for n in grads[0]) and any("vision_tower" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def lora_wrapped(model) -> list[str]:
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                  if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and m.lora_A)
+
+
+def test_default_lora_targets_cover_the_same_layers_for_pi0_and_pi05(pi_dir):
+    policy = load_policy(pi_dir)
+    wrapped = lora_wrapped(apply_adapter(policy, PeftOptions(r=4)))
+    expert = [f"{PREFIX}gemma_expert.model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
+    if isinstance(policy, PI05Policy):
+        heads = ["action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"]
+    else:
+        heads = ["action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out", "state_proj"]
+    assert wrapped == sorted(expert + [f"model.{h}" for h in heads])
+    if isinstance(policy, PI05Policy):
+        # every layer pi0's defaults adapt has its pi0.5 counterpart adapted (pi0.5 has no state_proj) ...
+        counterpart = {"action_time_mlp_in": "time_mlp_in", "action_time_mlp_out": "time_mlp_out"}
+        pi0_heads = ["action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out"]
+        assert all(f"model.{counterpart.get(h, h)}" in wrapped for h in pi0_heads)
+        # ... which LeRobot's reuse of the pi0 regex misses (lerobot #4494)
+        lerobot_pi0 = re.compile(PI0Policy.default_lora_targets)
+        names = [n for n, _ in load_policy(pi_dir).named_modules()]
+        assert not any(lerobot_pi0.fullmatch(n) for n in names if "time_mlp" in n)
+
+
+def test_prompts_follow_each_policys_processor(pi_dir):
+    policy = load_policy(pi_dir)
+    config = policy.config
+    state = torch.tensor([[-1.0, -0.99, 0.0, 0.999, 1.0, 1.5, -1.5]])
+    if isinstance(policy, PI05Policy):  # LeRobot's processor_pi05: np.digitize over linspace(-1, 1, 257)[:-1], - 1
+        assert config.build_prompts(["pick_up the cube\n"], state) == [
+            "Task: pick up the cube, State: 0 1 128 255 255 255 -1;\nAction: "]
+    else:  # pi0 and SmolVLA: the task with a newline
+        assert config.build_prompts(["pick up the cube", "done\n"], state) == ["pick up the cube\n", "done\n"]
+
+    tokenizer = load_tokenizer(pi_dir, None, config.tokenizer_name)
+    stats = {"observation.state": {"mean": [0.0, 0.0], "std": [1.0, 1.0], "q01": [-1.0, 0.0], "q99": [1.0, 2.0]},
+             "action": {"mean": [0.0, 0.0], "std": [1.0, 1.0], "q01": [-1.0, -1.0], "q99": [1.0, 1.0]}}
+    processor = PolicyProcessor(config, tokenizer, stats)
+    batch = processor.prepare({"observation.state": torch.tensor([[0.5, 1.0]]), "task": ["move to the red ball"]})
+    tokens = batch["observation.language.tokens"]
+    assert tokens.shape == (1, config.tokenizer_max_length)  # padded to max_length, as LeRobot's pi processors
+    text = tokenizer.decode(tokens[0][batch["observation.language.attention_mask"][0]])
+    if isinstance(policy, PI05Policy):  # quantile-normalized state [0.5, 0.0] -> bins 192 and 128
+        assert config.normalization_mapping == {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"}
+        assert text == "Task: move to the red ball, State: 192 128;\nAction: "
+    else:
+        assert config.normalization_mapping["STATE"] == "MEAN_STD"
+        assert text == "move to the red ball\n"
+
+
+def test_tokenizer_without_folder_or_hub_says_which_files(tmp_path):
+    assert PI0Config().tokenizer_name == PI05Config().tokenizer_name == "google/paligemma-3b-pt-224"
+    with pytest.raises(FileNotFoundError, match=r"paligemma-3b-pt-224.*tokenizer\.json and tokenizer_config\.json"):
+        load_tokenizer(tmp_path, None, PI0Config().tokenizer_name)
+
+
+def test_presets_and_policy_defaults_are_the_published_recipes():
+    pi0, pi05 = PRESETS["pi0_lora"][1], PRESETS["pi05_lora"][1]
+    for cfg, path, batch in ((pi0, "lerobot/pi0_base", 32), (pi05, "lerobot/pi05_base", 64)):
+        assert (cfg.policy.path, cfg.batch_size, cfg.steps, cfg.peft.method) == (path, batch, 30_000, "LORA")
+        assert (cfg.policy.dtype, cfg.policy.gradient_checkpointing) == ("bfloat16", True)
+        o = cfg.optim  # LeRobot/openpi full fine-tune: 2.5e-5 -> 2.5e-6, x10 for LoRA
+        assert (o.lr, o.decay_lr, o.warmup_steps, o.decay_steps, o.grad_clip_norm) == (2.5e-4, 2.5e-5, 1000, 30_000,
+                                                                                        1.0)
+        assert (o.betas, o.weight_decay) == ((0.9, 0.95), 0.01)
+    assert (PI0Config().image_resolution, PI0Config().tokenizer_max_length) == ((224, 224), 48)
+    assert (PI05Config().image_resolution, PI05Config().tokenizer_max_length) == ((224, 224), 200)
+    assert PI0Config().normalization_mapping["ACTION"] == "MEAN_STD"
+    assert PI05Config().normalization_mapping["ACTION"] == "QUANTILES"
+
+
+# --- training through the script --------------------------------------------------------------------------------------
+
+
+def pi_train_args(pi_dir, dataset_root, out, *extra):
+    preset = "pi05_lora" if pi_dir.name.endswith("pi05") else "pi0_lora"
+    # the preset's recipe at toy size; float32 base on CPU; gradient checkpointing stays on (the preset's)
+    return train_args(pi_dir, dataset_root, out, "--policy.dtype", "float32", "--optim.lr", "1e-2", *extra,
+                      preset=preset)
+
+
+@pytest.fixture(scope="module")
+def four_steps(pi_dir, dataset_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pi_straight") / "run"
+    summary = train.main(pi_train_args(pi_dir, dataset_root, out, "--steps", "4"))
+    return out, summary
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in m}
+
+
+def test_lora_training_checkpoints_only_the_adapter(four_steps, pi_dir):
+    out, summary = four_steps
+    last = out / "checkpoints" / "last"
+    adapter = load_file(str(last / "adapter_model.safetensors"))
+    n_heads = 4 if pi_dir.name.endswith("pi05") else 5
+    assert len(adapter) == 2 * (4 + n_heads)  # A and B for 2 layers x expert q/v and the heads
+    assert all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    assert json.loads((last / "config.json").read_text())["type"] == pi_dir.name.removeprefix("tiny_")
+    assert json.loads((last / "config.json").read_text())["gradient_checkpointing"] is True
+    assert not any("model" in p.name for p in (last / "training_state").iterdir())
+    assert (last / "adapter_model.safetensors").stat().st_size < 0.2 * (pi_dir / "model.safetensors").stat().st_size
+    assert summary["trainable_params"] == sum(t.numel() for t in adapter.values())
+    steps = losses(out)
+    assert sorted(steps) == [1, 2, 3, 4] and all(v > 0 for v in steps.values())
+    evals = [m["eval/action_mse"] for m in read_metrics(out / "metrics.jsonl") if "eval/action_mse" in m]
+    assert len(evals) == 2 and evals[1] != evals[0]
+
+
+def test_resume_continues_the_same_run(four_steps, pi_dir, dataset_root, tmp_path):
+    straight_dir, _ = four_steps
+    out = tmp_path / "resumed"
+    train.main(pi_train_args(pi_dir, dataset_root, out, "--steps", "2"))
+    train.main(pi_train_args(pi_dir, dataset_root, out, "--steps", "4", "--resume"))
+    straight, resumed = losses(straight_dir), losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), (step, straight, resumed)
+    a = load_file(str(straight_dir / "checkpoints/000004/adapter_model.safetensors"))
+    b = load_file(str(out / "checkpoints/000004/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_saved_adapter_on_the_base_reproduces_the_trained_policy(four_steps, pi_dir):
+    ckpt = four_steps[0] / "checkpoints" / "last"
+    reloaded = load_adapter(load_policy(pi_dir), ckpt, trainable=False).eval()
+    base = load_policy(pi_dir).eval()
+    batch, noise = tiny_batch(base), torch.randn(3, 10, 32)
+    out_adapter = reloaded.predict_action_chunk(batch, noise=noise)
+    assert not torch.allclose(out_adapter, base.predict_action_chunk(batch, noise=noise))
+    again = load_adapter(load_policy(pi_dir), ckpt, trainable=False).eval()
+    torch.testing.assert_close(again.predict_action_chunk(batch, noise=noise), out_adapter, rtol=0, atol=0)
+    merged = load_adapter(load_policy(pi_dir), ckpt, trainable=False).merge_and_unload().eval()
+    torch.testing.assert_close(merged.predict_action_chunk(batch, noise=noise), out_adapter, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_storage_keeps_lerobots_float32_parts(pi_dir):
+    policy = load_policy(pi_dir, dtype=torch.bfloat16, num_steps=3)
+    assert policy.config.num_inference_steps == 3  # --policy.num-steps sets LeRobot's num_inference_steps
+    dtypes = {n: p.dtype for n, p in policy.named_parameters()}
+    assert dtypes[PREFIX + "paligemma.model.language_model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes[PREFIX + "gemma_expert.model.layers.1.mlp.up_proj.weight"] == torch.bfloat16
+    assert dtypes[PREFIX + "paligemma.model.language_model.embed_tokens.weight"] == torch.bfloat16
+    for name, dtype in dtypes.items():  # SigLIP, the projector, every norm and the heads stay in float32 (LeRobot)
+        if any(s in name for s in ("vision_tower", "multi_modal_projector", "layernorm", ".norm.")) or \
+                not name.startswith(PREFIX):
+            assert dtype == torch.float32, name
+    rotary = policy.model.paligemma_with_expert.language_model.rotary_emb
+    assert torch.equal(rotary.inv_freq, rotary.inv_freq.to(torch.bfloat16).float())  # LeRobot's bf16-cast buffers
+    batch, noise, time = tiny_batch(policy), torch.randn(3, 10, 32), torch.full((3,), 0.5)
+    reference = load_policy(pi_dir)(batch, noise=noise, time=time)[0]
+    loss = policy(batch, noise=noise, time=time)[0]
+    assert loss.dtype == torch.float32 and abs(loss.item() - reference.item()) < 0.05 * reference.item()
+    assert policy.eval().predict_action_chunk(batch, noise=noise).dtype == torch.float32
+
+
+def lora_train_step(policy_type: str, device: str, batch_size: int, backbone=None) -> float:
+    """One LoRA step (default targets, r 64, bf16 base, gradient checkpointing) on random weights; returns the loss."""
+    image = 224 if backbone is None else 32
+    config = CONFIGS[policy_type](
+        input_features={"observation.images.base_0_rgb": {"type": "VISUAL", "shape": [3, image, image]},
+                        "observation.images.left_wrist_0_rgb": {"type": "VISUAL", "shape": [3, image, image]},
+                        "observation.state": {"type": "STATE", "shape": [8]}},
+        output_features={"action": {"type": "ACTION", "shape": [7]}}, gradient_checkpointing=True,
+        **({} if backbone is None else {"image_resolution": (32, 32), "paligemma_variant": "tiny",
+                                        "action_expert_variant": "tiny"}))
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no float32 copy of the 3B base
+    try:
+        with torch.device(device):
+            policy = make_policy(config, backbone)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for name, param in policy.named_parameters():
+        if any(s in name for s in policy.keep_in_float32):
+            param.data = param.data.float()
+    policy.apply_storage_dtype(torch.bfloat16)
+    model = apply_adapter(policy, PeftOptions(r=64, lora_alpha=64))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=2.5e-4)
+    g = torch.Generator().manual_seed(0)
+    batch = {key: torch.rand(batch_size, 3, image, image, generator=g) for key in config.image_features}
+    batch["observation.state"] = torch.rand(batch_size, 8, generator=g) * 2 - 1
+    batch["observation.language.tokens"] = torch.randint(2, 500, (batch_size, config.tokenizer_max_length), generator=g)
+    batch["observation.language.attention_mask"] = torch.ones(batch_size, config.tokenizer_max_length, dtype=torch.bool)
+    batch["action"] = torch.randn(batch_size, config.chunk_size, 7, generator=g)
+    batch["action_is_pad"] = torch.zeros(batch_size, config.chunk_size, dtype=torch.bool)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model.train()
+    loss, _ = model(batch)
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is not None for p in params)
+    return loss.item()
+
+
+def test_lora_step_on_a_bf16_base_with_checkpointing_runs():
+    """The real-size GPU check below, on the tiny backbone on CPU (same code path)."""
+    from helpers import TINY_PI_BACKBONE
+
+    for policy_type in POLICY_TYPES:
+        assert torch.isfinite(torch.tensor(lora_train_step(policy_type, "cpu", 2, TINY_PI_BACKBONE)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy_type", POLICY_TYPES)
+def test_real_size_lora_step_fits_below_openpis_22_5_gb(policy_type):
+    torch.cuda.reset_peak_memory_stats()
+    loss = lora_train_step(policy_type, "cuda", batch_size=8)
+    peak = torch.cuda.max_memory_allocated()
+    print(f"{policy_type}: real-size LoRA step, batch 8, bf16 base, gradient checkpointing: loss {loss:.3f}, "
+          f"peak {peak / 2**30:.2f} GiB")
+    assert torch.isfinite(torch.tensor(loss)) and peak < 22.5e9
+
+
+def test_quantized_base_trains_lora(pi_dir):
+    """QLoRA-style: both towers' attention/MLP matrices in 4-bit, norms (pi0.5's adaRMS dense) and heads kept."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from finetune.config import QuantOptions
+    from finetune.quant import enable_input_require_grads, quantize_policy
+
+    policy = quantize_policy(load_policy(pi_dir), QuantOptions(load_in_4bit=True, compute_dtype="float32"),
+                             torch.device("cpu"), [])
+    modules = dict(policy.named_modules())
+    assert isinstance(modules[PREFIX + "gemma_expert.model.layers.0.self_attn.q_proj"], bnb.nn.Linear4bit)
+    assert isinstance(modules[PREFIX + "paligemma.model.language_model.layers.1.mlp.down_proj"], bnb.nn.Linear4bit)
+    assert type(modules[PREFIX + "paligemma.lm_head"]) is torch.nn.Linear  # the (tied) token embeddings
+    assert type(modules["model.action_out_proj"]) is torch.nn.Linear
+    if isinstance(policy, PI05Policy):
+        assert type(modules[PREFIX + "gemma_expert.model.layers.0.input_layernorm.dense"]) is torch.nn.Linear
+    enable_input_require_grads(policy)
+    policy.set_gradient_checkpointing(True)
+    model = apply_adapter(policy, PeftOptions(r=4))
+    loss, _ = model(tiny_batch(policy), noise=torch.randn(3, 10, 32), time=torch.full((3,), 0.5))
+    loss.backward()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
