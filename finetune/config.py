@@ -267,6 +267,9 @@ PI0_LORA = TrainConfig(
 PI05_LORA = dataclasses.replace(PI0_LORA, policy=dataclasses.replace(PI0_LORA.policy, path="lerobot/pi05_base"),
                                 output_dir="runs/pi05_lora", batch_size=64)
 
+PI0_QLORA8 = dataclasses.replace(PI0_LORA, quant=QuantOptions(load_in_8bit=True), output_dir="runs/pi0_qlora8")
+PI0_QLORA4 = dataclasses.replace(PI0_LORA, quant=QuantOptions(load_in_4bit=True), output_dir="runs/pi0_qlora4")
+
 DEMO = TrainConfig(
     peft=PeftOptions(method="LORA", r=16, lora_alpha=32, full_training_modules=()),
     dataset=DataOptions(eval_episodes=8),
@@ -291,6 +294,8 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
                  "gradient checkpointing; 224px images, 48 tokens, MEAN_STD.", PI0_LORA),
     "pi05_lora": ("pi0.5 (3.4B, adaRMS expert) with LoRA on LeRobot's pi0.5 recipe (lr x10), bf16 base, gradient "
                   "checkpointing; 224px images, 200-token prompt with the binned state, QUANTILES.", PI05_LORA),
+    "pi0_qlora8": ("pi0_lora on an 8-bit frozen base.", PI0_QLORA8),
+    "pi0_qlora4": ("pi0_lora on a 4-bit NF4 frozen base.", PI0_QLORA4),
 }
 
 

@@ -39,7 +39,7 @@ class ReachEnv(gym.Env):
             raise ValueError(f"unknown or no target colors {unknown or list(target_colors)}; choose from "
                              f"{sorted(COLORS)}")
         self.target_colors = tuple(target_colors)
-        self.action_sign = float(action_sign)  # -1: a robot whose motor axes are inverted (see make_synthetic_dataset)
+        self.action_sign = float(action_sign)  # -1: a robot whose motor axes are inverted (commands negated)
         self.distractor_colors = None if distractor_colors is None else tuple(distractor_colors)
         self.image_size = image_size
         self.max_steps = max_steps

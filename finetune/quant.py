@@ -140,3 +140,25 @@ def weight_bytes(module: nn.Module) -> int:
         if scb is not None:  # 8-bit: one scale per row
             total += scb.numel() * scb.element_size()
     return total
+
+
+def check_quantized_topology(opts: QuantOptions, policy_dtype: str, distributed_type: str,
+                             zero_stage: int | None) -> None:
+    """Refuse distributed setups a quantized base is known to break in, with the reason and what to use instead.
+
+    Each rank quantizes its own copy of the base on its own device, which is what DDP and ZeRO-1/2 need.
+    """
+    if not opts.enabled:
+        return
+    if distributed_type == "FSDP":
+        raise ConfigError("a quantized base cannot be sharded by FSDP (it cannot flatten int8/packed 4-bit weights); "
+                          "use accelerate_configs/ddp.yaml or zero2.yaml, where each rank holds its own quantized copy")
+    if zero_stage == 3 and opts.load_in_8bit:
+        raise ConfigError("an 8-bit base under DeepSpeed ZeRO-3 trains with a wrong loss or fails (bitsandbytes "
+                          "#1451, accelerate #3730): ZeRO-3 cannot partition LLM.int8 weights. Use "
+                          "accelerate_configs/ddp.yaml or zero2.yaml (the 8-bit base is small enough to replicate), or "
+                          "--quant.load-in-4bit with --quant.storage-dtype equal to --policy.dtype")
+    if zero_stage == 3 and opts.load_in_4bit and opts.storage_dtype != policy_dtype:
+        raise ConfigError(f"a 4-bit base under DeepSpeed ZeRO-3 needs --quant.storage-dtype equal to the model dtype "
+                          f"(--policy.dtype {policy_dtype}), so ZeRO can partition the packed weights with the rest; "
+                          f"got {opts.storage_dtype}. Or use accelerate_configs/ddp.yaml / zero2.yaml")

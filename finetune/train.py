@@ -408,5 +408,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
+    """Console-script entry (finetune-train): exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -74,6 +74,18 @@ def test_env_renders_the_datasets_images_state_and_instruction(dataset_root):
     assert not env.step(np.zeros(2))[3] and env.step(np.zeros(2))[3]  # truncated after max_steps
 
 
+def test_env_with_inverted_axes_takes_the_datasets_negated_commands(dataset_root):
+    env = ReachEnv(("cyan",), action_sign=-1.0)
+    env.reset(seed=1)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        _, _, terminated, _, _ = env.step(-synthetic.expert_action(env.scene, env.agent, rng))
+        if terminated:
+            break
+    assert terminated
+    assert evaluation.settings_from_dataset(dataset_root).action_sign == 1.0  # as the dataset's info.json says
+
+
 def test_rollouts_execute_n_action_steps_per_chunk_and_count_successes():
     settings = evaluation.RolloutSettings(colors=("yellow", "cyan"), episodes=6, seed=0, max_steps=40, record=2)
     oracle = OraclePredictor(chunk_size=10, n_action_steps=5)

@@ -237,8 +237,8 @@ def make_synthetic_dataset(
 ) -> Path:
     """Write a complete LeRobotDataset v3.0 of expert episodes; episode i targets target_colors[i % len].
 
-    `action_sign=-1` records a robot whose motor axes are wired inverted: the world and the motion are the same, the
-    commands that produce them are negated (ReachEnv(action_sign=-1) is that robot in closed loop).
+    `action_sign=-1` records a robot whose motor axes are wired inverted: the world, the motion and the position
+    readings are the same, the commands that produce them are negated (ReachEnv(action_sign=-1) is that robot).
     """
     root = Path(root)
     if root.exists() and any(root.iterdir()):
