@@ -33,6 +33,7 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 from .policies.common import sample_flow_time
+from .quant import check_quantized_topology
 
 # Debug hook (tests): when set, every rank writes its gathered view of the trained tensors and the world it ran in to
 # <output_dir>/debug/rank<r>.safetensors and rank<r>.json at the end of the run, so ranks can be compared.
@@ -105,6 +106,8 @@ def check_distributed_support(cfg: TrainConfig, accelerator: Accelerator) -> Non
             "remove it from the config file: the training config sets it")
     if is_deepspeed(accelerator):
         _check_deepspeed_config(cfg, accelerator)
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None
+    check_quantized_topology(cfg.quant, cfg.policy.dtype, accelerator.distributed_type.value, zero_stage)
 
 
 def _check_deepspeed_config(cfg: TrainConfig, accelerator: Accelerator) -> None:

@@ -126,3 +126,27 @@ def test_conflicting_quant_flags_are_refused(policy_dir, dataset_root, tmp_path,
         assert message in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no linear layer to quantize"):
         quantized(policy_dir, QuantOptions(load_in_8bit=True), keep=["model"])
+
+
+@pytest.mark.parametrize(
+    ("opts", "dist_type", "stage", "message"),
+    [
+        (QuantOptions(load_in_8bit=True), "DEEPSPEED", 3, r"8-bit base under DeepSpeed ZeRO-3 trains with a wrong loss"),
+        (QuantOptions(load_in_4bit=True), "DEEPSPEED", 3, r"needs --quant.storage-dtype equal to the model dtype"),
+        (QuantOptions(load_in_4bit=True), "FSDP", None, r"cannot be sharded by FSDP"),
+        (QuantOptions(load_in_8bit=True), "FSDP", None, r"cannot be sharded by FSDP"),
+    ],
+)
+def test_quantized_base_refuses_topologies_that_break_it(opts, dist_type, stage, message):
+    from finetune.quant import check_quantized_topology
+
+    with pytest.raises(ConfigError, match=message):
+        check_quantized_topology(opts, "bfloat16", dist_type, stage)
+
+
+def test_quantized_base_is_allowed_where_it_works():
+    from finetune.quant import check_quantized_topology
+
+    for dist_type, stage in (("NO", None), ("MULTI_GPU", None), ("DEEPSPEED", 2), ("DEEPSPEED", 1)):
+        check_quantized_topology(QuantOptions(load_in_8bit=True), "bfloat16", dist_type, stage)
+    check_quantized_topology(QuantOptions(load_in_4bit=True, storage_dtype="bfloat16"), "bfloat16", "DEEPSPEED", 3)
