@@ -106,7 +106,10 @@ def check_distributed_support(cfg: TrainConfig, accelerator: Accelerator) -> Non
             "remove it from the config file: the training config sets it")
     if is_deepspeed(accelerator):
         _check_deepspeed_config(cfg, accelerator)
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None
+    zero_stage = None
+    if is_deepspeed(accelerator):
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     check_quantized_topology(cfg.quant, cfg.policy.dtype, accelerator.distributed_type.value, zero_stage)
 
 
@@ -189,21 +192,15 @@ def gathered(accelerator: Accelerator, params: Iterable[nn.Parameter]) -> Iterat
         yield
 
 
-@contextlib.contextmanager
-def whole_model_construction(accelerator: Accelerator) -> Iterator[None]:
-    """Build models whole under ZeRO-3 too. Accelerate registers its DeepSpeed config with transformers, which then
-    shards every model built from a config as it is built (and leaves non-persistent buffers on the meta device);
-    the policy loads its weights after building, and accelerator.prepare() shards it afterwards."""
-    if zero_stage(accelerator) != 3:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
+def build_models_whole(accelerator: Accelerator) -> None:
+    """Keep transformers from sharding models as they are built. Under ZeRO-3 Accelerate registers its DeepSpeed config
+    with transformers, which then builds every model made from a config inside deepspeed.zero.Init: sharded at once
+    (a collective, so a model built on the main process only deadlocks) and with non-persistent buffers left on the
+    meta device. Policies load their weights after building; accelerator.prepare() shards them afterwards."""
+    if zero_stage(accelerator) == 3:
+        from transformers.integrations import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+        unset_hf_deepspeed_config()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -91,6 +91,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )
     ckpt.exclude_model_weights_from_state(accelerator)
+    dist.build_models_whole(accelerator)
     return accelerator
 
 
@@ -149,8 +150,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     dataset_root = Path(cfg.dataset.root) if cfg.dataset.root else resolve_repo(cfg.dataset.repo_id, "dataset",
                                                                               "--dataset.repo-id")
     meta = load_dataset_meta(dataset_root)
-    with dist.whole_model_construction(accelerator):
-        policy = load_base_policy(cfg, policy_dir, meta)
+    policy = load_base_policy(cfg, policy_dir, meta)
     if cfg.quant.enabled:
         keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
         policy = quantize_policy(policy, cfg.quant, accelerator.device, keep)
@@ -163,8 +163,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     if resume_from is not None and (resume_from / "adapter_config.json").is_file():
         model = load_adapter(policy, resume_from, trainable=True)  # the saved adapter itself, not a fresh one
     elif resume_from is not None:
-        with dist.whole_model_construction(accelerator):
-            model = load_policy(resume_from)  # a FULL run: its checkpoint holds the whole policy
+        model = load_policy(resume_from)  # a FULL run: its checkpoint holds the whole policy
         model.config.input_features, model.config.output_features = policy.config.input_features, \
             policy.config.output_features
         for p in model.parameters():

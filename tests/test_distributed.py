@@ -237,7 +237,9 @@ def _rank(process) -> str | None:
 def fake_accelerator(distributed_type="NO", num_processes=1, grad_accum=1, ds_config=None, zero3_init=False):
     from accelerate.utils import DistributedType
 
-    plugin = SimpleNamespace(deepspeed_config=ds_config or {}, zero3_init_flag=zero3_init)
+    ds_config = {} if ds_config is None else ds_config
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    plugin = SimpleNamespace(deepspeed_config=ds_config, zero3_init_flag=zero3_init, zero_stage=stage)
     return SimpleNamespace(distributed_type=DistributedType(distributed_type), num_processes=num_processes,
                            gradient_accumulation_steps=grad_accum, device=torch.device("cpu"),
                            state=SimpleNamespace(deepspeed_plugin=plugin))
