@@ -131,7 +131,7 @@ def test_conflicting_quant_flags_are_refused(policy_dir, dataset_root, tmp_path,
 @pytest.mark.parametrize(
     ("opts", "dist_type", "stage", "message"),
     [
-        (QuantOptions(load_in_8bit=True), "DEEPSPEED", 3, r"8-bit base under DeepSpeed ZeRO-3 trains with a wrong loss"),
+        (QuantOptions(load_in_8bit=True), "DEEPSPEED", 3, r"8-bit base under DeepSpeed ZeRO-3 trains with a wrong"),
         (QuantOptions(load_in_4bit=True), "DEEPSPEED", 3, r"needs --quant.storage-dtype equal to the model dtype"),
         (QuantOptions(load_in_4bit=True), "FSDP", None, r"cannot be sharded by FSDP"),
         (QuantOptions(load_in_8bit=True), "FSDP", None, r"cannot be sharded by FSDP"),
