@@ -171,7 +171,7 @@ class TrainConfig:
     resume: bool = False
     """Continue the run in output_dir from checkpoints/last (same adapter, optimizer, scheduler, RNG, data order)."""
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    """Autocast precision; None takes it from the accelerate config."""
+    """Autocast precision; None: bf16/fp16 autocast for a bf16/fp16 --policy.dtype, else the accelerate config's."""
     log_every: int = 10
     """Write metrics every N optimizer updates."""
     eval_every: int = 500

@@ -79,6 +79,14 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _mixed_precision(cfg: TrainConfig) -> str | None:
+    """--mixed-precision, else autocast in the dtype of a half-precision base (its frozen layers would otherwise meet
+    fp32 inputs), else whatever the accelerate config says."""
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.policy.dtype)
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     kwargs: dict[str, Any] = {"timeout": dist.process_group_timeout()}  # a stuck collective fails, never hangs
     cpu_ranks = not torch.cuda.is_available() and dist.launched_world_size() > 1
@@ -86,7 +94,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs["backend"] = "gloo"  # CPU ranks: without it DeepSpeed ranks silently run alone
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=_mixed_precision(cfg),
         cpu=cpu_ranks and not dist.wants_deepspeed(),  # CPU DDP (MULTI_CPU); cpu=True would switch DeepSpeed off
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )

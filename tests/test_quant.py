@@ -150,3 +150,36 @@ def test_quantized_base_is_allowed_where_it_works():
     for dist_type, stage in (("NO", None), ("MULTI_GPU", None), ("DEEPSPEED", 2), ("DEEPSPEED", 1)):
         check_quantized_topology(QuantOptions(load_in_8bit=True), "bfloat16", dist_type, stage)
     check_quantized_topology(QuantOptions(load_in_4bit=True, storage_dtype="bfloat16"), "bfloat16", "DEEPSPEED", 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_real_size_smolvla_trains_on_a_quantized_base_and_resumes(tmp_path_factory, tmp_path, dataset_root, mode):
+    """The 450M SmolVLA (random weights, LeRobot's layout) on the demo data: quantized load, LoRA steps, an
+    adapter-only checkpoint, exact resume. Minutes on 2 CPU cores: run with -m slow."""
+    from finetune.data import load_dataset_meta
+    from finetune.demo import train_tokenizer
+    from finetune.policies import SmolVLAConfig, make_policy, save_policy
+
+    folder = tmp_path_factory.mktemp("real") / "smolvla_random"
+    meta = load_dataset_meta(dataset_root)
+    config = SmolVLAConfig(
+        input_features={"observation.images.top": {"type": "VISUAL", "shape": [3, 64, 64]},
+                        "observation.state": {"type": "STATE", "shape": [2]}},
+        output_features={"action": {"type": "ACTION", "shape": [2]}}, chunk_size=10, n_action_steps=10)
+    assert meta.camera_keys == ["observation.images.top"]
+    torch.manual_seed(0)
+    save_policy(make_policy(config).to(torch.bfloat16), folder)
+    train_tokenizer(folder)
+    flag = "--quant.load-in-8bit" if mode == "8bit" else "--quant.load-in-4bit"
+    common = ("--policy.dtype", "bfloat16", flag, "--policy.gradient-checkpointing", "--dataset.eval-episodes", "0",
+              "--optim.lr", "1e-3", "--optim.warmup-steps", "0", "--peft.r", "8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(train_args(folder, dataset_root, straight, "--steps", "4", *common))
+    train.main(train_args(folder, dataset_root, resumed, "--steps", "2", *common))
+    train.main(train_args(folder, dataset_root, resumed, "--steps", "4", "--resume", *common))
+    loss = {d: [m["train/loss"] for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
+            for d in (straight, resumed)}
+    assert loss[resumed] == pytest.approx(loss[straight], rel=1e-3)
+    adapter = load_file(str(straight / "checkpoints/last/adapter_model.safetensors"))
+    assert adapter and all(".lora_" in k and t.dtype == torch.float32 for k, t in adapter.items())
