@@ -14,6 +14,9 @@ Runs with W processes reproduce a one-process run with W times the batch (up to 
 Under ZeRO-3 each rank holds a shard of every parameter: saving the adapter gathers the trained parameters first
 (`gathered`), and evaluation runs on every rank (each on its own rows, sums reduced) because every forward pass
 needs all ranks to gather the layers it uses.
+
+A rank that dies ends the job (the launcher stops the others); a rank that hangs makes the others' next collective
+fail after FINETUNE_DIST_TIMEOUT_S seconds (default 1800), so the job exits non-zero instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -205,10 +208,6 @@ def build_models_whole(accelerator: Accelerator) -> None:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def parameter_count(p: nn.Parameter) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 leaves an empty local tensor
 
 
 def flow_noise(seed: int, micro_batch: int, batch_size: int, accelerator: Accelerator, chunk_size: int,

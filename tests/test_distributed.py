@@ -297,6 +297,20 @@ def test_supported_deepspeed_config_passes_and_gets_the_training_config(monkeypa
     assert ds["bf16"] == {"enabled": False} and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
 
 
+def test_ranks_take_disjoint_slices_of_the_one_process_batches():
+    from itertools import islice
+
+    from finetune.sampling import ResumableBatchSampler
+
+    one = list(islice(iter(ResumableBatchSampler(50, 8, 1, 0, seed=3)), 12))  # 2 epochs of 6 batches
+    ranks = [list(islice(iter(ResumableBatchSampler(50, 4, 2, r, seed=3)), 12)) for r in (0, 1)]
+    for step, batch in enumerate(one):
+        assert ranks[0][step] + ranks[1][step] == batch and not set(ranks[0][step]) & set(ranks[1][step])
+    resumed = ResumableBatchSampler(50, 4, 2, 1, seed=3)
+    resumed.set_position(7)
+    assert list(islice(iter(resumed), 5)) == ranks[1][7:12]
+
+
 def test_flow_noise_of_a_sample_does_not_depend_on_the_world_size():
     one = fake_accelerator()
     one.process_index = 0
