@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+from torch import Tensor, nn
+
+from .common import masked_action_loss, pad_last_dim
+
 OBS_STATE = "observation.state"
 OBS_IMAGES_PREFIX = "observation.images."
 ACTION = "action"
@@ -97,3 +102,50 @@ class PolicyConfig:
 
     def save(self, folder: str | Path) -> None:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+class FlowMatchingPolicy(nn.Module):
+    """The batch-level front end every policy shares: camera selection, state/action padding, loss reduction.
+
+    Subclasses set `config` and `model` (whose forward gives per-element flow-matching losses) and define
+    `prepare_image(batch, key, image) -> (image in [-1, 1] at the model's size, (B,) bool mask)`.
+    """
+
+    config: PolicyConfig
+    model: nn.Module
+
+    def prepare_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The policy's cameras in config order; missing ones (up to empty_cameras) become -1 images, mask False."""
+        cameras = self.config.image_features
+        present = [key for key in cameras if key in batch]
+        missing = [key for key in cameras if key not in batch]
+        if not present:
+            raise ValueError(f"the batch has none of the policy's cameras {cameras}; it has {sorted(batch)}. Map the "
+                             "dataset's camera keys with --dataset.rename-map.")
+        if len(missing) > getattr(self.config, "empty_cameras", 0):
+            raise ValueError(f"cameras {missing} are missing from the batch and the policy allows only "
+                             f"{getattr(self.config, 'empty_cameras', 0)} empty camera(s); map them with "
+                             "--dataset.rename-map")
+        images, masks = [], []
+        for key in present:
+            image = batch[key][:, -1] if batch[key].ndim == 5 else batch[key]  # last observation step
+            image, mask = self.prepare_image(batch, key, image)
+            images.append(image)
+            masks.append(mask)
+        for _ in missing:
+            images.append(torch.full_like(images[0], -1.0))
+            masks.append(torch.zeros_like(masks[0]))
+        return images, masks
+
+    def _inputs(self, batch: dict[str, Tensor]) -> tuple:
+        images, img_masks = self.prepare_images(batch)
+        state = pad_last_dim(batch[OBS_STATE], self.config.max_state_dim)
+        return images, img_masks, batch[LANG_TOKENS], batch[LANG_MASK], state
+
+    def forward(self, batch: dict[str, Tensor], noise: Tensor | None = None,
+                time: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Flow-matching loss over the real action dims and in-episode chunk steps."""
+        actions = pad_last_dim(batch[ACTION], self.config.max_action_dim)
+        losses = self.model(*self._inputs(batch), actions, noise, time)
+        loss = masked_action_loss(losses, batch[ACTION].shape[-1], batch.get(ACTION_IS_PAD))
+        return loss, {"loss": loss.detach().item()}

@@ -21,13 +21,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GemmaConfig, GemmaModel, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding, apply_rotary_pos_emb, eager_attention_forward
 
-from .base import ACTION, ACTION_IS_PAD, LANG_MASK, LANG_TOKENS, OBS_STATE, PolicyConfig
+from .base import FlowMatchingPolicy, PolicyConfig
 from .common import (
     euler_sample,
     flow_matching_targets,
     make_att_2d_masks,
-    masked_action_loss,
-    pad_last_dim,
     sample_flow_time,
     sinusoidal_time_embedding,
 )
@@ -488,7 +486,7 @@ _EMBED_KEY, _LM_HEAD_KEY = _LM + "model.language_model.embed_tokens.weight", _LM
 _EXPERT_LM_HEAD_KEY = "model.paligemma_with_expert.gemma_expert.lm_head.weight"
 
 
-class PI0Policy(nn.Module):
+class PI0Policy(FlowMatchingPolicy):
     """The trainable pi0: `forward(batch)` gives the loss, `predict_action_chunk(batch)` normalized actions.
 
     The batch is already normalized and tokenized (see finetune.processor): camera images (B, 3, H, W) in [0, 1],
@@ -585,43 +583,10 @@ class PI0Policy(nn.Module):
         """Where inputs enter the checkpointed layers (k-bit training makes its output require grad)."""
         return self.model.paligemma_with_expert.language_model.get_input_embeddings()
 
-    def prepare_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Cameras resized with centered padding to image_resolution and scaled to [-1, 1] (SigLIP's range);
-        missing cameras (up to empty_cameras) become -1 images with a False mask."""
-        present = [key for key in self.config.image_features if key in batch]
-        missing = [key for key in self.config.image_features if key not in batch]
-        if not present:
-            raise ValueError(
-                f"the batch has none of the policy's cameras {self.config.image_features}; "
-                f"it has {sorted(batch)}. Map the dataset's camera keys with --dataset.rename-map."
-            )
-        if len(missing) > self.config.empty_cameras:
-            raise ValueError(
-                f"cameras {missing} are missing from the batch and the policy allows only "
-                f"{self.config.empty_cameras} empty camera(s); map them with --dataset.rename-map"
-            )
-        images, masks = [], []
-        for key in present:
-            img = batch[key][:, -1] if batch[key].ndim == 5 else batch[key]
-            img = resize_with_center_pad(img.float(), *self.config.image_resolution)
-            images.append(img * 2.0 - 1.0)
-            masks.append(torch.ones(img.shape[0], dtype=torch.bool, device=img.device))
-        for _ in missing:
-            images.append(torch.full_like(images[0], -1.0))
-            masks.append(torch.zeros_like(masks[0]))
-        return images, masks
-
-    def _inputs(self, batch: dict[str, Tensor]) -> tuple:
-        images, img_masks = self.prepare_images(batch)
-        state = pad_last_dim(batch[OBS_STATE], self.config.max_state_dim)
-        return images, img_masks, batch[LANG_TOKENS], batch[LANG_MASK], state
-
-    def forward(self, batch: dict[str, Tensor], noise: Tensor | None = None,
-                time: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        actions = pad_last_dim(batch[ACTION], self.config.max_action_dim)
-        losses = self.model(*self._inputs(batch), actions, noise, time)
-        loss = masked_action_loss(losses, batch[ACTION].shape[-1], batch.get(ACTION_IS_PAD))
-        return loss, {"loss": loss.detach().item()}
+    def prepare_image(self, batch: dict[str, Tensor], key: str, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Resized with centered padding to image_resolution, scaled to [-1, 1] (SigLIP's range)."""
+        image = resize_with_center_pad(image.float(), *self.config.image_resolution)
+        return image * 2.0 - 1.0, torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None,

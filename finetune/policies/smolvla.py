@@ -20,13 +20,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, SmolVLMConfig, SmolVLMForConditionalGeneration
 
-from .base import ACTION, ACTION_IS_PAD, LANG_MASK, LANG_TOKENS, OBS_STATE, PolicyConfig
+from .base import FlowMatchingPolicy, PolicyConfig
 from .common import (
     euler_sample,
     flow_matching_targets,
     make_att_2d_masks,
-    masked_action_loss,
-    pad_last_dim,
     resize_with_pad,
     sample_flow_time,
     sinusoidal_time_embedding,
@@ -480,7 +478,7 @@ class VLAFlowMatching(nn.Module):
         return self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
 
 
-class SmolVLAPolicy(nn.Module):
+class SmolVLAPolicy(FlowMatchingPolicy):
     """The trainable policy: `forward(batch)` gives the loss, `predict_action_chunk(batch)` normalized actions.
 
     The batch is already normalized and tokenized (see finetune.processor): camera images (B, 3, H, W) in [0, 1],
@@ -515,45 +513,14 @@ class SmolVLAPolicy(nn.Module):
         """Where inputs enter the checkpointed layers (k-bit training makes its output require grad)."""
         return self.model.vlm_with_expert.text_model.get_input_embeddings()
 
-    def prepare_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        images, masks = [], []
-        present = [key for key in self.config.image_features if key in batch]
-        missing = [key for key in self.config.image_features if key not in batch]
-        if not present:
-            raise ValueError(
-                f"the batch has none of the policy's cameras {self.config.image_features}; "
-                f"it has {sorted(batch)}. Map the dataset's camera keys with --dataset.rename-map."
-            )
-        if len(missing) > self.config.empty_cameras:
-            raise ValueError(
-                f"cameras {missing} are missing from the batch and the policy allows only "
-                f"{self.config.empty_cameras} empty camera(s); map them with --dataset.rename-map"
-            )
-        for key in present:
-            img = batch[key][:, -1] if batch[key].ndim == 5 else batch[key]
-            if self.config.resize_imgs_with_padding is not None:
-                img = resize_with_pad(img, *self.config.resize_imgs_with_padding, pad_value=0)
-            images.append(img * 2.0 - 1.0)  # SigLIP expects [-1, 1]
-            pad_key = f"{key}_padding_mask"
-            mask = batch[pad_key].bool() if pad_key in batch else torch.ones(img.shape[0], dtype=torch.bool,
-                                                                               device=img.device)
-            masks.append(mask)
-        for _ in missing:
-            images.append(torch.full_like(images[0], -1.0))
-            masks.append(torch.zeros_like(masks[0]))
-        return images, masks
-
-    def _inputs(self, batch: dict[str, Tensor]) -> tuple:
-        images, img_masks = self.prepare_images(batch)
-        state = pad_last_dim(batch[OBS_STATE], self.config.max_state_dim)
-        return images, img_masks, batch[LANG_TOKENS], batch[LANG_MASK], state
-
-    def forward(self, batch: dict[str, Tensor], noise: Tensor | None = None,
-                time: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        actions = pad_last_dim(batch[ACTION], self.config.max_action_dim)
-        losses = self.model(*self._inputs(batch), actions, noise, time)
-        loss = masked_action_loss(losses, batch[ACTION].shape[-1], batch.get(ACTION_IS_PAD))
-        return loss, {"loss": loss.detach().item()}
+    def prepare_image(self, batch: dict[str, Tensor], key: str, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Resized with padding on the left and top (LeRobot's SmolVLA), scaled to [-1, 1] for SigLIP."""
+        if self.config.resize_imgs_with_padding is not None:
+            image = resize_with_pad(image, *self.config.resize_imgs_with_padding, pad_value=0)
+        pad_key = f"{key}_padding_mask"
+        mask = batch[pad_key].bool() if pad_key in batch else torch.ones(image.shape[0], dtype=torch.bool,
+                                                                            device=image.device)
+        return image * 2.0 - 1.0, mask
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
