@@ -59,6 +59,14 @@ def resize_with_pad(images: Tensor, height: int, width: int, pad_value: float = 
     return F.pad(resized, (max(0, width - new_w), 0, max(0, height - new_h), 0), value=pad_value)
 
 
+def compute_dtype(linear: torch.nn.Module, fallback: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in (quantized weights are stored as ints: keep the input's dtype)."""
+    weight = getattr(linear, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype
+    return fallback.dtype
+
+
 def pad_last_dim(x: Tensor, size: int) -> Tensor:
     """Zero-pad the last dimension to `size` (state/action vectors are padded to max_state_dim/max_action_dim)."""
     if x.shape[-1] > size:

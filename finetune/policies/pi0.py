@@ -23,6 +23,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding, apply
 
 from .base import FlowMatchingPolicy, PolicyConfig
 from .common import (
+    compute_dtype,
     euler_sample,
     flow_matching_targets,
     make_att_2d_masks,
@@ -179,7 +180,7 @@ class AdaRMSNorm(nn.Module):
     def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         variance = x.float().square().mean(dim=-1, keepdim=True)
         normed = x * torch.rsqrt(variance + self.eps)  # float32 whatever x's dtype, as LeRobot
-        modulation = self.dense(cond.to(_weight_dtype(self.dense, cond)))
+        modulation = self.dense(cond.to(compute_dtype(self.dense, cond)))
         if x.ndim == 3 and modulation.ndim == 2:
             modulation = modulation[:, None, :]
         scale, shift, gate = modulation.chunk(3, dim=-1)
@@ -197,14 +198,6 @@ def _norm(norm: nn.Module, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tens
 
 def _gated_residual(residual: Tensor, update: Tensor, gate: Tensor | None) -> Tensor:
     return residual + update if gate is None else residual + update * gate
-
-
-def _weight_dtype(linear: nn.Module, fallback: Tensor) -> torch.dtype:
-    """The dtype a linear layer computes in (quantized weights are stored as ints: keep the input's dtype)."""
-    weight = getattr(linear, "weight", None)
-    if weight is not None and weight.dtype.is_floating_point:
-        return weight.dtype
-    return fallback.dtype
 
 
 class GemmaExpert(nn.Module):
@@ -300,7 +293,7 @@ class PaliGemmaWithExpertModel(nn.Module):
                 continue
             attn = layer.self_attn
             normed, gate = _norm(layer.input_layernorm, hidden, cond)
-            normed = normed.to(_weight_dtype(attn.q_proj, normed))
+            normed = normed.to(compute_dtype(attn.q_proj, normed))
             shape = (*normed.shape[:-1], -1, attn.head_dim)
             queries.append(attn.q_proj(normed).view(shape).transpose(1, 2))
             keys.append(attn.k_proj(normed).view(shape).transpose(1, 2))
@@ -326,10 +319,10 @@ class PaliGemmaWithExpertModel(nn.Module):
             end = start + hidden.shape[1]
             att = att_output[:, start:end]
             start = end
-            out = _gated_residual(hidden, layer.self_attn.o_proj(att.to(_weight_dtype(layer.self_attn.o_proj, att))),
+            out = _gated_residual(hidden, layer.self_attn.o_proj(att.to(compute_dtype(layer.self_attn.o_proj, att))),
                                   gate)
             normed, gate = _norm(layer.post_attention_layernorm, out, cond)
-            normed = normed.to(_weight_dtype(layer.mlp.up_proj, normed))
+            normed = normed.to(compute_dtype(layer.mlp.up_proj, normed))
             outputs.append(_gated_residual(out, layer.mlp(normed), gate))
         return outputs
 
@@ -369,14 +362,14 @@ class PI0FlowMatching(nn.Module):
             pad_masks.append(img_mask[:, None].expand(img_emb.shape[:2]))
         embs.append(pwe.embed_language_tokens(lang_tokens))
         pad_masks.append(lang_masks.bool())
-        dtype = _weight_dtype(pwe.language_model.layers[0].self_attn.q_proj, embs[-1])
+        dtype = compute_dtype(pwe.language_model.layers[0].self_attn.q_proj, embs[-1])
         embs = torch.cat([e.to(dtype) for e in embs], dim=1)
         pad_masks = torch.cat(pad_masks, dim=1)
         att = torch.zeros_like(pad_masks)
         return embs, pad_masks, att
 
     def _linear(self, layer: nn.Module, x: Tensor) -> Tensor:
-        return layer(x.to(_weight_dtype(layer, x)))
+        return layer(x.to(compute_dtype(layer, x)))
 
     def embed_action_tokens(self, noisy_actions: Tensor, time: Tensor) -> tuple[Tensor, Tensor | None]:
         """pi0: action_in_proj(x_t) fused with the sine-cosine time embedding by a SiLU MLP; no adaRMS condition."""
@@ -403,7 +396,7 @@ class PI0FlowMatching(nn.Module):
         return embs, pad_masks, att, adarms_cond
 
     def _suffix_inputs(self, embs: Tensor) -> Tensor:
-        return embs.to(_weight_dtype(self.paligemma_with_expert.gemma_expert.model.layers[0].self_attn.q_proj, embs))
+        return embs.to(compute_dtype(self.paligemma_with_expert.gemma_expert.model.layers[0].self_attn.q_proj, embs))
 
     def _velocity(self, suffix_out: Tensor) -> Tensor:
         return self._linear(self.action_out_proj, suffix_out[:, -self.config.chunk_size :].float()).float()

@@ -22,6 +22,7 @@ from transformers import AutoModel, SmolVLMConfig, SmolVLMForConditionalGenerati
 
 from .base import FlowMatchingPolicy, PolicyConfig
 from .common import (
+    compute_dtype,
     euler_sample,
     flow_matching_targets,
     make_att_2d_masks,
@@ -160,17 +161,9 @@ def _project_qkv(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tens
     """Input norm and q/k/v projections of one decoder layer, each reshaped to (B, L, heads, head_dim)."""
     attn = layer.self_attn
     hidden = layer.input_layernorm(hidden)
-    hidden = hidden.to(_compute_dtype(attn.q_proj, hidden))
+    hidden = hidden.to(compute_dtype(attn.q_proj, hidden))
     shape = (*hidden.shape[:-1], -1, attn.head_dim)
     return attn.q_proj(hidden).view(shape), attn.k_proj(hidden).view(shape), attn.v_proj(hidden).view(shape)
-
-
-def _compute_dtype(linear: nn.Module, fallback: Tensor) -> torch.dtype:
-    """The dtype a linear layer computes in (quantized weights are stored as ints: keep the input's dtype)."""
-    weight = getattr(linear, "weight", None)
-    if weight is not None and weight.dtype.is_floating_point:
-        return weight.dtype
-    return fallback.dtype
 
 
 class SmolVLMWithExpertModel(nn.Module):
@@ -287,7 +280,7 @@ class SmolVLMWithExpertModel(nn.Module):
             end = start + hidden.shape[1]
             att = att[:, start:end] if len(att_outputs) == 1 else att
             start = end if len(att_outputs) == 1 else 0
-            att = att.to(_compute_dtype(layer.self_attn.o_proj, att))
+            att = att.to(compute_dtype(layer.self_attn.o_proj, att))
             out = layer.self_attn.o_proj(att) + hidden
             out = layer.mlp(layer.post_attention_layernorm(out)) + out
             outputs.append(out)
@@ -333,10 +326,10 @@ class SmolVLMWithExpertModel(nn.Module):
 
         attn = expert_layer.self_attn
         hidden = expert_layer.input_layernorm(suffix)
-        hidden = hidden.to(_compute_dtype(attn.q_proj, hidden))
+        hidden = hidden.to(compute_dtype(attn.q_proj, hidden))
         query = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, attn.head_dim)
-        flat_k = key.reshape(*key.shape[:2], -1).to(_compute_dtype(attn.k_proj, key))
-        flat_v = value.reshape(*value.shape[:2], -1).to(_compute_dtype(attn.v_proj, value))
+        flat_k = key.reshape(*key.shape[:2], -1).to(compute_dtype(attn.k_proj, key))
+        flat_v = value.reshape(*value.shape[:2], -1).to(compute_dtype(attn.v_proj, value))
         expert_key = attn.k_proj(flat_k).view(*flat_k.shape[:-1], -1, attn.head_dim)
         expert_value = attn.v_proj(flat_v).view(*flat_v.shape[:-1], -1, attn.head_dim)
         expert_pos = expert_pos - expert_pos.min(dim=1, keepdim=True).values  # expert positions restart at 0
