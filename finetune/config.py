@@ -134,17 +134,21 @@ class DemoOptions:
     """Build the demo's base policy and synthetic datasets first (once; reused when present)."""
     assets_dir: str = "runs/demo_assets"
     """Where the demo's base policy and datasets are written."""
-    pretrain_steps: int = 500
-    """Full-training steps of the tiny base policy on the pretraining part of the task family."""
+    pretrain_steps: int = 4000
+    """Full-training steps of the tiny base policy on the pretraining robot."""
+    pretrain_batch_size: int = 16
+    """Batch size of the base's pretraining (more, smaller steps learned faster per CPU second than batch 32)."""
     pretrain_colors: tuple[str, ...] = ("red", "green", "blue")
-    """Target colors seen in pretraining."""
-    finetune_colors: tuple[str, ...] = ("yellow", "purple", "cyan")
-    """Target colors of the fine-tuning dataset (new to the base policy)."""
+    """Target colors of the pretraining dataset."""
+    finetune_colors: tuple[str, ...] = ("red", "green", "blue")
+    """Target colors of the fine-tuning dataset (and of the closed-loop rollouts)."""
     finetune_action_sign: float = -1.0
     """The fine-tuning robot's command sign: -1 is a robot whose motor axes are wired inverted (a new embodiment
     the base has never driven), +1 the pretraining robot."""
-    episodes: int = 60
-    """Episodes in each synthetic dataset."""
+    pretrain_episodes: int = 1000
+    """Episodes in the pretraining dataset (scene variety is what teaches the base to find the named ball)."""
+    finetune_episodes: int = 200
+    """Episodes in the fine-tuning dataset."""
     rollout_episodes: int = 50
     """Seeded closed-loop episodes in the simulated task, run with the base and the fine-tuned policy at the end
     (success rate before/after, a GIF and a plot in output_dir/eval); 0 skips it."""

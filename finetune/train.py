@@ -200,7 +200,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
 
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    # foreach: batched updates over all tensors; torch picks it by default on CUDA only, CPU runs a per-tensor loop
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                  foreach=True)
     decay_steps = o.decay_steps or cfg.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: get_lr_factor(s, o.warmup_steps, decay_steps, o.lr, o.decay_lr))

@@ -10,7 +10,7 @@ from helpers import tiny_batch, train_args
 from safetensors.torch import load_file
 
 from finetune import train
-from finetune.adapters import apply_adapter, load_adapter
+from finetune.adapters import apply_adapter, base_policy, load_adapter
 from finetune.config import ConfigError, PeftOptions, QuantOptions
 from finetune.metrics import read_metrics
 from finetune.policies import load_policy
@@ -152,11 +152,33 @@ def test_quantized_base_is_allowed_where_it_works():
     check_quantized_topology(QuantOptions(load_in_4bit=True, storage_dtype="bfloat16"), "bfloat16", "DEEPSPEED", 3)
 
 
+def _loss_and_eval_mse(argv: list[str]) -> tuple[float, float]:
+    """Set a run up exactly as train.main would (resuming when argv says so), then its flow-matching loss on the
+    first held-out batch with fixed noise and time, and its held-out action MSE (train.evaluate's fixed noise)."""
+    from finetune.config import cli
+
+    cfg = cli(argv)
+    accelerator = train.make_accelerator(cfg)
+    run = train.setup(cfg, accelerator)
+    batch = run.eval_batches[0]
+    policy_cfg = base_policy(run.model).config
+    generator = torch.Generator().manual_seed(123)
+    noise = torch.randn(len(batch["action"]), policy_cfg.chunk_size, policy_cfg.max_action_dim, generator=generator)
+    time = torch.rand(len(batch["action"]), generator=generator) * 0.9 + 0.05
+    run.model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        loss, _ = run.model(batch, noise=noise, time=time)
+    mse = train.evaluate(run)
+    accelerator._custom_objects.clear()
+    return loss.item(), mse
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_real_size_smolvla_trains_on_a_quantized_base_and_resumes(tmp_path_factory, tmp_path, dataset_root, mode):
-    """The 450M SmolVLA (random weights, LeRobot's layout) on the demo data: quantized load, LoRA steps, an
-    adapter-only checkpoint, exact resume. Minutes on 2 CPU cores: run with -m slow."""
+    """The 450M SmolVLA (random weights, LeRobot's layout) on the demo data: quantized load, LoRA steps that lower
+    the loss, an adapter-only checkpoint, exact resume, and a reload that gives the trained policy's outputs.
+    About 10 minutes on 2 CPU cores: run with -m slow."""
     from finetune.data import load_dataset_meta
     from finetune.demo import train_tokenizer
     from finetune.policies import SmolVLAConfig, make_policy, save_policy
@@ -166,20 +188,30 @@ def test_real_size_smolvla_trains_on_a_quantized_base_and_resumes(tmp_path_facto
     config = SmolVLAConfig(
         input_features={"observation.images.top": {"type": "VISUAL", "shape": [3, 64, 64]},
                         "observation.state": {"type": "STATE", "shape": [2]}},
-        output_features={"action": {"type": "ACTION", "shape": [2]}}, chunk_size=10, n_action_steps=10)
+        output_features={"action": {"type": "ACTION", "shape": [2]}}, chunk_size=10, n_action_steps=10,
+        num_steps=4)
     assert meta.camera_keys == ["observation.images.top"]
     torch.manual_seed(0)
     save_policy(make_policy(config).to(torch.bfloat16), folder)
     train_tokenizer(folder)
     flag = "--quant.load-in-8bit" if mode == "8bit" else "--quant.load-in-4bit"
-    common = ("--policy.dtype", "bfloat16", flag, "--policy.gradient-checkpointing", "--dataset.eval-episodes", "0",
-              "--optim.lr", "1e-3", "--optim.warmup-steps", "0", "--peft.r", "8")
+    common = ("--policy.dtype", "bfloat16", flag, "--policy.gradient-checkpointing", "--dataset.eval-episodes", "2",
+              "--optim.lr", "1e-3", "--optim.warmup-steps", "0", "--peft.r", "8", "--optim.decay-steps", "6")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main(train_args(folder, dataset_root, straight, "--steps", "4", *common))
-    train.main(train_args(folder, dataset_root, resumed, "--steps", "2", *common))
-    train.main(train_args(folder, dataset_root, resumed, "--steps", "4", "--resume", *common))
+    summary = train.main(train_args(folder, dataset_root, straight, "--steps", "6", *common))
+    train.main(train_args(folder, dataset_root, resumed, "--steps", "3", *common))
+    train.main(train_args(folder, dataset_root, resumed, "--steps", "6", "--resume", *common))
     loss = {d: [m["train/loss"] for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
             for d in (straight, resumed)}
-    assert loss[resumed] == pytest.approx(loss[straight], rel=1e-3)
+    assert len(loss[straight]) == 6 and loss[resumed] == pytest.approx(loss[straight], rel=1e-3)
     adapter = load_file(str(straight / "checkpoints/last/adapter_model.safetensors"))
     assert adapter and all(".lora_" in k and t.dtype == torch.float32 for k, t in adapter.items())
+
+    # A fresh adapter (lora_B = 0) is the base itself; the trained one, reloaded onto a newly quantized base, must
+    # have a lower loss on held-out frames and reproduce the held-out MSE the in-memory model logged at the end.
+    base_loss, base_mse = _loss_and_eval_mse(train_args(folder, dataset_root, tmp_path / "fresh", *common))
+    trained_loss, reloaded_mse = _loss_and_eval_mse(
+        train_args(folder, dataset_root, straight, "--steps", "6", "--resume", *common))
+    assert trained_loss < 0.9 * base_loss, (base_loss, trained_loss)
+    assert summary["eval_mse_before"] == pytest.approx(base_mse, rel=1e-4)
+    assert reloaded_mse == pytest.approx(summary["eval_mse_after"], rel=1e-4)

@@ -32,8 +32,8 @@ BACKGROUND = (20, 20, 30)
 AGENT_COLOR = (255, 255, 255)
 
 NUM_BALLS = 3
-POSITION_RANGE = 0.8  # ball and agent start positions lie in [-0.8, 0.8]^2
-MIN_BALL_SEPARATION = 0.35
+GRID_CELLS = 4  # balls sit in the bins of a 4x4 grid over the world, one ball per bin, centered
+POSITION_RANGE = 0.8  # the agent starts anywhere in [-0.8, 0.8]^2
 BALL_RADIUS = 0.17  # world units (the world is [-1, 1]^2); about size / 12 pixels
 MAX_STEP = 0.12  # per-component action clip
 EXPERT_SPEED = 0.1
@@ -80,8 +80,14 @@ def _check_colors(colors: Sequence[str], what: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; choose from {sorted(COLORS)}")
 
 
+def bin_centers() -> np.ndarray:
+    """(GRID_CELLS**2, 2) world coordinates of the bin centers, row by row."""
+    c = (np.arange(GRID_CELLS, dtype=np.float32) + 0.5) / GRID_CELLS * 2 - 1
+    return np.stack(np.meshgrid(c, c, indexing="xy"), -1).reshape(-1, 2)
+
+
 def sample_scene(rng: np.random.Generator, target_color: str, distractor_colors: Sequence[str] | None = None) -> Scene:
-    """Three balls of distinct colors (one is `target_color`) at least MIN_BALL_SEPARATION apart; agent start."""
+    """Three balls of distinct colors (one is `target_color`) in three distinct bins; the agent's start."""
     _check_colors([target_color], "target color")
     pool = [c for c in (distractor_colors if distractor_colors is not None else COLORS) if c != target_color]
     _check_colors(pool, "distractor colors")
@@ -91,11 +97,7 @@ def sample_scene(rng: np.random.Generator, target_color: str, distractor_colors:
     colors = [target_color, *distractors]
     order = rng.permutation(NUM_BALLS)
     colors = [colors[k] for k in order]
-    positions: list[np.ndarray] = []
-    while len(positions) < NUM_BALLS:  # rejection sampling; succeeds quickly at this density
-        p = rng.uniform(-POSITION_RANGE, POSITION_RANGE, size=2)
-        if all(np.linalg.norm(p - q) >= MIN_BALL_SEPARATION for q in positions):
-            positions.append(p)
+    positions = bin_centers()[rng.choice(GRID_CELLS**2, size=NUM_BALLS, replace=False)]
     target = colors.index(target_color)
     # Start the agent away from the target so every episode needs real motion.
     while True:
