@@ -281,7 +281,7 @@ DEMO = TrainConfig(
     checkpoint=CheckpointOptions(every=100, keep_last=2),
     demo=DemoOptions(enabled=True),
     output_dir="runs/demo",
-    steps=300,
+    steps=600,
     batch_size=32,
     seed=0,
     log_every=10,

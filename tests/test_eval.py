@@ -162,6 +162,6 @@ def test_demo_ends_with_closed_loop_success_before_and_after(monkeypatch, lora_r
     summary = train.main(["demo", "--output-dir", str(out), "--demo.rollout-episodes", "3"])
     assert 0 <= summary["success_before"] <= 1 and 0 <= summary["success_after"] <= 1
     saved = json.loads((out / "eval" / "closed_loop.json").read_text())
-    assert saved["colors"] == ["yellow", "purple", "cyan"] and saved["before"]["episodes"] == 3
+    assert saved["colors"] == ["red", "green", "blue"] and saved["before"]["episodes"] == 3
     assert (out / "eval" / "rollout_after.gif").is_file() and (out / "eval" / "rollout_before.gif").is_file()
-    assert "closed-loop success over 3 seeded episodes (yellow, purple, cyan): before" in capsys.readouterr().out
+    assert "closed-loop success over 3 seeded episodes (red, green, blue): before" in capsys.readouterr().out

@@ -39,7 +39,7 @@ MAX_STEP = 0.12  # per-component action clip
 EXPERT_SPEED = 0.1
 EXPERT_NOISE_STD = 0.005
 EXPERT_STOP_RADIUS = 0.03
-SUCCESS_RADIUS = 0.05
+SUCCESS_RADIUS = 0.1  # the cross's center well inside the ball (BALL_RADIUS)
 
 CODEBASE_VERSION = "v3.0"
 CHUNKS_SIZE = 1000
