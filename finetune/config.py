@@ -290,7 +290,8 @@ DEMO = TrainConfig(
 )
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
-    "demo": ("Tiny SmolVLA on the synthetic reach task, CPU, a few minutes: pretrain a base, LoRA on new tasks.", DEMO),
+    "demo": ("Tiny SmolVLA on the synthetic reach task, CPU, minutes: pretrain a base in full on one robot, "
+             "then LoRA onto a robot with inverted motor axes.", DEMO),
     "smolvla_lora": ("SmolVLA (450M) with LeRobot's LoRA recipe; give --policy.path and --dataset.root.", SMOLVLA_LORA),
     "smolvla_qlora8": ("smolvla_lora on an 8-bit frozen base, gradient checkpointing on.", SMOLVLA_QLORA8),
     "smolvla_qlora4": ("smolvla_lora on a 4-bit NF4 frozen base, gradient checkpointing on.", SMOLVLA_QLORA4),
