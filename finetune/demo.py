@@ -1,9 +1,10 @@
-"""The built-in demo: a small SmolVLA, pretrained on part of a synthetic task family, then LoRA-tuned on the rest.
+"""The built-in demo: a small SmolVLA pretrained in full on one robot, then LoRA-tuned onto a new embodiment.
 
 Everything is made locally and offline: a byte-level BPE tokenizer trained on the task vocabulary, two LeRobotDataset
-v3.0 folders (videos encoded with a real codec) of the "move to the <color> ball" task, and a tiny SmolVLA (same code
-and module names as the 450M one) trained in full on the pretraining colors and saved in LeRobot's format. The
-fine-tune then starts from that folder like any user's run. Assets are reused when already present.
+v3.0 folders (videos encoded with a real codec) of the "move to the <color> ball" task, one recorded on the
+pretraining robot and one on a robot whose motor axes are wired inverted, and a tiny SmolVLA (same code and module
+names as the 450M one) trained in full on the first and saved in LeRobot's format. The fine-tune then starts from
+that folder like any user's run. Assets are reused while the demo options that made them are unchanged.
 """
 
 from __future__ import annotations
