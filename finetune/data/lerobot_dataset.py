@@ -261,43 +261,58 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._videos = VideoFrameReader(video_cache_bytes)
         self._load(selected)
 
+    def _data_path(self, ep: dict) -> tuple[Path, str]:
+        chunk, file = ep["data/chunk_index"], ep["data/file_index"]
+        pointed = (
+            f"meta/info.json 'data_path' with 'data/chunk_index'={chunk}, 'data/file_index'={file} "
+            f"of episode {ep['episode_index']} in meta/episodes"
+        )
+        return self.meta.root / self.meta.info["data_path"].format(chunk_index=chunk, file_index=file), pointed
+
+    def _read_data_file(self, path: Path, pointed: str) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """The wanted columns of one data file, its row order sorted by (episode, frame), and the sorted episodes."""
+        if not path.is_file():
+            raise DatasetError(f"{path} not found ({pointed}); restore it or fix the episode metadata")
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{path}: cannot read parquet ({e}); the file is truncated or not parquet, "
+                               "restore it from the dataset's source") from e
+        wanted = list(dict.fromkeys([*INDEX_COLUMNS, *self._value_keys, *self._image_keys]))
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {missing} named in meta/info.json features; found {names}")
+        table = _read_parquet(path, pointed, wanted)
+        episode_col = table.column("episode_index").to_numpy()
+        order = np.lexsort((table.column("frame_index").to_numpy(), episode_col))  # one sort per file: O(rows log)
+        return table, order, episode_col[order]
+
     def _load(self, selected: list[dict]) -> None:
         meta = self.meta
         parts: dict[str, list[np.ndarray]] = {k: [] for k in (*INDEX_COLUMNS, *self._value_keys)}
         images: dict[str, list[bytes | str]] = {k: [] for k in self._image_keys}
-        ends: list[int] = []
-        self._video_at: dict[str, list[tuple[str, float]]] = {k: [] for k in self._video_keys}
-        loaded: Path | None = None  # selected episodes are sorted, so each data file is read once
-        total = 0
+        # Consecutive selected episodes in one data file form a run: the file is read and sorted once, and the run's
+        # rows are taken and converted together (loading is O(rows), not O(episodes x rows)).
+        runs: list[tuple[Path, str, list[dict]]] = []
         for ep in selected:
-            index, chunk, file = ep["episode_index"], ep["data/chunk_index"], ep["data/file_index"]
-            path = meta.root / meta.info["data_path"].format(chunk_index=chunk, file_index=file)
-            if path != loaded:
-                pointed = (
-                    f"meta/info.json 'data_path' with 'data/chunk_index'={chunk}, 'data/file_index'={file} "
-                    f"of episode {index} in meta/episodes"
-                )
-                if not path.is_file():
-                    raise DatasetError(f"{path} not found ({pointed}); restore it or fix the episode metadata")
-                names = pq.read_schema(path).names
-                wanted = list(dict.fromkeys([*INDEX_COLUMNS, *self._value_keys, *self._image_keys]))
-                missing = [c for c in wanted if c not in names]
-                if missing:
-                    raise DatasetError(
-                        f"{path}: missing column(s) {missing} named in meta/info.json features; found {names}"
-                    )
-                table = _read_parquet(path, pointed, wanted)
-                episode_col, loaded = table.column("episode_index").to_numpy(), path
-            rows = np.flatnonzero(episode_col == index)
-            lo, hi = ep["dataset_from_index"], ep["dataset_to_index"]
+            path, pointed = self._data_path(ep)
+            if runs and runs[-1][0] == path:
+                runs[-1][2].append(ep)
+            else:
+                runs.append((path, pointed, [ep]))
+        loaded: tuple[Path, pa.Table, np.ndarray, np.ndarray] | None = None
+        for path, pointed, group in runs:
+            if loaded is None or loaded[0] != path:
+                loaded = (path, *self._read_data_file(path, pointed))
+            _, table, order, sorted_episodes = loaded
+            ids = np.asarray([ep["episode_index"] for ep in group])
+            first, last = np.searchsorted(sorted_episodes, ids, "left"), np.searchsorted(sorted_episodes, ids, "right")
+            rows = np.concatenate([order[a:b] for a, b in zip(first, last)])
             part = table.take(rows)
-            part = part.take(np.argsort(part.column("frame_index").to_numpy(), kind="stable"))
-            if not np.array_equal(part.column("index").to_numpy(), np.arange(lo, hi)):
-                raise DatasetError(
-                    f"{path}: episode {index} has {len(rows)} rows with 'index' not equal to "
-                    f"dataset_from_index..dataset_to_index-1 = {lo}..{hi - 1} from meta/episodes; "
-                    "the episode metadata and the data file disagree, regenerate one of them"
-                )
+            expected = np.concatenate([np.arange(ep["dataset_from_index"], ep["dataset_to_index"]) for ep in group])
+            found = part.column("index").to_numpy()
+            if len(found) != len(expected) or not np.array_equal(found, expected):
+                self._raise_index_mismatch(path, group, last - first, found)
             for key in parts:
                 feature = meta.features.get(key, {"shape": [1]})
                 values = _column_to_numpy(part.column(key), key, feature, path)
@@ -307,20 +322,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
                     if not (cell and (cell.get("bytes") or cell.get("path"))):
                         raise DatasetError(f"{path}: image column {key!r} has a row with neither 'bytes' nor 'path'")
                     images[key].append(cell["bytes"] or str(meta.root / cell["path"]))
+        self._video_at: dict[str, list[tuple[str, float]]] = {k: [] for k in self._video_keys}
+        for ep in selected:
             for key in self._video_keys:
-                chunk_v, file_v = ep[f"videos/{key}/chunk_index"], ep[f"videos/{key}/file_index"]
-                video = meta.root / meta.info["video_path"].format(
-                    video_key=key, chunk_index=chunk_v, file_index=file_v
-                )
-                if not video.is_file():
-                    raise DatasetError(
-                        f"{video} not found (meta/info.json 'video_path' with 'videos/{key}/chunk_index'={chunk_v}, "
-                        f"'videos/{key}/file_index'={file_v} of episode {index} in meta/episodes); "
-                        "restore it or fix the episode metadata"
-                    )
-                self._video_at[key].append((str(video), float(ep[f"videos/{key}/from_timestamp"])))
-            total += hi - lo
-            ends.append(total)
+                self._video_at[key].append((self._video_path(ep, key), float(ep[f"videos/{key}/from_timestamp"])))
+        ends = np.cumsum([ep["dataset_to_index"] - ep["dataset_from_index"] for ep in selected])
 
         def cat(key: str, dtype: type) -> np.ndarray:
             return np.concatenate(parts[key]).astype(dtype, copy=False) if parts[key] else np.zeros(0, dtype)
@@ -344,6 +350,32 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 f"{meta.root}: data files use task_index {int(bad_tasks[0])} but meta/tasks.parquet has "
                 f"{len(meta.tasks)} tasks"
             )
+
+    def _video_path(self, ep: dict, key: str) -> str:
+        chunk_v, file_v = ep[f"videos/{key}/chunk_index"], ep[f"videos/{key}/file_index"]
+        video = self.meta.root / self.meta.info["video_path"].format(video_key=key, chunk_index=chunk_v,
+                                                                     file_index=file_v)
+        if not video.is_file():
+            raise DatasetError(
+                f"{video} not found (meta/info.json 'video_path' with 'videos/{key}/chunk_index'={chunk_v}, "
+                f"'videos/{key}/file_index'={file_v} of episode {ep['episode_index']} in meta/episodes); "
+                "restore it or fix the episode metadata"
+            )
+        return str(video)
+
+    @staticmethod
+    def _raise_index_mismatch(path: Path, group: list[dict], counts: np.ndarray, found: np.ndarray) -> None:
+        offset = 0
+        for ep, count in zip(group, counts.tolist()):
+            lo, hi = ep["dataset_from_index"], ep["dataset_to_index"]
+            if not np.array_equal(found[offset : offset + count], np.arange(lo, hi)):
+                raise DatasetError(
+                    f"{path}: episode {ep['episode_index']} has {count} rows with 'index' not equal to "
+                    f"dataset_from_index..dataset_to_index-1 = {lo}..{hi - 1} from meta/episodes; "
+                    "the episode metadata and the data file disagree, regenerate one of them"
+                )
+            offset += count
+        raise DatasetError(f"{path}: 'index' column disagrees with meta/episodes; regenerate one of them")
 
     def __len__(self) -> int:
         return len(self._frame_index)
