@@ -18,7 +18,8 @@ def test_metaworld_observation_names_shapes_and_seeded_resets():
     env = make_env("metaworld", "push-v3", image_size=32, cameras=("corner2", "topview"))
     obs, info = env.reset(seed=3)
     assert set(obs) == {"observation.images.corner2", "observation.images.topview", "observation.state"}
-    assert obs["observation.images.corner2"].shape == (32, 32, 3) and obs["observation.images.corner2"].dtype == np.uint8
+    image = obs["observation.images.corner2"]
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     assert obs["observation.state"].shape == (4,) and obs["observation.state"].dtype == np.float32
     assert env.task == info["task"] == "push the puck to the target" and env.action_space.shape == (4,)
     puck = env.raw_obs[4:7].copy()
