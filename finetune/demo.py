@@ -171,3 +171,25 @@ def export_base(checkpoint: Path, init: Path, base: Path) -> None:
     (tmp / "demo.json").write_text(json.dumps({"pretrained_from": str(checkpoint)}, indent=2) + "\n")
     shutil.rmtree(base, ignore_errors=True)
     tmp.rename(base)
+
+
+def report_closed_loop(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """The demo's last step: the base (the run's step 0) and the fine-tuned policy on the same seeded episodes of the
+    new colors; prints the success rates and writes closed_loop.json, rollout GIFs and metrics.png to output_dir/eval.
+    """
+    from .eval import closed_loop, settings_from_dataset, success_line  # evaluation code, not training's
+    from .predict import Predictor
+
+    n = cfg.demo.rollout_episodes
+    if n <= 0:
+        return {}
+    settings = settings_from_dataset(cfg.dataset.root, cfg.demo.finetune_colors, episodes=n, seed=0)
+    checkpoint = summary["checkpoint"]
+    predictors = {"before": Predictor.from_checkpoint(checkpoint, cfg.policy.path, use_trained_weights=False),
+                  "after": Predictor.from_checkpoint(checkpoint, cfg.policy.path)}
+    out_dir = Path(cfg.output_dir) / "eval"
+    result = closed_loop(predictors, settings, out_dir, Path(cfg.output_dir), checkpoint)
+    summary.update(success_before=result["before"]["success_rate"], success_after=result["after"]["success_rate"])
+    print(success_line(result))
+    print(f"rollout GIFs and metrics plot in {out_dir}")
+    return result

@@ -448,9 +448,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   f"saved adapter ({saved.peft}); drop the PEFT flags or start a new output dir")
         summary = run_training(cfg, accelerator)
         if cfg.demo.enabled and accelerator.is_main_process:
-            from finetune.eval import demo_closed_loop_report
+            from finetune.demo import report_closed_loop
 
-            demo_closed_loop_report(cfg, summary)  # success rate before/after in the simulated task
+            report_closed_loop(cfg, summary)  # the demo's own report: success before/after in its simulated task
         if push_repo_ids(cfg) and accelerator.is_main_process:
             push_run(cfg, summary)
         return summary
