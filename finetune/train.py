@@ -136,6 +136,7 @@ def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
                           f"max_action_dim {pcfg.max_action_dim}")
     pcfg.input_features, pcfg.output_features = inputs, outputs  # as LeRobot: features come from the dataset
     policy.set_gradient_checkpointing(cfg.policy.gradient_checkpointing)
+    policy.set_attn_implementation(cfg.policy.attn_implementation)
     return policy
 
 

@@ -194,8 +194,10 @@ def test_joint_attention_mask_prefix_state_and_actions(pi_dir):
 
 
 def test_prefix_pass_matches_transformers_gemma(pi_dir):
-    """Each joint layer computes what transformers' own Gemma layer computes (eager attention, openpi's mask value)."""
+    """Each joint layer computes what transformers' own Gemma layer computes (eager attention, openpi's mask value;
+    padding rows included, which only the eager path defines)."""
     policy = load_policy(pi_dir).eval()
+    policy.set_attn_implementation("eager")
     model = policy.model
     images, img_masks, tokens, masks, _ = policy._inputs(tiny_batch(policy))
     prefix, pad, att = model.embed_prefix(images, img_masks, tokens, masks)
@@ -480,3 +482,23 @@ def test_quantized_base_trains_lora(pi_dir):
     loss.backward()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_sdpa_attention_gives_the_eager_loss_and_actions(pi_dir):
+    policy = load_policy(pi_dir)
+    assert policy.model.paligemma_with_expert.attn_implementation == "sdpa"
+    with torch.no_grad():  # peaked attention (a random tiny Gemma attends almost uniformly): the scale and mask matter
+        for name, param in policy.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(8.0)
+    batch, noise, time = tiny_batch(policy), torch.randn(3, 10, 32), torch.full((3,), 0.6)
+    results = {}
+    for name in ("eager", "sdpa"):
+        policy.set_attn_implementation(name)
+        vision = policy.model.paligemma_with_expert.paligemma.model.vision_tower
+        assert {m.config._attn_implementation for m in vision.modules() if hasattr(m, "config")} == {name}
+        loss = policy.train()(batch, noise=noise, time=time)[0]
+        actions = policy.eval().predict_action_chunk(batch, noise=noise)
+        results[name] = (loss, actions)
+    torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["sdpa"][1], results["eager"][1], rtol=1e-5, atol=1e-5)

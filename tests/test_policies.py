@@ -141,3 +141,22 @@ def test_unknown_backbone_names_the_fix(tmp_path):
     with pytest.raises(ValueError, match="vlm_config.json"):
         make_policy(config)
     assert TINY_VLM["text_config"]["hidden_size"] == 192
+
+
+def test_sdpa_attention_gives_the_eager_loss_and_actions(policy_dir):
+    """Fused attention (default) against LeRobot's explicit float32-softmax path, in the joint layers and SigLIP."""
+    policy = load_policy(policy_dir)
+    assert policy.model.vlm_with_expert.attn_implementation == "sdpa"
+    batch = tiny_batch(policy)
+    noise, time = torch.randn(3, policy.config.chunk_size, 32), torch.full((3,), 0.6)
+    results = {}
+    for name in ("eager", "sdpa"):
+        policy.set_attn_implementation(name)
+        assert policy.model.vlm_with_expert.vlm.model.vision_model.config._attn_implementation == name
+        loss = policy.train()(batch, noise=noise, time=time)[0]
+        actions = policy.eval().predict_action_chunk(batch, noise=noise)
+        results[name] = (loss, actions)
+    torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["sdpa"][1], results["eager"][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        policy.set_attn_implementation("flash")
