@@ -522,6 +522,7 @@ class PI0Policy(FlowMatchingPolicy):
         self.model = self.flow_matching_class(config, self.backbone_spec)
         self.set_gradient_checkpointing(config.gradient_checkpointing)
         self.set_attn_implementation("sdpa")
+        self.compile_if_configured()
 
     def _check_supported(self, config: PI0Config) -> None:
         values = {**config.extra, **{k: getattr(config, k) for k in self.unsupported_fields if hasattr(config, k)}}
@@ -577,6 +578,17 @@ class PI0Policy(FlowMatchingPolicy):
         if include_vision:
             scopes += (f"{prefix}paligemma.model.vision_tower.", f"{prefix}paligemma.model.multi_modal_projector.")
         return scopes
+
+    def frozen_in_full_training(self) -> list[nn.Module]:
+        """LeRobot's pi0/pi0.5 rules: freeze_vision_encoder freezes SigLIP (not the projector), train_expert_only
+        the whole PaliGemma."""
+        paligemma = self.model.paligemma_with_expert.paligemma
+        frozen: list[nn.Module] = []
+        if self.config.freeze_vision_encoder:
+            frozen.append(paligemma.model.vision_tower)
+        if self.config.train_expert_only:
+            frozen.append(paligemma)
+        return frozen
 
     def set_attn_implementation(self, name: str) -> None:
         """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and in SigLIP."""

@@ -504,6 +504,30 @@ class SmolVLAPolicy(FlowMatchingPolicy):
         self.vlm_config = vlm_config or make_vlm_config(config.vlm_model_name)
         self.model = VLAFlowMatching(config, self.vlm_config)
         self.set_attn_implementation("sdpa")
+        self.compile_if_configured()
+
+    def frozen_in_full_training(self) -> list[nn.Module]:
+        """LeRobot's SmolVLA rules: freeze_vision_encoder freezes SigLIP (not the connector); train_expert_only freezes
+        the whole VLM; otherwise the VLM parts whose outputs nothing reads stay frozen (lm_head, the final text norm,
+        the last layer(s) - LeRobot's intent; its name patterns only catch lm_head under transformers 5); state_proj
+        trains only with train_state_proj."""
+        vlm_with_expert = self.model.vlm_with_expert
+        vlm = vlm_with_expert.vlm
+        frozen: list[nn.Module] = []
+        if self.config.freeze_vision_encoder:
+            frozen.append(vlm.model.vision_model)
+        if self.config.train_expert_only:
+            frozen.append(vlm)
+        else:
+            text = vlm.model.text_model
+            last = [vlm_with_expert.num_vlm_layers - 1]
+            n_vlm, n_expert = vlm_with_expert.num_vlm_layers, vlm_with_expert.num_expert_layers
+            if n_vlm != n_expert and n_vlm % n_expert == 0:
+                last.append(n_vlm - 2)
+            frozen += [vlm.lm_head, text.norm] + [text.layers[i] for i in last]
+        if not self.config.train_state_proj:
+            frozen.append(self.model.state_proj)
+        return frozen
 
     def set_attn_implementation(self, name: str) -> None:
         """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and the vision tower."""
