@@ -104,6 +104,7 @@ def build_peft_config(opts: PeftOptions, targets: list[str], full_training: list
         "alpha": alpha,  # LoHa / LoKr
         "lora_dropout": opts.lora_dropout,
         "feedforward_modules": [],  # IA3: scale outputs (not inputs) of every target
+        "oft_block_size": 0,  # OFT: the block count is --peft.r (PEFT refuses both r and a block size)
     }
     if opts.init_type is not None:
         wanted["init_lora_weights" if "init_lora_weights" in fields else "init_weights"] = opts.init_type
