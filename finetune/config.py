@@ -39,6 +39,9 @@ class PolicyOptions:
     LeRobot's --policy.repo_id). Needs network and a login, checked before training starts."""
     merged_repo_id: str | None = None
     """Also merge the adapter into the base at the end and push that full LeRobot-format policy to this repo."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel in the joint VLM/expert layers and the vision tower: torch's fused scaled_dot_product_attention
+    (same loss as eager to float32 rounding) or LeRobot's eager float32-softmax path. Not written to config.json."""
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ def tiny_smolvla_config(meta) -> SmolVLAConfig:
         chunk_size=CHUNK_SIZE, n_action_steps=CHUNK_SIZE // 2,  # replan halfway through each chunk
         resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE),
         tokenizer_max_length=16, num_vlm_layers=4, vlm_model_name="finetune/tiny-smolvlm", num_steps=10,
+        freeze_vision_encoder=False, train_expert_only=False,  # the base is pretrained from scratch: all of it trains
     )
 
 

@@ -28,13 +28,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune import distributed as dist
-from finetune.adapters import (
-    apply_adapter,
-    base_policy,
-    count_parameters,
-    load_adapter,
-    resolve_full_training_modules,
-)
+from finetune.adapters import base_policy, count_parameters, quantize_and_attach, set_full_training_grads
 from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, validate
 from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta, loading
 from finetune.data.transforms import ImageTransforms
@@ -42,12 +36,10 @@ from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger
 from finetune.policies import load_policy, save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
+from finetune.policies.common import DTYPES
 from finetune.processor import PolicyProcessor, image_keys, images_to_float, save_stats
 from finetune.publish import check_push_access, push_repo_ids, push_run
-from finetune.quant import enable_input_require_grads, quantize_policy
 from finetune.sampling import ResumableBatchSampler
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_lr_factor(step: int, warmup_steps: int, decay_steps: int, peak_lr: float, decay_lr: float) -> float:
@@ -148,6 +140,7 @@ def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
                           f"max_action_dim {pcfg.max_action_dim}")
     pcfg.input_features, pcfg.output_features = inputs, outputs  # as LeRobot: features come from the dataset
     policy.set_gradient_checkpointing(cfg.policy.gradient_checkpointing)
+    policy.set_attn_implementation(cfg.policy.attn_implementation)
     return policy
 
 
@@ -192,25 +185,20 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
                                                                               "--dataset.repo-id")
     meta = load_dataset_meta(dataset_root)
     policy = load_base_policy(cfg, policy_dir, meta)
-    if cfg.quant.enabled:
-        keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
-        policy = quantize_policy(policy, cfg.quant, accelerator.device, keep)
-        enable_input_require_grads(policy)
     tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, policy.config.tokenizer_name)
     stats = {cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}
     processor = PolicyProcessor(policy.config, tokenizer, stats, cfg.dataset.rename_map)
 
     resume_from = ckpt.resolve_last(cfg.checkpoints_dir) if cfg.resume else None
-    if resume_from is not None and (resume_from / "adapter_config.json").is_file():
-        model = load_adapter(policy, resume_from, trainable=True)  # the saved adapter itself, not a fresh one
-    elif resume_from is not None:
+    if resume_from is not None and not (resume_from / "adapter_config.json").is_file():
         model = load_policy(resume_from)  # a FULL run: its checkpoint holds the whole policy
         model.config.input_features, model.config.output_features = policy.config.input_features, \
             policy.config.output_features
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        model = apply_adapter(policy, cfg.peft)
+        model.set_attn_implementation(cfg.policy.attn_implementation)
+        set_full_training_grads(model)
+    else:  # resuming: the saved adapter itself, not a fresh one on top
+        model = quantize_and_attach(policy, cfg.quant, cfg.peft, accelerator.device, adapter_dir=resume_from,
+                                    trainable=True)
     for p in model.parameters():  # trained parameters in float32 whatever the base's storage dtype
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
