@@ -722,10 +722,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(report_preempted()) from None
     except NonFiniteError as err:
         kept = getattr(err, "kept", None)
-        applied = " (DeepSpeed had already applied it)" if accelerator is not None and dist.is_deepspeed(
-            accelerator) else ""
+        applied = "DeepSpeed had applied the update; the run stopped before saving it" if accelerator is not None \
+            and dist.is_deepspeed(accelerator) else "the update was not applied"
         if accelerator is None or accelerator.is_main_process:
-            print(f"error: {err}: stopped before saving this update{applied}; the last good checkpoint "
+            print(f"error: {err}; {applied}, and the last good checkpoint "
                   f"{kept or '(none yet)'} is kept. Lower --optim.lr, check the data for NaN/inf, or pass --nonfinite "
                   "skip to skip such updates", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NONFINITE) from None

@@ -242,3 +242,42 @@ def test_metrics_continue_from_the_checkpoint_without_duplicate_rows(four_steps,
     tb = {e.step: e.value for e in events.Scalars("train/loss")}
     for step, value in losses(four_steps).items():
         assert tb[step] == pytest.approx(value, rel=1e-6)
+
+
+# --- non-finite training -------------------------------------------------------------------------------------------
+
+# lr 1e30: step 1's update is finite but throws the adapter to ~1e29, so step 2's loss and gradients are not.
+EXPLODE = ("--optim.lr", "1e30", "--optim.decay-lr", "1e29", "--checkpoint.every", "1", "--checkpoint.keep-last", "5",
+           "--dataset.eval-episodes", "0")
+
+
+def test_a_non_finite_step_stops_the_run_naming_it_and_keeps_the_last_good_checkpoint(policy_dir, dataset_root,
+                                                                                      tmp_path, capsys):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", *EXPLODE))
+    assert exit_info.value.code == train.EXIT_NONFINITE == 3
+    err = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))
+    assert err.startswith("error: step 2: non-finite training (loss nan, gradient norm nan); the update was not "
+                          f"applied, and the last good checkpoint {out / 'checkpoints/000001'} is kept."), err
+    assert "--nonfinite skip" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "last"]
+    assert os.readlink(out / "checkpoints/last") == "000001"
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints/000001/adapter_model.safetensors"))
+               .values())
+    assert sorted(losses(out)) == [1]
+
+
+def test_nonfinite_skip_drops_those_updates_and_trains_on(policy_dir, dataset_root, tmp_path, capsys):
+    out = tmp_path / "skip"
+    summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", *EXPLODE, "--nonfinite", "skip"))
+    assert summary["skipped_updates"] == 3
+    assert "skipped updates (non-finite loss/gradient): 3" in capsys.readouterr().out
+    rows = [m for m in read_metrics(out / "metrics.jsonl") if "train/lr" in m]
+    assert [m.get("train/skipped_updates", 0) for m in rows] == [0, 1, 2, 3]
+    assert [("train/loss" in m) for m in rows] == [True, False, False, False]  # NaN losses are not written
+    first, last = (load_file(str(out / f"checkpoints/{s:06d}/adapter_model.safetensors")) for s in (1, 4))
+    for key in first:  # no update after step 1 reached the weights
+        assert torch.equal(first[key], last[key]), key
+    state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
+    assert (state["step"], state["batches_seen"]) == (4, 4)  # the data moved on
