@@ -115,6 +115,8 @@ def _attempt(write) -> str | None:
         write()
     except OSError as err:
         return f"{type(err).__name__}: {err}"
+    except RuntimeError as err:  # torch.save reports a full disk as "basic_ios::clear: iostream error"
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
     return None
 
 
@@ -132,8 +134,10 @@ def _raise_if_any(accelerator: Accelerator, error: str | None, step: int, checkp
     last = checkpoints_dir / LAST
     kept = f"the last good checkpoint {last.resolve()} is kept (checkpoints/last points at it)" if last.exists() \
         else "no earlier checkpoint exists"
-    raise CheckpointWriteError(f"could not write the checkpoint of step {step} into {checkpoints_dir} ({error}); "
-                               f"{kept}. Free disk space or make the folder writable, then rerun with --resume")
+    free = shutil.disk_usage(checkpoints_dir).free / 2**20
+    raise CheckpointWriteError(f"could not write the checkpoint of step {step} into {checkpoints_dir} ({error}; "
+                               f"{free:.1f} MiB free there); {kept}. Free disk space or make the folder writable, "
+                               "then rerun with --resume")
 
 
 def _fsync_tree(folder: Path) -> None:
