@@ -121,14 +121,18 @@ fi
 # The training processes finish their optimizer step, checkpoint and stop; the launchers above them must outlive
 # that, so they ignore both signals (inherited as "ignore"; train.py installs its own handlers, and torchrun forwards
 # SIGTERM to its workers itself). The workers report "preempted" in FINETUNE_STATUS_FILE and exit 0, so the launchers
-# stay quiet; this script then exits 75 (EX_TEMPFAIL): checkpoint written, requeue with --resume auto.
+# stay quiet; this script then exits 75 (EX_TEMPFAIL): checkpoint written, requeue with --resume auto. A run that
+# fails writes its exit status there too, which this script returns instead of the launcher's 1.
 status="$(mktemp "${TMPDIR:-/tmp}/finetune-status.XXXXXX")"
 trap 'rm -f "$status"' EXIT
 trap '' USR1 TERM
 rc=0
 FINETUNE_STATUS_FILE="$status" "${cmd[@]}" || rc=$?
-if [ "$(cat "$status" 2>/dev/null)" = "preempted" ]; then
+said="$(cat "$status" 2>/dev/null || true)"
+if [ "$said" = "preempted" ]; then
   echo "launch.sh: preempted; the checkpoint is written. Exit 75: requeue and continue with --resume auto" >&2
   exit 75
 fi
+# The run's own status (2: bad input, 3: non-finite training), which the launchers report as 1.
+[ "$rc" -ne 0 ] && [[ "$said" =~ ^exit\ ([0-9]+)$ ]] && exit "${BASH_REMATCH[1]}"
 exit "$rc"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -42,8 +43,11 @@ class StopRequest:
         self.received = signum
 
     def install(self) -> StopRequest:
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        """Idempotent; only the main thread can install signal handlers (elsewhere this records nothing)."""
+        if not self._previous and threading.current_thread() is threading.main_thread():
+            self.received = None
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def uninstall(self) -> None:
@@ -60,13 +64,23 @@ class StopRequest:
         return signal.Signals(int(code)).name if code else None
 
 
+# The process's one request: installed by train.main() before anything is built, so a signal that arrives while the
+# model loads (ignored by launch.sh's launchers, inherited as "ignore" otherwise) still stops the run at its first step.
+STOP = StopRequest()
+
+
 def report_preempted() -> int:
     """The exit status for a preempted run: 0 with 'preempted' in launch.sh's status file, else EXIT_PREEMPTED."""
+    return 0 if write_status("preempted") else EXIT_PREEMPTED
+
+
+def write_status(text: str) -> bool:
+    """Tell launch.sh how the run ended (`accelerate launch` turns any worker failure into its own exit 1)."""
     status_file = os.environ.get(STATUS_FILE_ENV)
-    if status_file:
-        try:
-            Path(status_file).write_text("preempted\n")
-            return 0
-        except OSError:
-            pass
-    return EXIT_PREEMPTED
+    if not status_file:
+        return False
+    try:
+        Path(status_file).write_text(text + "\n")
+        return True
+    except OSError:
+        return False

@@ -55,7 +55,7 @@ from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger, check_trackers, read_metrics
 from finetune.policies import POLICIES, load_policy, save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
-from finetune.preemption import Preempted, StopRequest, report_preempted
+from finetune.preemption import STOP, Preempted, StopRequest, report_preempted, write_status
 from finetune.processor import PolicyProcessor, save_stats
 from finetune.publish import check_push_access, push_repo_ids, push_run
 from finetune.quant import enable_input_require_grads, quantize_policy
@@ -451,7 +451,7 @@ def fit(run: Run) -> dict[str, Any]:
                            trackers=cfg.log_with, config=flat_fields(cfg))
     if accelerator.is_main_process:
         (output_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    stop = StopRequest().install()
+    stop = STOP.install()
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not accelerator.is_main_process, desc="train",
                dynamic_ncols=True)
     try:
@@ -471,7 +471,6 @@ def fit(run: Run) -> dict[str, Any]:
         err.kept = run.summary.get("checkpoint") or _last_checkpoint(cfg)
         raise
     finally:
-        stop.uninstall()
         bar.close()
         logger.close()
     if os.environ.get(dist.DEBUG_DUMP_ENV):
@@ -682,6 +681,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     is_main = int(os.environ.get("RANK", "0")) == 0
     cfg = cli(argv, console_outputs=is_main)
     accelerator = None
+    STOP.install()  # from the start: a preemption during setup stops the run after its first update
     try:
         validate(cfg)
         check_trackers(cfg.log_with)
@@ -695,6 +695,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = resolve_resume(cfg, accelerator)
         if not cfg.resume:
             claim_output_dir(cfg, accelerator, auto)
+        dist.check_shared_output_dir(accelerator, Path(cfg.output_dir))
         if cfg.demo.enabled:
             from finetune.demo import prepare_demo
 
@@ -714,7 +715,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             push_run(cfg, summary)
         return summary
     except (ConfigError, DatasetError, FileNotFoundError, CheckpointWriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if accelerator is None or accelerator.is_local_main_process:  # once in each node's log
+            print(f"error: {err}", file=sys.stderr)
+        write_status("exit 2")  # the real status still ends the workers, so torchrun stops the other ranks
         raise SystemExit(2) from None
     except Preempted as stopped:
         if accelerator is None or accelerator.is_main_process:
@@ -728,7 +731,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"error: {err}; {applied}, and the last good checkpoint "
                   f"{kept or '(none yet)'} is kept. Lower --optim.lr, check the data for NaN/inf, or pass --nonfinite "
                   "skip to skip such updates", file=sys.stderr, flush=True)
+        write_status(f"exit {EXIT_NONFINITE}")
         raise SystemExit(EXIT_NONFINITE) from None
+    finally:
+        STOP.uninstall()
 
 
 def cli_main() -> None:
