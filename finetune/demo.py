@@ -125,6 +125,7 @@ def prepare_demo(cfg: TrainConfig, accelerator: Accelerator, run_training) -> Tr
         init = assets / "initial_policy"
         if accelerator.is_main_process:
             make_initial_policy(init, load_dataset_meta(pretrain_ds), seed=cfg.seed)
+            shutil.rmtree(assets / "pretrain_run", ignore_errors=True)  # an interrupted attempt starts over
         accelerator.wait_for_everyone()
         accelerator.print(f"demo: pretraining the base policy in full for {d.pretrain_steps} steps")
         pretrain = TrainConfig(
