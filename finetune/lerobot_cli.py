@@ -311,7 +311,7 @@ class _Translator:
             return self.note(opt, self.ours(target, opt))
         why = _refusal(name)
         if opt.from_file:
-            if name not in FILE_SKIP_QUIETLY:
+            if name not in FILE_SKIP_QUIETLY and opt.values[0] not in ("null", "false", "{}", "[]"):
                 self.unused_from_file.append(name)
             return []
         if why is not None:
@@ -357,7 +357,8 @@ class _Translator:
     def _peft__lora_alpha(self, opt: _Option) -> list[str]:
         if len(opt.values) == 1 and _is_null(opt.values[0]):
             return self.note(opt, ["--peft.lora-alpha=8"], "PEFT's LoraConfig default, which LeRobot uses for null")
-        return self.ours("peft.lora_alpha", opt)
+        out = self.ours("peft.lora_alpha", opt)
+        return self.note(opt, out) if opt.from_file else out
 
     def _save_freq(self, opt: _Option) -> list[str]:
         value = self.one_value(opt)
