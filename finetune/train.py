@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import set_seed
@@ -40,7 +41,7 @@ from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
 from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger
 from finetune.policies import load_policy, save_policy
-from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
+from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE, TASK
 from finetune.processor import PolicyProcessor, save_stats
 from finetune.publish import check_push_access, push_repo_ids, push_run
 from finetune.quant import enable_input_require_grads, quantize_policy
@@ -356,11 +357,94 @@ def fit(run: Run) -> dict[str, Any]:
                 bar.write(f"step {run.step}: held-out action MSE {mse:.4f}")
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
             run.summary["checkpoint"] = str(save(run))
+        evaluate_in_sim(run, logger)
     if os.environ.get(dist.DEBUG_DUMP_ENV):
         dist.dump_rank_view(accelerator, run.model, Path(cfg.output_dir) / "debug", run.step)
     bar.close()
     logger.close()
     return run.summary
+
+
+# --- closed-loop evaluation in a simulator (--env.type); finetune.envs is simulation, not evaluation reporting ------
+
+def check_sim_env(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse --env.* that cannot run (unknown env or task, simulator extra or assets missing) before any model is
+    built, rather than after hours of training."""
+    if cfg.env.type is None:
+        return
+    if not cfg.env.task:
+        raise ConfigError(f"--env.type {cfg.env.type} needs --env.task (e.g. libero_spatial, push-v3, MT10)")
+    if cfg.env.episodes < 1 or cfg.env.eval_every < 0:
+        raise ConfigError("--env.episodes must be >= 1 and --env.eval-every >= 0 (0: only at the end)")
+    if dist.zero_stage(accelerator) == 3:
+        raise ConfigError("--env.type: simulator evaluation runs the policy on one process, which ZeRO-3's sharded "
+                          "weights do not allow; use a ZeRO-1/2 or DDP config, or evaluate the checkpoint afterwards")
+    try:
+        from finetune.envs import check_env, default_tasks
+    except ImportError:
+        raise ConfigError(f"--env.type {cfg.env.type}: this install has no simulator support (finetune.envs); "
+                          "update the suite or drop --env.type") from None
+    try:
+        check_env(cfg.env.type, default_tasks(cfg.env.type, cfg.env.task))
+    except (ValueError, RuntimeError) as err:  # unknown env/task; EnvUnavailable: extra or assets missing
+        raise ConfigError(f"--env.type {cfg.env.type} --env.task {cfg.env.task}: {err}") from None
+
+
+def make_action_chunk_fn(run: Run, seed: int):
+    """The policy being trained as finetune.envs' ActionChunkFn: (env observation, instruction) -> (chunk, action_dim)
+    actions in robot units (normalization undone), with seeded sampling noise."""
+    policy = run.accelerator.unwrap_model(run.model)
+    pcfg = base_policy(policy).config
+    rename, device = run.cfg.dataset.rename_map, run.accelerator.device
+    generator = torch.Generator().manual_seed(seed)
+
+    def act(observation: dict[str, np.ndarray], instruction: str) -> np.ndarray:
+        obs = {rename.get(k, k): v for k, v in observation.items()}
+        if OBS_STATE not in obs:
+            raise ConfigError(f"--env.type {run.cfg.env.type}: the simulator's observation has no {OBS_STATE!r} "
+                              f"({sorted(observation)}); map its keys with --dataset.rename-map")
+        batch: dict[str, Any] = {k: torch.as_tensor(np.asarray(obs[k])).permute(2, 0, 1)[None].float() / 255
+                                 for k in pcfg.image_features if k in obs}  # (H, W, 3) uint8 -> (1, 3, H, W)
+        batch[OBS_STATE] = torch.as_tensor(np.asarray(obs[OBS_STATE], dtype=np.float32)).reshape(1, -1)
+        batch[TASK] = [instruction]
+        batch = to_device(run.processor.prepare(batch), device)
+        noise = torch.randn(1, pcfg.chunk_size, pcfg.max_action_dim, generator=generator).to(device)
+        with dist.autocast(run.accelerator):
+            chunk = policy.predict_action_chunk(batch, noise=noise)
+        return run.processor.unnormalize_actions(chunk.float().cpu())[0].numpy()
+
+    return act
+
+
+def evaluate_in_sim(run: Run, logger: MetricsLogger) -> None:
+    """--env.type: success rate of the policy in the simulator at the end and every --env.eval-every updates."""
+    cfg, accelerator = run.cfg, run.accelerator
+    due = run.step == cfg.steps or (cfg.env.eval_every > 0 and run.step % cfg.env.eval_every == 0)
+    if cfg.env.type is None or not due:
+        return
+    if accelerator.is_main_process:
+        from finetune.envs import default_tasks, rollout
+
+        policy = accelerator.unwrap_model(run.model)
+        pcfg = base_policy(policy).config
+        cameras = [pcfg.input_features[k]["shape"] for k in pcfg.image_features]
+        image_size = cfg.env.image_size or (cameras[0][1] if cameras else 128)  # as the dataset's camera
+        was_training = policy.training
+        policy.eval()
+        with torch.no_grad():
+            result = rollout.run_closed_loop(make_action_chunk_fn(run, cfg.seed), cfg.env.type,
+                                             default_tasks(cfg.env.type, cfg.env.task), cfg.env.episodes,
+                                             seed=cfg.seed, n_action_steps=pcfg.n_action_steps,
+                                             image_size=image_size, max_steps=cfg.env.max_steps)
+        policy.train(was_training)
+        per_task = result["per_task"]
+        logger.log(run.step, {"sim/success_rate": result["success_rate"],
+                              **{f"sim/{task}/success_rate": r["success_rate"] for task, r in per_task.items()}})
+        run.summary["sim_success_rate"] = result["success_rate"]
+        episodes = sum(r["episodes"] for r in per_task.values())
+        accelerator.print(f"step {run.step}: {cfg.env.type} {cfg.env.task} success rate {result['success_rate']:.1%} "
+                          f"({episodes} episodes)")
+    accelerator.wait_for_everyone()
 
 
 def report(run: Run) -> None:
@@ -395,6 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_push_access(cfg)  # offline or logged out: fail now, not after training
         accelerator = make_accelerator(cfg)
         dist.check_distributed_support(cfg, accelerator)
+        check_sim_env(cfg, accelerator)
         if cfg.demo.enabled:
             from finetune.demo import prepare_demo
 
