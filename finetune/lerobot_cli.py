@@ -456,15 +456,16 @@ def file_options(path: str) -> tuple[list[_Option], dict]:
 def _config_file_options(data: dict, options: list[_Option], policy_given: bool) -> list[_Option]:
     """Keep what a LeRobot run trained with: its optimizer either from the policy preset or its own sections."""
     policy = data.get("policy") or {}
-    if data.get("use_policy_training_preset", True):
-        drop = {o.name for o in options if o.name.startswith(("optimizer.", "scheduler."))}
-    else:
-        drop = {o.name for o in options if o.name.startswith(("policy.optimizer_", "policy.scheduler_"))}
-        options = [o for o in options if not o.name.startswith(("optimizer.", "scheduler."))]
+    # with the policy preset (LeRobot's default) the optimizer sections only echo the policy's optimizer_* fields
+    preset = data.get("use_policy_training_preset", True)
+    options = [o for o in options if not o.name.startswith(
+        ("optimizer.", "scheduler.") if preset else ("optimizer.", "scheduler.", "policy.optimizer_",
+                                                     "policy.scheduler_"))]
+    if not preset:
         options += _optimizer_sections(data)
     keep = []
     for o in options:
-        if o.name in drop or o.name in ("use_policy_training_preset", "resume"):
+        if o.name in ("use_policy_training_preset", "resume"):
             continue
         if o.name == "policy.type":
             continue  # the policy type comes from the --policy.path folder's config.json
