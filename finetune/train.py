@@ -433,34 +433,61 @@ def check_sim_env(cfg: TrainConfig, accelerator: Accelerator) -> None:
 
 
 def make_action_chunk_fn(run: Run, seed: int):
-    """The policy being trained as finetune.envs' ActionChunkFn: (env observation, instruction) -> (chunk, action_dim)
-    actions in robot units (normalization undone), with seeded sampling noise."""
+    """The policy being trained as a batched finetune.envs ActionChunkFn: (env observations, instructions) ->
+    (B, chunk, action_dim) actions in robot units (normalization undone), with seeded sampling noise."""
     policy = run.accelerator.unwrap_model(run.model)
     pcfg = base_policy(policy).config
     rename, device = run.cfg.dataset.rename_map, run.accelerator.device
     generator = torch.Generator().manual_seed(seed)
 
-    def act(observation: dict[str, np.ndarray], instruction: str) -> np.ndarray:
-        obs = {rename.get(k, k): v for k, v in observation.items()}
-        if OBS_STATE not in obs:
+    def act(observations: list[dict[str, np.ndarray]], instructions: list[str]) -> np.ndarray:
+        obs = [{rename.get(k, k): v for k, v in o.items()} for o in observations]
+        if OBS_STATE not in obs[0]:
             raise ConfigError(f"--env.type {run.cfg.env.type}: the simulator's observation has no {OBS_STATE!r} "
-                              f"({sorted(observation)}); map its keys with --dataset.rename-map")
-        batch: dict[str, Any] = {k: torch.as_tensor(np.asarray(obs[k])).permute(2, 0, 1)[None].float() / 255
-                                 for k in pcfg.image_features if k in obs}  # (H, W, 3) uint8 -> (1, 3, H, W)
-        batch[OBS_STATE] = torch.as_tensor(np.asarray(obs[OBS_STATE], dtype=np.float32)).reshape(1, -1)
-        batch[TASK] = [instruction]
+                              f"({sorted(observations[0])}); map its keys with --dataset.rename-map")
+        batch: dict[str, Any] = {  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [0, 1], as the dataset's frames
+            k: torch.as_tensor(np.stack([o[k] for o in obs])).permute(0, 3, 1, 2).float() / 255
+            for k in pcfg.image_features if k in obs[0]}
+        batch[OBS_STATE] = torch.as_tensor(np.stack([np.asarray(o[OBS_STATE], np.float32).reshape(-1) for o in obs]))
+        batch[TASK] = list(instructions)
         batch = to_device(run.processor.prepare(batch), device)
-        noise = torch.randn(1, pcfg.chunk_size, pcfg.max_action_dim, generator=generator).to(device)
+        noise = torch.randn(len(obs), pcfg.chunk_size, pcfg.max_action_dim, generator=generator).to(device)
         with dist.autocast(run.accelerator):
             chunk = policy.predict_action_chunk(batch, noise=noise)
-        return run.processor.unnormalize_actions(chunk.float().cpu())[0].numpy()
+        return run.processor.unnormalize_actions(chunk.float().cpu()).numpy()
 
     return act
+
+
+def sim_image_size(run: Run) -> int:
+    pcfg = base_policy(run.accelerator.unwrap_model(run.model)).config
+    cameras = [pcfg.input_features[k]["shape"] for k in pcfg.image_features]
+    return run.cfg.env.image_size or (cameras[0][1] if cameras else 128)  # as the dataset's camera
+
+
+def check_policy_fits_sim(run: Run) -> bool:
+    """The simulator gives the policy's cameras (after --dataset.rename-map), state size and action size."""
+    from finetune.envs import default_tasks, make_env, rollout
+
+    cfg = run.cfg
+    pcfg = base_policy(run.accelerator.unwrap_model(run.model)).config
+    env_names = {v: k for k, v in cfg.dataset.rename_map.items()}  # policy name -> the env's (dataset's) name
+    env = make_env(cfg.env.type, default_tasks(cfg.env.type, cfg.env.task)[0], image_size=sim_image_size(run))
+    try:
+        rollout.check_policy_fits_env(env, [env_names.get(k, k) for k in pcfg.image_features], pcfg.state_dim,
+                                      pcfg.action_dim)
+    except ValueError as err:
+        raise ConfigError(f"--env.type {cfg.env.type} --env.task {cfg.env.task}: {err}") from None
+    finally:
+        env.close()
+    return True
 
 
 def evaluate_in_sim(run: Run, logger: MetricsLogger) -> None:
     """--env.type: success rate of the policy in the simulator at the end and every --env.eval-every updates."""
     cfg, accelerator = run.cfg, run.accelerator
+    if cfg.env.type is not None and "sim_fits" not in run.summary and accelerator.is_main_process:
+        run.summary["sim_fits"] = check_policy_fits_sim(run)  # after the first update, not after hours
     due = run.step == cfg.steps or (cfg.env.eval_every > 0 and run.step % cfg.env.eval_every == 0)
     if cfg.env.type is None or not due:
         return
@@ -469,15 +496,14 @@ def evaluate_in_sim(run: Run, logger: MetricsLogger) -> None:
 
         policy = accelerator.unwrap_model(run.model)
         pcfg = base_policy(policy).config
-        cameras = [pcfg.input_features[k]["shape"] for k in pcfg.image_features]
-        image_size = cfg.env.image_size or (cameras[0][1] if cameras else 128)  # as the dataset's camera
         was_training = policy.training
         policy.eval()
         with torch.no_grad():
             result = rollout.run_closed_loop(make_action_chunk_fn(run, cfg.seed), cfg.env.type,
                                              default_tasks(cfg.env.type, cfg.env.task), cfg.env.episodes,
                                              seed=cfg.seed, n_action_steps=pcfg.n_action_steps,
-                                             image_size=image_size, max_steps=cfg.env.max_steps)
+                                             image_size=sim_image_size(run), max_steps=cfg.env.max_steps,
+                                             batched=True)
         policy.train(was_training)
         per_task = result["per_task"]
         logger.log(run.step, {"sim/success_rate": result["success_rate"],

@@ -3,14 +3,19 @@ flags, draccus list syntax, --config_path with a LeRobot train_config.json, and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from helpers import train_args
 from safetensors.torch import load_file
 
 from finetune import train
 from finetune.config import cli
+from finetune.metrics import read_metrics
 
 TARGETS = (r"(model\.vlm_with_expert\.lm_expert\..*\.(down|gate|up)_proj|.*\.(state_proj|action_in_proj|"
            r"action_out_proj|action_time_mlp_in|action_time_mlp_out))")
@@ -333,3 +338,59 @@ def test_unavailable_simulator_is_refused_before_anything_is_built(policy_dir, d
     err = capsys.readouterr().err
     assert err.startswith("error: --env.type libero") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+# --- --env.*: closed-loop evaluation in the simulator during training -------------------------------------------------
+
+def test_reach_simulator_evaluates_during_and_after_training(policy_dir, dataset_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "2", "--env.type=reach",
+                                    "--env.task=red,green", "--eval.n_episodes=2", "--eval_freq=1",
+                                    "--env.episode_length=6"))
+    sim = [m for m in read_metrics(out / "metrics.jsonl") if "sim/success_rate" in m]
+    assert [m["step"] for m in sim] == [1, 2]  # every --eval_freq and at the end
+    for m in sim:
+        per_task = [m["sim/red/success_rate"], m["sim/green/success_rate"]]
+        assert all(r in (0.0, 0.5, 1.0) for r in per_task)  # 2 episodes per task
+        assert m["sim/success_rate"] == pytest.approx(sum(per_task) / 2)
+    assert summary["sim_success_rate"] == sim[-1]["sim/success_rate"]
+    assert "step 2: reach red,green success rate" in capsys.readouterr().out
+
+
+def test_in_memory_action_chunk_fn_gives_the_predictors_robot_unit_actions(lora_run, policy_dir, dataset_root):
+    """The training hook's ActionChunkFn and finetune.predict's Predictor (the checkpoint reloaded) agree."""
+    from finetune.config import cli as parse
+    from finetune.data import load_dataset_meta
+    from finetune.envs import make_env
+    from finetune.predict import Predictor
+
+    cfg = parse(train_args(policy_dir, dataset_root, lora_run, "--steps", "4", "--resume"), console_outputs=False)
+    accelerator = train.make_accelerator(cfg)
+    run = train.setup(cfg, accelerator)  # resumes the finished run's adapter; writes nothing
+    run.model.eval()
+    meta = load_dataset_meta(dataset_root)
+    size = meta.features[meta.camera_keys[0]]["shape"][0]
+    env = make_env("reach", "green", image_size=size)
+    obs, _ = env.reset(seed=3)
+    mine = train.make_action_chunk_fn(run, seed=5)([obs], [env.task])[0]
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()
+    predictor = Predictor.from_checkpoint(lora_run / "checkpoints" / "last", device="cpu")
+    theirs = predictor({**obs, "task": env.task}, torch.Generator().manual_seed(5))
+    assert mine.shape == theirs.shape == (run.processor.config.chunk_size, 2)
+    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(mine, 0)
+
+
+def test_simulator_that_does_not_fit_the_policy_stops_after_the_first_update(policy_dir, dataset_root, tmp_path,
+                                                                              capsys):
+    if importlib.util.find_spec("metaworld") is None:  # not importorskip: mujoco must first see MUJOCO_GL=egl
+        pytest.skip("Meta-World (the [sim] extra) is not installed")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(policy_dir, dataset_root, out, "--steps", "50", "--env.type=metaworld",
+                              "--env.task=reach-v3"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --env.type metaworld --env.task reach-v3: the policy expects camera(s)" in err
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl") if "train/loss" in m] == [1]
