@@ -137,7 +137,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(mode, runs, sin
         torch.testing.assert_close(saved[key], ref[key], **ADAPTER_TOL)
     state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
     ref_state = json.loads((single / "checkpoints/last/trainer_state.json").read_text())
-    topology = {"distributed_type", "world_size", "zero_stage"}  # recorded per run; the position must not depend on them
+    topology = {"distributed_type", "world_size", "zero_stage"}  # per run: the data position must not depend on them
     assert {k: v for k, v in state.items() if k not in topology} == \
         {k: v for k, v in ref_state.items() if k not in topology}  # 32 samples, 8 batches
     assert (state["world_size"], ref_state["world_size"]) == (2, 1)
