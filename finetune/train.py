@@ -37,9 +37,10 @@ from finetune.adapters import (
 )
 from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, validate
 from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
+from finetune.data.stats import check_stats, needed_stats
 from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger
-from finetune.policies import load_policy, save_policy
+from finetune.policies import load_policy, load_policy_config, save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
 from finetune.processor import PolicyProcessor, save_stats
 from finetune.publish import check_push_access, push_repo_ids, push_run
@@ -158,6 +159,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     dataset_root = Path(cfg.dataset.root) if cfg.dataset.root else resolve_repo(cfg.dataset.repo_id, "dataset",
                                                                               "--dataset.repo-id")
     meta = load_dataset_meta(dataset_root)
+    # Missing stats: stop now, before any model is built, and say which command adds them.
+    check_stats({cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()},
+                needed_stats(load_policy_config(policy_dir).normalization_mapping), dataset_root)
     policy = load_base_policy(cfg, policy_dir, meta)
     if cfg.quant.enabled:
         keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
