@@ -101,6 +101,16 @@ class DataOptions:
     """DataLoader worker processes per rank."""
     video_cache_mb: int = 1024
     """Decoded-video cache per worker process, in MiB."""
+    episodes: tuple[str, ...] | None = None
+    """Train on these episodes only: indices and inclusive ranges (0-9 12 20-29); held-out episodes are the last
+    --dataset.eval-episodes of the selection. With several datasets prefix each with its dataset's position (1:0-9)."""
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """--dataset.root as a tuple (a single folder may be given as a plain string)."""
+        if self.root is None:
+            return ()
+        return (self.root,) if isinstance(self.root, str) else tuple(self.root)
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,9 @@ def validate(cfg: TrainConfig) -> None:
         if cfg.dataset.root is not None and not (Path(cfg.dataset.root) / "meta" / "info.json").is_file():
             what = "does not exist" if not Path(cfg.dataset.root).exists() else "has no meta/info.json"
             raise ConfigError(f"--dataset.root {cfg.dataset.root} {what}: it must be a LeRobotDataset v3.0 folder")
+    from finetune.data.multi import check_data_options
+
+    check_data_options(cfg.dataset)  # --dataset.episodes / weights / renames
     if cfg.resume and not (cfg.checkpoints_dir / "last").exists():
         raise ConfigError(f"--resume: no checkpoint at {cfg.checkpoints_dir / 'last'}; start without --resume")
 

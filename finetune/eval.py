@@ -25,6 +25,7 @@ import torch
 import tyro
 
 from .data import COLORS, LeRobotDataset, load_dataset_meta
+from .data.multi import parse_episodes, split_selection
 from .envs import ReachEnv
 from .metrics import read_metrics
 from .policies.base import ACTION, OBS_STATE
@@ -41,11 +42,12 @@ def heldout_episodes(checkpoint: Path, total: int) -> list[int]:
     """The episodes the run held out (its last --dataset.eval-episodes); all of them when it held none out."""
     train_cfg = read_train_config(checkpoint)
     n = train_cfg.dataset.eval_episodes if train_cfg is not None else 0
-    if n <= 0 or n >= total:
+    selected = parse_episodes(train_cfg.dataset.episodes or ())[0] if train_cfg is not None else None
+    if n <= 0 or n >= len(selected or range(total)):
         print(f"eval: the run held no episodes out; evaluating on all {total} (they may include training data)",
               file=sys.stderr)
         return list(range(total))
-    return list(range(total - n, total))
+    return split_selection(range(total), selected, n)[1]  # the last n of the run's --dataset.episodes selection
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from finetune.adapters import (
 )
 from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, validate
 from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
+from finetune.data.multi import parse_episodes, split_selection
 from finetune.data.stats import check_stats, needed_stats
 from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger
@@ -186,7 +187,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
 
-    train_eps, eval_eps = split_episodes(meta.total_episodes, cfg.dataset.eval_episodes)
+    train_eps, eval_eps = split_selection([ep["episode_index"] for ep in meta.episodes],
+                                          parse_episodes(cfg.dataset.episodes or ())[0], cfg.dataset.eval_episodes,
+                                          str(dataset_root))
     keys = [*meta.camera_keys, OBS_STATE, ACTION]
     chunk = policy.config.chunk_size
     cache = cfg.dataset.video_cache_mb << 20
