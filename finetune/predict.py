@@ -32,6 +32,7 @@ from .policies import load_policy
 from .policies.base import OBS_STATE, TASK, PolicyConfig
 from .processor import STATS_FILE, PolicyProcessor, load_stats
 from .publish import read_train_config
+from .relative_actions import RAW_STATE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -181,7 +182,9 @@ class Predictor:
         """(B, chunk_size, action_dim) actions in robot units for B observations."""
         batch = self.batch(observations)
         normalized = self.policy.predict_action_chunk(batch, noise=self.noise(len(observations), generator))
-        return self.processor.unnormalize_actions(normalized.float().cpu()).numpy()
+        state = batch.get(RAW_STATE)  # relative-action policies: add the state back
+        return self.processor.unnormalize_actions(normalized.float().cpu(),
+                                                  None if state is None else state.cpu()).numpy()
 
     def __call__(self, observation: Mapping[str, Any], generator: torch.Generator | None = None) -> np.ndarray:
         """(chunk_size, action_dim) actions in robot units for one observation."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune import distributed as dist
+from finetune import relative_actions
 from finetune.adapters import (
     apply_adapter,
     base_policy,
@@ -137,6 +138,10 @@ def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
         raise ConfigError(f"the dataset's action has {outputs[ACTION]['shape'][0]} dims, more than the policy's "
                           f"max_action_dim {pcfg.max_action_dim}")
     pcfg.input_features, pcfg.output_features = inputs, outputs  # as LeRobot: features come from the dataset
+    error = relative_actions.configure(pcfg, cfg.policy.use_relative_actions, cfg.policy.relative_exclude_joints,
+                                       relative_actions.action_names(meta.features[ACTION]))
+    if error:
+        raise ConfigError(error)
     policy.set_gradient_checkpointing(cfg.policy.gradient_checkpointing)
     return policy
 
@@ -161,8 +166,11 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
                                                                               "--dataset.repo-id")
     meta = load_dataset_meta(dataset_root)
     # Missing stats: stop now, before any model is built, and say which command adds them.
-    check_stats({cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()},
-                needed_stats(load_policy_config(policy_dir).normalization_mapping), dataset_root)
+    needed = needed_stats(load_policy_config(policy_dir).normalization_mapping)
+    if cfg.policy.use_relative_actions or (cfg.policy.use_relative_actions is None and relative_actions.
+                                           uses_relative_actions(load_policy_config(policy_dir))):
+        needed.pop(ACTION)  # computed below on the relative actions
+    check_stats({cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}, needed, dataset_root)
     policy = load_base_policy(cfg, policy_dir, meta)
     if cfg.quant.enabled:
         keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
@@ -170,6 +178,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         enable_input_require_grads(policy)
     tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, policy.config.tokenizer_name)
     stats = {cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}
+    if relative_actions.uses_relative_actions(policy.config):  # normalize what the policy learns: relative actions
+        stats[ACTION] = relative_actions.relative_action_stats(dataset_root, policy.config.chunk_size,
+                                                               relative_actions.config_mask(policy.config))
     processor = PolicyProcessor(policy.config, tokenizer, stats, cfg.dataset.rename_map)
 
     resume_from = ckpt.resolve_last(cfg.checkpoints_dir) if cfg.resume else None
