@@ -171,6 +171,15 @@ class DemoOptions:
 
 
 @dataclass(frozen=True)
+class EmaOptions:
+    decay: float = 0.0
+    """Keep an exponential moving average of the trained weights with this decay per optimizer update (e.g. 0.999);
+    0 turns it off. Saved with each checkpoint (ema/), restored on --resume, used by merge/predict by default."""
+    use_for_eval: bool = True
+    """Compute the held-out action MSE with the EMA weights (when --ema.decay is set)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     policy: PolicyOptions = PolicyOptions()
     peft: PeftOptions = PeftOptions()
@@ -179,6 +188,7 @@ class TrainConfig:
     optim: OptimOptions = OptimOptions()
     checkpoint: CheckpointOptions = CheckpointOptions()
     demo: DemoOptions = DemoOptions()
+    ema: EmaOptions = EmaOptions()
     output_dir: str = "runs/train"
     """Run folder: checkpoints/, metrics.jsonl, tensorboard/, train_config.json."""
     steps: int = 30_000
@@ -226,6 +236,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.keep_last >= 1, f"--checkpoint.keep-last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
+        (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
     ]
     for ok, message in checks:
         if not ok:

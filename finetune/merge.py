@@ -30,6 +30,7 @@ from torch import nn
 
 from .adapters import load_adapter, resolve_full_training_modules
 from .config import ConfigError, TrainConfig
+from .ema import weights_folder
 from .hub import load_tokenizer, resolve_repo
 from .lerobot_processor import TOKENIZER_ARTIFACT, write_processor_files
 from .policies import load_policy, load_policy_config, save_policy
@@ -64,6 +65,8 @@ class MergeConfig:
     original full-precision weights."""
     push_to: str | None = None
     """Also upload the merged folder to this Hub model repo (needs network and a login)."""
+    use_ema: bool | None = None
+    """Merge the checkpoint's EMA weights (ema/): default when it has them; False for the last trained weights."""
 
 
 # --- loading --------------------------------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ def quant_label(train_cfg: TrainConfig | None) -> str | None:
     return "8-bit" if q.load_in_8bit else f"4-bit {q.quant_type}"
 
 
-def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequantized"
+def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequantized", use_ema: bool | None = None
                        ) -> tuple[nn.Module, list[str]]:
     """Base (full precision) + adapter, merged: a plain policy module. Returns it and what was done, for the card."""
     train_cfg = read_train_config(checkpoint)
@@ -197,7 +200,7 @@ def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequ
                        "(not the quantized ones it was trained on), as --quant-base original asks")
         print(f"merge: {message}", file=sys.stderr)
         notes.append(message)
-    model = attach_adapter(policy, checkpoint)
+    model = attach_adapter(policy, weights_folder(checkpoint, use_ema))
     try:
         merged = model.merge_and_unload()
     except (NotImplementedError, ValueError, TypeError) as err:
@@ -264,7 +267,7 @@ def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config
 
 def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: str | None = None,
                      tokenizer_path: str | None = None, dtype: str = "base",
-                     quant_base: str = "dequantized") -> Path:
+                     quant_base: str = "dequantized", use_ema: bool | None = None) -> Path:
     """Write base + adapter as one LeRobot-format policy folder; returns the folder."""
     checkpoint = Path(checkpoint).resolve()
     if checkpoint_kind(checkpoint) != "adapter":
@@ -274,7 +277,7 @@ def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: st
         raise MergeError(f"{checkpoint} has no {STATS_FILE}: without the normalization stats the merged policy "
                          "cannot map actions to robot units; copy the file from the run's checkpoint")
     base_dir = resolve_base(checkpoint, base)
-    merged, notes = load_merged_policy(checkpoint, base_dir, quant_base)
+    merged, notes = load_merged_policy(checkpoint, base_dir, quant_base, use_ema)
     state = state_dict_in_base_layout(merged, base_dir, dtype)
 
     out = Path(output_dir)
@@ -298,7 +301,7 @@ def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: st
     (tmp / "README.md").write_text(card)
     info = {"base": base_name, "base_folder": str(base_dir), "checkpoint": str(checkpoint),
             "quantized_base": quant_label(train_cfg), "quant_base": quant_base if quant_label(train_cfg) else None,
-            "dtype": dtype, "notes": notes}
+            "dtype": dtype, "notes": notes, "ema_weights": weights_folder(checkpoint, use_ema) != checkpoint}
     (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         check_can_push([cfg.push_to] if cfg.push_to else [], "--push-to")  # before the work, not after it
         out = merge_checkpoint(cfg.checkpoint, cfg.output_dir, base=cfg.base, tokenizer_path=cfg.tokenizer_path,
-                               dtype=cfg.dtype, quant_base=cfg.quant_base)
+                               dtype=cfg.dtype, quant_base=cfg.quant_base, use_ema=cfg.use_ema)
     except (MergeError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

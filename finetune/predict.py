@@ -25,6 +25,7 @@ import torch
 import tyro
 from torch import Tensor, nn
 
+from .ema import weights_folder
 from .hub import load_tokenizer, resolve_repo
 from .lerobot_processor import read_processor_stats
 from .merge import attach_adapter, checkpoint_kind, load_base_for_checkpoint, quant_label, resolve_base
@@ -84,12 +85,13 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, base: str | None = None, *, device: str | None = None,
                         dtype: str = "float32", num_steps: int | None = None, tokenizer_path: str | None = None,
-                        use_trained_weights: bool = True) -> Predictor:
+                        use_trained_weights: bool = True, use_ema: bool | None = None) -> Predictor:
         """Load an adapter checkpoint (on its base: `base`, or the one in its train_config.json) or a full policy
         folder (a merged export, a FULL run's checkpoint, a LeRobot policy folder with stats).
 
         `use_trained_weights=False` gives the run's starting point instead: the base's weights with the checkpoint's
-        config and normalization stats (the policy at step 0, the "before" of a fine-tune).
+        config and normalization stats (the policy at step 0, the "before" of a fine-tune). `use_ema`: the checkpoint's
+        EMA weights (ema/) when it has them (None, the default), always (True), never (False).
         """
         folder = resolve_repo(str(checkpoint), "model", "checkpoint")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,12 +109,14 @@ class Predictor:
                 from .quant import quantize_policy
 
                 keep = resolve_full_training_modules(policy, train_cfg.peft.full_training_modules)
-                policy = attach_adapter(quantize_policy(policy, train_cfg.quant, torch.device(device), keep), folder)
+                policy = attach_adapter(quantize_policy(policy, train_cfg.quant, torch.device(device), keep),
+                                        weights_folder(folder, use_ema))
             else:
-                policy = attach_adapter(policy, folder).merge_and_unload()  # same function, no adapter overhead
+                # merged: the same function without the adapter's overhead
+                policy = attach_adapter(policy, weights_folder(folder, use_ema)).merge_and_unload()
             tokenizer_dir = base_dir
         else:
-            policy = load_policy(folder, dtype=DTYPES[dtype])
+            policy = load_policy(weights_folder(folder, use_ema), dtype=DTYPES[dtype])
             tokenizer_dir = folder
         config = policy.config
         if num_steps is not None:
@@ -212,12 +216,15 @@ class PredictConfig:
     num_steps: int | None = None
     """Denoising steps (default: the policy's)."""
     device: str | None = None
+    use_ema: bool | None = None
+    """Use the checkpoint's EMA weights (ema/): default when it has them; False for the last trained weights."""
 
 
 def predict_on_dataset(cfg: PredictConfig) -> dict[str, np.ndarray]:
     from .data import LeRobotDataset, load_dataset_meta
 
-    predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps)
+    predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps,
+                                          use_ema=cfg.use_ema)
     meta = load_dataset_meta(cfg.dataset_root)
     episode = cfg.episode if cfg.episode is not None else meta.episodes[-1]["episode_index"]
     dataset = LeRobotDataset(cfg.dataset_root, predictor.chunk_size, episodes=[episode])

@@ -40,6 +40,7 @@ from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, v
 from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
 from finetune.data.multi import parse_episodes, split_selection
 from finetune.data.stats import check_stats, needed_stats
+from finetune.ema import EMA
 from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger
 from finetune.policies import load_policy, load_policy_config, save_policy
@@ -79,6 +80,7 @@ class Run:
     step: int = 0
     samples_seen: int = 0
     micro_batches: int = 0  # global micro-batches trained on (seeds each one's flow-matching noise)
+    ema: EMA | None = None  # moving average of the trained weights (--ema.decay)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -230,12 +232,15 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, saved with the state
 
     run = Run(cfg, accelerator, model, optimizer, scheduler, processor, loader, sampler, eval_batches, policy_dir)
+    run.ema = make_ema(cfg, accelerator, model)
     if resume_from is not None:
         accelerator.load_state(str(resume_from / ckpt.TRAINING_STATE_DIR), **dist.load_state_kwargs(accelerator))
         state = ckpt.load_trainer_state(resume_from)
         run.step, run.samples_seen = state["step"], state["samples_seen"]
         run.micro_batches = state["batches_seen"]
         sampler.set_position(state["batches_seen"])
+        if run.ema is not None and not run.ema.load(resume_from):
+            accelerator.print(f"{resume_from} has no EMA weights: the average starts from the resumed weights")
         accelerator.print(f"resumed from {resume_from} at step {run.step}")
     run.summary.update(trainable_params=trainable, total_params=total)
     accelerator.print(f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
@@ -268,12 +273,31 @@ def train_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, float | N
                 grad_norm = None if norm is None else float(norm)
             run.optimizer.step()
             run.scheduler.step()
+            if run.ema is not None:
+                run.ema.update()
             run.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
 
 
-@torch.no_grad()
+def make_ema(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> EMA | None:
+    if cfg.ema.decay == 0:
+        return None
+    if dist.zero_stage(accelerator) == 3 or accelerator.distributed_type.value == "FSDP":
+        raise ConfigError("--ema.decay needs whole parameters on each rank: it does not run under ZeRO-3/FSDP "
+                          "sharding; use ZeRO-1/2 or DDP, or drop --ema.decay")
+    return EMA(accelerator.unwrap_model(model), cfg.ema.decay)
+
+
 def evaluate(run: Run, seed: int = 0) -> float | None:
+    """Held-out action MSE with the EMA weights when there are (and --ema.use-for-eval), else the trained ones."""
+    if run.ema is not None and run.cfg.ema.use_for_eval:
+        with run.ema.applied():
+            return _evaluate(run, seed)
+    return _evaluate(run, seed)
+
+
+@torch.no_grad()
+def _evaluate(run: Run, seed: int = 0) -> float | None:
     """Held-out action MSE (normalized units, real action dims, in-episode steps), sampled with fixed noise.
 
     Every rank evaluates its own rows of each fixed batch and the sums are reduced: the same figure with any number
@@ -315,6 +339,9 @@ def save(run: Run) -> Path:
 
     def write_model_files(folder: Path) -> None:
         ckpt.write_trained_weights(accelerator.unwrap_model(run.model), folder, save_policy)
+        if run.ema is not None:  # ema_state.safetensors (resume) and ema/ (the averaged adapter)
+            run.ema.save(folder, lambda f: ckpt.write_trained_weights(accelerator.unwrap_model(run.model), f,
+                                                                      save_policy))
         save_stats(run.processor.normalizer.stats, folder)
 
     state = {"step": run.step, "samples_seen": run.samples_seen, "batches_seen": run.step * cfg.grad_accum_steps}
