@@ -94,6 +94,33 @@ class QuantOptions:
 
 
 @dataclass(frozen=True)
+class ImageTransformOptions:
+    """Image augmentation as LeRobot's (off by default): per camera image, up to max_num_transforms of the ops below
+    (each with its weight), with factors drawn from the ranges; a range equal to the identity value disables an op."""
+
+    enable: bool = False
+    """Augment training images (on the training device, seeded by --seed and the micro-batch: --resume stays exact)."""
+    max_num_transforms: int = 3
+    """Ops applied to each image, picked at random (weighted) from the enabled ones."""
+    brightness: tuple[float, float] = (0.8, 1.2)
+    """Brightness factor range (1 = unchanged)."""
+    contrast: tuple[float, float] = (0.8, 1.2)
+    """Contrast factor range (1 = unchanged)."""
+    saturation: tuple[float, float] = (0.5, 1.5)
+    """Saturation factor range (1 = unchanged)."""
+    hue: tuple[float, float] = (-0.05, 0.05)
+    """Hue shift range, in turns of the color wheel (0 = unchanged, at most 0.5)."""
+    sharpness: tuple[float, float] = (0.5, 1.5)
+    """Sharpness factor range (1 = unchanged, < 1 blurs)."""
+    affine_degrees: float = 5.0
+    """Random affine: rotation drawn from [-degrees, degrees] (0 with affine_translate 0 disables it)."""
+    affine_translate: float = 0.05
+    """Random affine: shift drawn from [-t, t] of the width and of the height."""
+    weights: tuple[float, float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    """Relative chance of brightness, contrast, saturation, hue, sharpness, affine being picked."""
+
+
+@dataclass(frozen=True)
 class DataOptions:
     root: str | None = None
     """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/)."""
@@ -103,10 +130,16 @@ class DataOptions:
     """Dataset feature name -> policy input name, e.g. observation.images.front:observation.images.top"""
     eval_episodes: int = 2
     """Number of episodes (the last ones) held out for evaluation; 0 disables evaluation."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    num_workers: int | None = None
+    """DataLoader worker processes per rank; None: from the CPU count and the ranks on this machine (cores per rank
+    less one, at most 8); 0 decodes in the training process."""
     video_cache_mb: int = 1024
-    """Decoded-video cache per worker process, in MiB."""
+    """Decoded-frame cache per loading process, in MiB (frames are kept singly, LRU; 0 disables it)."""
+    decoder_threads: int | None = None
+    """Video decoder threads per loading process; None: what the cores left by ranks x workers allow (1-2)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    image_transforms: ImageTransformOptions = ImageTransformOptions()
     episodes: tuple[str, ...] | None = None
     """Train on these episodes only: indices and inclusive ranges (0-9 12 20-29); held-out episodes are the last
     --dataset.eval-episodes of the selection. With several datasets prefix each with its dataset's position (1:0-9)."""

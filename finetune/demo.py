@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -56,15 +57,18 @@ TINY_VLM = {
 POSITION_EMBEDDING_INIT_STD = 1.0
 
 
-def train_tokenizer(folder: Path, vocab_size: int = 512) -> Path:
-    """A byte-level BPE tokenizer trained on the demo's instructions, saved for AutoTokenizer."""
+def train_tokenizer(folder: Path, vocab_size: int = 512, corpus: Sequence[str] | None = None) -> Path:
+    """A byte-level BPE tokenizer trained on the demo's instructions (or `corpus`), saved for AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = [instruction(c) + "\n" for c in COLORS] * 20 + ["pick place push move the ball cube to red"]
+    if corpus is None:
+        corpus = [instruction(c) + "\n" for c in COLORS] * 20 + ["pick place push move the ball cube to red"]
+    else:
+        corpus = [line + "\n" for line in corpus] * 20
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)

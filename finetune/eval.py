@@ -101,6 +101,17 @@ def offline_metrics(predictor: Predictor, dataset_root: str | Path, episodes: Se
 
 # --- closed loop ------------------------------------------------------------------------------------------------------
 
+def predictor_policy(predictor: Predictor, seed: int = 0):
+    """A Predictor as the rollout loop's batched policy: (observations, instructions) -> (B, chunk, action_dim) actions
+    in robot units; the sampling noise comes from one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def act(observations: list[dict[str, np.ndarray]], tasks: list[str]) -> np.ndarray:
+        return predictor.predict_batch([{**o, "task": t} for o, t in zip(observations, tasks)], generator)
+
+    return act
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
     colors: tuple[str, ...]

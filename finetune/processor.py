@@ -15,7 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .policies.base import ACTION, ACTION_IS_PAD, LANG_MASK, LANG_TOKENS, OBS_STATE, TASK, PolicyConfig
+from .policies.base import (
+    ACTION,
+    ACTION_IS_PAD,
+    LANG_MASK,
+    LANG_TOKENS,
+    OBS_IMAGES_PREFIX,
+    OBS_STATE,
+    TASK,
+    PolicyConfig,
+)
 from .relative_actions import RAW_STATE, config_mask, to_absolute, to_relative, uses_relative_actions
 
 STATS_FILE = "normalization_stats.safetensors"
@@ -87,6 +96,20 @@ def load_stats(folder: str | Path) -> dict[str, dict[str, Tensor]]:
         key, stat = name.rsplit(".", 1)
         out.setdefault(key, {})[stat] = tensor
     return out
+
+
+def image_keys(batch: Mapping[str, Any]) -> list[str]:
+    """The camera images of a batch (tensors under observation.images.*), in a fixed order."""
+    return sorted(k for k, v in batch.items() if k.startswith(OBS_IMAGES_PREFIX) and isinstance(v, Tensor))
+
+
+def images_to_float(batch: dict[str, Any]) -> dict[str, Any]:
+    """uint8 camera images (as the training DataLoader carries them, 4x fewer bytes) -> float32 in [0, 1], on
+    whatever device they are; float images pass unchanged. The policy resizes and scales them to [-1, 1] itself."""
+    for key in image_keys(batch):
+        if batch[key].dtype == torch.uint8:
+            batch[key] = batch[key].float().div_(255)
+    return batch
 
 
 class PolicyProcessor:

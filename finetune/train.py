@@ -37,15 +37,16 @@ from finetune.adapters import (
     resolve_full_training_modules,
 )
 from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, validate
-from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
+from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta, loading
 from finetune.data.multi import parse_episodes, split_selection
 from finetune.data.stats import check_stats, needed_stats
+from finetune.data.transforms import ImageTransforms
 from finetune.ema import EMA
 from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger
 from finetune.policies import load_policy, load_policy_config, save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
-from finetune.processor import PolicyProcessor, save_stats
+from finetune.processor import PolicyProcessor, image_keys, images_to_float, save_stats
 from finetune.publish import check_push_access, push_repo_ids, push_run
 from finetune.quant import enable_input_require_grads, quantize_policy
 from finetune.sampling import ResumableBatchSampler
@@ -75,13 +76,14 @@ class Run:
     processor: PolicyProcessor
     train_loader: DataLoader
     sampler: ResumableBatchSampler
-    eval_batches: list[dict[str, Any]]
+    eval_batches: list[EvalBatch]
     policy_dir: Path
     step: int = 0
     samples_seen: int = 0
     micro_batches: int = 0  # global micro-batches trained on (seeds each one's flow-matching noise)
     ema: EMA | None = None  # moving average of the trained weights (--ema.decay)
     summary: dict[str, Any] = field(default_factory=dict)
+    image_transforms: ImageTransforms | None = None  # training-image augmentation, None when off
 
 
 def _mixed_precision(cfg: TrainConfig) -> str | None:
@@ -110,6 +112,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def device_batch(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """A loader batch on the training device: uint8 images become float there, then are augmented when enabled
+    (seeded by the global micro-batch index, like the flow-matching noise, so --resume stays exact)."""
+    batch = images_to_float(to_device(batch, run.accelerator.device))
+    if run.image_transforms is not None:
+        run.image_transforms(batch, image_keys(batch), run.micro_batches, run.accelerator.process_index,
+                             run.accelerator.num_processes)
+    return batch
 
 
 def policy_features(meta, rename_map: dict[str, str]) -> tuple[dict, dict]:
@@ -154,11 +166,32 @@ def split_episodes(total: int, eval_episodes: int) -> tuple[list[int], list[int]
     return list(range(total - eval_episodes)), list(range(total - eval_episodes, total))
 
 
-def fixed_eval_batches(dataset: LeRobotDataset, processor: PolicyProcessor, batch_size: int, count: int) -> list:
-    """A fixed, evenly spread subset of held-out frames, so every evaluation sees the same inputs."""
+@dataclass
+class EvalBatch:
+    """This rank's rows of one fixed held-out batch: `size` rows in the global batch, `rows` of them held here
+    (images as uint8), weighted by `weight` (0 for a rank left without rows: it still runs the forward pass)."""
+
+    size: int
+    rows: list[int]
+    weight: float
+    batch: dict[str, Any]
+
+
+def fixed_eval_batches(dataset: LeRobotDataset, processor: PolicyProcessor, batch_size: int, count: int,
+                       accelerator: Accelerator | None = None) -> list[EvalBatch]:
+    """A fixed, evenly spread subset of held-out frames, so every evaluation sees the same inputs; each rank reads
+    and keeps only its own rows of each global batch."""
     n = min(len(dataset), batch_size * count)
     indices = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()
-    return [processor([dataset[i] for i in indices[s : s + batch_size]]) for s in range(0, n, batch_size)]
+    out = []
+    for s in range(0, n, batch_size):
+        chunk = indices[s : s + batch_size]
+        if accelerator is None:
+            rows, weight = list(range(len(chunk))), 1.0
+        else:
+            rows, weight = dist.eval_rows(len(chunk), accelerator)
+        out.append(EvalBatch(len(chunk), rows, weight, processor([dataset[chunk[r]] for r in rows])))
+    return out
 
 
 def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
@@ -206,17 +239,23 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     keys = [*meta.camera_keys, OBS_STATE, ACTION]
     chunk = policy.config.chunk_size
     cache = cfg.dataset.video_cache_mb << 20
-    train_set = LeRobotDataset(dataset_root, chunk, episodes=train_eps, keys=keys, video_cache_bytes=cache)
+    local_ranks = loading.local_world_size(accelerator.num_processes)
+    workers = loading.resolve_num_workers(cfg.dataset.num_workers, local_ranks)
+    threads = cfg.dataset.decoder_threads or loading.default_decoder_threads(loading.available_cpus(), local_ranks,
+                                                                             workers)
+    data_kwargs = dict(keys=keys, video_cache_bytes=cache, uint8_images=True, decoder_threads=threads)
+    train_set = LeRobotDataset(dataset_root, chunk, episodes=train_eps, **data_kwargs)
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes,
                                     accelerator.process_index, cfg.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor, num_workers=cfg.dataset.num_workers,
-                        persistent_workers=cfg.dataset.num_workers > 0, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor,
+                        generator=torch.Generator().manual_seed(0),
+                        **loading.loader_kwargs(workers, accelerator.device, cfg.dataset.prefetch_factor))
     eval_batches = []
     if eval_eps:  # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
-        eval_set = LeRobotDataset(dataset_root, chunk, episodes=eval_eps, keys=keys, video_cache_bytes=cache)
+        eval_set = LeRobotDataset(dataset_root, chunk, episodes=eval_eps, **data_kwargs)
         # global-batch-sized, so the figure is the same whatever the number of processes
         eval_batches = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes,
-                                          cfg.eval_batches)
+                                          cfg.eval_batches, accelerator)
 
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
@@ -233,6 +272,11 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
 
     run = Run(cfg, accelerator, model, optimizer, scheduler, processor, loader, sampler, eval_batches, policy_dir)
     run.ema = make_ema(cfg, accelerator, model)
+    if cfg.dataset.image_transforms.enable:
+        try:
+            run.image_transforms = ImageTransforms(cfg.dataset.image_transforms, cfg.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if resume_from is not None:
         accelerator.load_state(str(resume_from / ckpt.TRAINING_STATE_DIR), **dist.load_state_kwargs(accelerator))
         state = ckpt.load_trainer_state(resume_from)
@@ -242,7 +286,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         if run.ema is not None and not run.ema.load(resume_from):
             accelerator.print(f"{resume_from} has no EMA weights: the average starts from the resumed weights")
         accelerator.print(f"resumed from {resume_from} at step {run.step}")
-    run.summary.update(trainable_params=trainable, total_params=total)
+    run.summary.update(trainable_params=trainable, total_params=total, data_workers=workers, decoder_threads=threads)
     accelerator.print(f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
     return run
 
@@ -311,15 +355,13 @@ def _evaluate(run: Run, seed: int = 0) -> float | None:
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
     sums = torch.zeros(2, dtype=torch.float64)  # squared error, element count
-    for batch in run.eval_batches:
+    for held in run.eval_batches:
         cfg = base_policy(policy).config
-        noise = torch.randn(len(batch[OBS_STATE]), cfg.chunk_size, cfg.max_action_dim, generator=generator)
-        rows, weight = dist.eval_rows(len(batch[OBS_STATE]), accelerator)
-        mine = {k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
-        mine = to_device(mine, accelerator.device)
+        noise = torch.randn(held.size, cfg.chunk_size, cfg.max_action_dim, generator=generator)
+        mine = images_to_float(to_device(held.batch, accelerator.device))  # a copy: the kept batch stays uint8
         with dist.autocast(accelerator):
-            pred = policy.predict_action_chunk(mine, noise=noise[rows].to(accelerator.device))
-        valid = (~mine[ACTION_IS_PAD]).unsqueeze(-1).float() * weight
+            pred = policy.predict_action_chunk(mine, noise=noise[held.rows].to(accelerator.device))
+        valid = (~mine[ACTION_IS_PAD]).unsqueeze(-1).float() * held.weight
         sums[0] += (((pred.float() - mine[ACTION]) ** 2) * valid).sum().item()
         sums[1] += valid.sum().item() * pred.shape[-1]
     policy.train(was_training)
@@ -378,7 +420,7 @@ def fit(run: Run) -> dict[str, Any]:
     while run.step < cfg.steps:
         losses = []
         for _ in range(cfg.grad_accum_steps):
-            batch = to_device(next(batch_iter), accelerator.device)
+            batch = device_batch(run, next(batch_iter))
             loss, grad_norm = train_step(run, batch)
             losses.append(loss)
         run.step += 1

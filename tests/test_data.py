@@ -259,10 +259,17 @@ def test_error_video_timestamps_off(video_ds, tmp_path):
     rows = pq.read_table(path).to_pylist()
     rows[5][f"videos/{CAM}/from_timestamp"] = 100.0
     pq.write_table(pa.Table.from_pylist(rows), path)
-    ds = LeRobotDataset(root, chunk_size=2)
-    assert ds[4 * LENGTH][CAM].shape == (3, 64, 64)
-    with pytest.raises(DatasetError, match=r"episode 5, frame 0: .*file-001.mp4: no frame within 0.0500s of t=100"):
-        ds[5 * LENGTH]
+    # Found when the dataset is built (the video's header says where it ends), not mid-run in a worker.
+    with pytest.raises(DatasetError, match=r"file-001.mp4: episode 5 needs 'observation.images.top' frames up to "
+                                           r"t=101.100s .*but the video ends at 2.300s \(24 frames at 10 fps\)"):
+        LeRobotDataset(root, chunk_size=2)
+    ds = LeRobotDataset(root, chunk_size=2, episodes=[4])
+    assert ds[0][CAM].shape == (3, 64, 64)
+    # A start before the video's first frame is still caught when the frame is read.
+    rows[5][f"videos/{CAM}/from_timestamp"] = -1.0
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DatasetError, match=r"episode 5, frame 0: .*file-001.mp4: no frame within 0.0500s of t=-1.0"):
+        LeRobotDataset(root, chunk_size=2, episodes=[5])[0]
 
 
 def test_error_unknown_key(video_ds):

@@ -50,6 +50,6 @@ def test_training_uses_only_the_selected_episodes(policy_dir, dataset_root, tmp_
     seen = {int(train_set[i]["episode_index"]) for i in range(len(train_set))}
     assert seen == {1, 2, 3, 4} and len(train_set) == 4 * 16
     # held out: the last of the selection (episode 7), not the dataset's last episodes
-    assert set(run.eval_batches[0]["episode_index"].tolist()) == {7}
+    assert set(run.eval_batches[0].batch["episode_index"].tolist()) == {7}
     run.accelerator.free_memory()
     run.accelerator._custom_objects.clear()
