@@ -122,8 +122,9 @@ class ImageTransformOptions:
 
 @dataclass(frozen=True)
 class DataOptions:
-    root: str | None = None
-    """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/)."""
+    root: tuple[str, ...] | None = None
+    """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/); several (or Hub ids ORG/NAME) train on one
+    weighted mixture of them (see --dataset.weights, --dataset.renames)."""
     repo_id: str | None = None
     """Hub dataset id, fetched through the Hugging Face cache when online (ignored when root is given)."""
     rename_map: dict[str, str] = field(default_factory=dict)
@@ -140,6 +141,11 @@ class DataOptions:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     image_transforms: ImageTransformOptions = ImageTransformOptions()
+    weights: tuple[float, ...] | None = None
+    """Sampling weight per --dataset.root entry (normalized); None: proportional to each dataset's frames."""
+    renames: tuple[str, ...] | None = None
+    """Per --dataset.root entry, its rename map as FEATURE:NAME pairs joined by commas ("-" for none), applied before
+    --dataset.rename-map so cameras and state line up (observation.images.front:observation.images.top)."""
     episodes: tuple[str, ...] | None = None
     """Train on these episodes only: indices and inclusive ranges (0-9 12 20-29); held-out episodes are the last
     --dataset.eval-episodes of the selection. With several datasets prefix each with its dataset's position (1:0-9)."""
@@ -286,11 +292,8 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.demo.enabled:
         if cfg.policy.path is None:
             raise ConfigError("--policy.path is required: a LeRobot-format policy folder or a Hub id")
-        if cfg.dataset.root is None and cfg.dataset.repo_id is None:
+        if not cfg.dataset.roots and cfg.dataset.repo_id is None:
             raise ConfigError("give the dataset with --dataset.root (a local folder) or --dataset.repo-id (Hub id)")
-        if cfg.dataset.root is not None and not (Path(cfg.dataset.root) / "meta" / "info.json").is_file():
-            what = "does not exist" if not Path(cfg.dataset.root).exists() else "has no meta/info.json"
-            raise ConfigError(f"--dataset.root {cfg.dataset.root} {what}: it must be a LeRobotDataset v3.0 folder")
     from finetune.data.multi import check_data_options
 
     check_data_options(cfg.dataset)  # --dataset.episodes / weights / renames

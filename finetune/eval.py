@@ -330,7 +330,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     else:  # the run folder's eval/, or beside a folder that is not in a run
         out_dir = run_dir / "eval" if run_dir is not None else checkpoint.with_name(checkpoint.name + "_eval")
     train_cfg = read_train_config(checkpoint)
-    dataset_root = cfg.dataset_root or (train_cfg.dataset.root if train_cfg else None)
+    dataset_root = cfg.dataset_root or (train_cfg.dataset.roots[0] if train_cfg and train_cfg.dataset.roots else None)
     if dataset_root is None:
         raise ValueError("no dataset: pass --dataset-root (the checkpoint's train_config.json names none)")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps)
@@ -379,7 +379,7 @@ def demo_closed_loop_report(cfg, summary: dict[str, Any]) -> dict[str, Any]:
     n = cfg.demo.rollout_episodes
     if n <= 0:
         return {}
-    settings = settings_from_dataset(cfg.dataset.root, cfg.demo.finetune_colors, episodes=n, seed=0)
+    settings = settings_from_dataset(cfg.dataset.roots[0], cfg.demo.finetune_colors, episodes=n, seed=0)
     checkpoint = summary["checkpoint"]
     predictors = {"before": Predictor.from_checkpoint(checkpoint, cfg.policy.path, use_trained_weights=False),
                   "after": Predictor.from_checkpoint(checkpoint, cfg.policy.path)}

@@ -12,6 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `finetune` importable and keep finetune/ off the path
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import dataclasses
 import json
 import math
 import os
@@ -37,9 +38,9 @@ from finetune.adapters import (
     resolve_full_training_modules,
 )
 from finetune.config import ConfigError, TrainConfig, cli, from_dict, to_dict, validate
-from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta, loading
-from finetune.data.multi import parse_episodes, split_selection
-from finetune.data.stats import check_stats, needed_stats
+from finetune.data import DatasetError, LeRobotDataset, loading
+from finetune.data.multi import DataMix, MixtureDataset, WeightedMixtureSampler
+from finetune.data.stats import aggregate_stats, check_stats, needed_stats
 from finetune.data.transforms import ImageTransforms
 from finetune.ema import EMA
 from finetune.hub import load_tokenizer, resolve_repo
@@ -82,6 +83,8 @@ class Run:
     samples_seen: int = 0
     micro_batches: int = 0  # global micro-batches trained on (seeds each one's flow-matching noise)
     ema: EMA | None = None  # moving average of the trained weights (--ema.decay)
+    eval_sources: list[str] = field(default_factory=list)  # with several datasets: each eval batch's dataset
+    eval_by_dataset: dict[str, float] = field(default_factory=dict)  # the last evaluation per dataset, to log
     summary: dict[str, Any] = field(default_factory=dict)
     image_transforms: ImageTransforms | None = None  # training-image augmentation, None when off
 
@@ -197,15 +200,18 @@ def fixed_eval_batches(dataset: LeRobotDataset, processor: PolicyProcessor, batc
 def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     set_seed(cfg.seed)
     policy_dir = resolve_repo(cfg.policy.path, "model", "--policy.path")
-    dataset_root = Path(cfg.dataset.root) if cfg.dataset.root else resolve_repo(cfg.dataset.repo_id, "dataset",
-                                                                              "--dataset.repo-id")
-    meta = load_dataset_meta(dataset_root)
+    # One dataset or several (--dataset.root A B): checked to line up, stats merged across them.
+    mix = DataMix.load(cfg.dataset, lambda hub_id: resolve_repo(hub_id, "dataset", "--dataset.root"))
+    if len(mix) > 1:  # the train config records every dataset and its resolved weight
+        cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
+    meta = mix.merged_meta()
     # Missing stats: stop now, before any model is built, and say which command adds them.
     needed = needed_stats(load_policy_config(policy_dir).normalization_mapping)
     if cfg.policy.use_relative_actions or (cfg.policy.use_relative_actions is None and relative_actions.
                                            uses_relative_actions(load_policy_config(policy_dir))):
         needed.pop(ACTION)  # computed below on the relative actions
-    check_stats({cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}, needed, dataset_root)
+    for source in mix.sources:
+        check_stats({cfg.dataset.rename_map.get(k, k): v for k, v in source.view.stats.items()}, needed, source.root)
     policy = load_base_policy(cfg, policy_dir, meta)
     if cfg.quant.enabled:
         keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
@@ -214,8 +220,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, policy.config.tokenizer_name)
     stats = {cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}
     if relative_actions.uses_relative_actions(policy.config):  # normalize what the policy learns: relative actions
-        stats[ACTION] = relative_actions.relative_action_stats(dataset_root, policy.config.chunk_size,
-                                                               relative_actions.config_mask(policy.config))
+        stats[ACTION] = aggregate_stats([{ACTION: relative_actions.relative_action_stats(
+            s.root, policy.config.chunk_size, relative_actions.config_mask(policy.config), s.source_key(OBS_STATE),
+            s.source_key(ACTION))} for s in mix.sources])[ACTION]
     processor = PolicyProcessor(policy.config, tokenizer, stats, cfg.dataset.rename_map)
 
     resume_from = ckpt.resolve_last(cfg.checkpoints_dir) if cfg.resume else None
@@ -233,29 +240,39 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
 
-    train_eps, eval_eps = split_selection([ep["episode_index"] for ep in meta.episodes],
-                                          parse_episodes(cfg.dataset.episodes or ())[0], cfg.dataset.eval_episodes,
-                                          str(dataset_root))
-    keys = [*meta.camera_keys, OBS_STATE, ACTION]
+    splits = mix.splits(cfg.dataset.episodes, cfg.dataset.eval_episodes)
     chunk = policy.config.chunk_size
     cache = cfg.dataset.video_cache_mb << 20
     local_ranks = loading.local_world_size(accelerator.num_processes)
     workers = loading.resolve_num_workers(cfg.dataset.num_workers, local_ranks)
     threads = cfg.dataset.decoder_threads or loading.default_decoder_threads(loading.available_cpus(), local_ranks,
                                                                              workers)
-    data_kwargs = dict(keys=keys, video_cache_bytes=cache, uint8_images=True, decoder_threads=threads)
-    train_set = LeRobotDataset(dataset_root, chunk, episodes=train_eps, **data_kwargs)
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes,
-                                    accelerator.process_index, cfg.seed)
+    data_kwargs = dict(video_cache_bytes=cache, uint8_images=True, decoder_threads=threads)
+    members = [LeRobotDataset(s.root, chunk, episodes=train, keys=s.keys, **data_kwargs)
+               for s, (train, _) in zip(mix.sources, splits)]
+    if len(mix) == 1:
+        train_set = MixtureDataset(members, [mix.sources[0].rename]) if mix.sources[0].rename else members[0]
+        sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes,
+                                        accelerator.process_index, cfg.seed)
+    else:  # each dataset under the common names, drawn with its weight
+        train_set = MixtureDataset(members, [s.rename for s in mix.sources])
+        sampler = WeightedMixtureSampler(train_set.lengths, mix.weights, cfg.batch_size, accelerator.num_processes,
+                                         accelerator.process_index, cfg.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor,
                         generator=torch.Generator().manual_seed(0),
                         **loading.loader_kwargs(workers, accelerator.device, cfg.dataset.prefetch_factor))
-    eval_batches = []
-    if eval_eps:  # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
-        eval_set = LeRobotDataset(dataset_root, chunk, episodes=eval_eps, **data_kwargs)
+    eval_batches, eval_sources = [], []
+    for source, (_, eval_eps) in zip(mix.sources, splits):  # held-out episodes per dataset
+        if not eval_eps:
+            continue
+        # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
+        eval_set = MixtureDataset([LeRobotDataset(source.root, chunk, episodes=eval_eps, keys=source.keys,
+                                                  **data_kwargs)], [source.rename])
         # global-batch-sized, so the figure is the same whatever the number of processes
-        eval_batches = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes,
-                                          cfg.eval_batches, accelerator)
+        held = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes, cfg.eval_batches,
+                                  accelerator)
+        eval_batches += held
+        eval_sources += [source.name] * len(held) if len(mix) > 1 else []
 
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
@@ -272,6 +289,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
 
     run = Run(cfg, accelerator, model, optimizer, scheduler, processor, loader, sampler, eval_batches, policy_dir)
     run.ema = make_ema(cfg, accelerator, model)
+    run.eval_sources = eval_sources
     if cfg.dataset.image_transforms.enable:
         try:
             run.image_transforms = ImageTransforms(cfg.dataset.image_transforms, cfg.seed)
@@ -355,17 +373,26 @@ def _evaluate(run: Run, seed: int = 0) -> float | None:
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
     sums = torch.zeros(2, dtype=torch.float64)  # squared error, element count
-    for held in run.eval_batches:
+    names = list(dict.fromkeys(run.eval_sources))  # several datasets: the same sums per dataset
+    per_dataset = torch.zeros(len(names), 2, dtype=torch.float64)
+    for index, held in enumerate(run.eval_batches):
         cfg = base_policy(policy).config
         noise = torch.randn(held.size, cfg.chunk_size, cfg.max_action_dim, generator=generator)
         mine = images_to_float(to_device(held.batch, accelerator.device))  # a copy: the kept batch stays uint8
         with dist.autocast(accelerator):
             pred = policy.predict_action_chunk(mine, noise=noise[held.rows].to(accelerator.device))
         valid = (~mine[ACTION_IS_PAD]).unsqueeze(-1).float() * held.weight
-        sums[0] += (((pred.float() - mine[ACTION]) ** 2) * valid).sum().item()
-        sums[1] += valid.sum().item() * pred.shape[-1]
+        batch_sums = torch.tensor([(((pred.float() - mine[ACTION]) ** 2) * valid).sum().item(),
+                                   valid.sum().item() * pred.shape[-1]], dtype=torch.float64)
+        sums += batch_sums
+        if names:
+            per_dataset[names.index(run.eval_sources[index])] += batch_sums
     policy.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    if names:
+        per_dataset = accelerator.reduce(per_dataset.to(accelerator.device), reduction="sum").cpu()
+        run.eval_by_dataset = {f"eval/action_mse/{name}": (se / n.clamp_min(1)).item()
+                               for name, (se, n) in zip(names, per_dataset)}
     return (sums[0] / sums[1].clamp_min(1)).item() if accelerator.is_main_process else None
 
 
@@ -409,7 +436,7 @@ def fit(run: Run) -> dict[str, Any]:
     mse = evaluate(run)
     if mse is not None:
         run.summary.setdefault("eval_mse_before", mse)
-        logger.log(run.step, {"eval/action_mse": mse})
+        logger.log(run.step, {"eval/action_mse": mse, **run.eval_by_dataset})
         accelerator.print(f"step {run.step}: held-out action MSE {mse:.4f}")
     batch_iter = iter(run.train_loader)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
@@ -438,7 +465,7 @@ def fit(run: Run) -> dict[str, Any]:
         if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
             mse = evaluate(run)
             if mse is not None:
-                logger.log(run.step, {"eval/action_mse": mse})
+                logger.log(run.step, {"eval/action_mse": mse, **run.eval_by_dataset})
                 run.summary["eval_mse_after"] = mse
                 bar.write(f"step {run.step}: held-out action MSE {mse:.4f}")
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
