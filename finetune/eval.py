@@ -31,7 +31,6 @@ from .metrics import read_metrics
 from .policies.base import ACTION, OBS_STATE
 from .predict import Predictor
 from .publish import CLOSED_LOOP_FILE, OFFLINE_METRICS_FILE, read_train_config, run_dir_of
-from .relative_actions import config_mask, to_relative, uses_relative_actions
 
 TASK_RE = re.compile(r"move to the (\w+) ball")
 GIF_SCALE = 4
@@ -81,10 +80,6 @@ def offline_metrics(predictor: Predictor, dataset_root: str | Path, episodes: Se
         step_count += (mask.sum(-1) * dims).sum(0).numpy()
         per_chunk = (err**2).sum((1, 2)) / (mask.sum((1, 2)) * dims).clamp_min(1)
         chunk_mse += per_chunk.tolist()
-        if uses_relative_actions(predictor.config):  # the stats are those of the relative actions
-            state = torch.stack([torch.as_tensor(s[OBS_STATE]) for s in samples]).double()
-            joints = config_mask(predictor.config)
-            predicted, target = to_relative(predicted, state, joints), to_relative(target, state, joints)
         norm_err = (normalizer.normalize(ACTION, predicted.float()) - normalizer.normalize(ACTION, target.float()))
         norm_sq += float(((norm_err.double() * mask) ** 2).sum())
     names = meta.features[ACTION].get("names") or [f"a{i}" for i in range(dims)]

@@ -127,20 +127,3 @@ def test_smolvla_refuses_relative_actions(policy_dir, dataset_root, tmp_path, ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "smolvla policy has no relative actions" in err
-
-
-def test_offline_eval_normalizes_errors_in_the_relative_space(relative_run, dataset_root):
-    from finetune.eval import offline_metrics
-
-    predictor = Predictor.from_checkpoint(relative_run / "checkpoints/last", device="cpu")
-    metrics = offline_metrics(predictor, dataset_root, episodes=[9], max_frames=4, seed=0)
-    ds = LeRobotDataset(dataset_root, predictor.chunk_size, episodes=[9])
-    samples = [ds[int(i)] for i in np.linspace(0, len(ds) - 1, 4).round().astype(int)]
-    predicted = torch.from_numpy(predictor.predict_batch(samples, torch.Generator().manual_seed(0)))
-    target = torch.stack([s["action"] for s in samples])
-    state = torch.stack([s["observation.state"] for s in samples])
-    stats = predictor.processor.normalizer.stats["action"]
-    to_norm = lambda a: (to_relative(a, state, [False, True]) - stats["mean"]) / (stats["std"] + 1e-8)  # noqa: E731
-    valid = ~torch.stack([s["action_is_pad"] for s in samples])
-    expected = ((to_norm(predicted) - to_norm(target)) ** 2)[valid].sum() / (valid.sum() * 2)
-    assert metrics["action_mse_normalized"] == pytest.approx(float(expected), rel=1e-4)
