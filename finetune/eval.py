@@ -42,7 +42,9 @@ def heldout_episodes(checkpoint: Path, total: int) -> list[int]:
     """The episodes the run held out (its last --dataset.eval-episodes); all of them when it held none out."""
     train_cfg = read_train_config(checkpoint)
     n = train_cfg.dataset.eval_episodes if train_cfg is not None else 0
-    selected = parse_episodes(train_cfg.dataset.episodes or ())[0] if train_cfg is not None else None
+    # the selection of the run's first dataset (the one finetune-eval reads by default)
+    selected = (parse_episodes(train_cfg.dataset.episodes or (), max(len(train_cfg.dataset.roots), 1))[0]
+                if train_cfg is not None else None)
     if n <= 0 or n >= len(selected or range(total)):
         print(f"eval: the run held no episodes out; evaluating on all {total} (they may include training data)",
               file=sys.stderr)

@@ -226,3 +226,21 @@ def test_datasets_whose_action_sizes_differ_are_refused(policy_dir, two_datasets
     argv = _mix_args(policy_dir, (a, wide), tmp_path / "out", "--steps", "1")
     err = _error(capsys, argv)
     assert f"dataset 1 ({wide}): 'action' has shape [3] but dataset 0 ({a}) has [2]" in err
+
+
+def test_held_out_episodes_of_a_mixed_run_for_finetune_eval(mixed_run):
+    from finetune.eval import heldout_episodes
+
+    assert heldout_episodes(mixed_run / "checkpoints/last", 6) == [5]  # robot_a's last episode
+
+
+@pytest.mark.parametrize("root", ["no/such_dataset", "./missing_folder"])
+def test_a_missing_dataset_among_several_is_a_one_line_error(policy_dir, two_datasets, tmp_path, capsys, root,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = two_datasets
+    argv = _mix_args(policy_dir, two_datasets, tmp_path / "out", "--steps", "1")
+    at = argv.index("--dataset.root")
+    argv[at + 1 : at + 3] = [str(a), root]
+    err = _error(capsys, argv)
+    assert root in err or root.split("/")[-1] in err
