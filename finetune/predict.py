@@ -25,17 +25,14 @@ import torch
 import tyro
 from torch import Tensor, nn
 
-from .ema import weights_folder
 from .hub import load_tokenizer, resolve_repo
 from .lerobot_processor import read_processor_stats
-from .merge import attach_adapter, checkpoint_kind, load_base_for_checkpoint, quant_label, resolve_base
-from .policies import load_policy
+from .loading import load_trained_policy
+from .model_card import read_train_config
 from .policies.base import OBS_STATE, TASK, PolicyConfig
+from .policies.common import DTYPES
 from .processor import STATS_FILE, PolicyProcessor, load_stats
-from .publish import read_train_config
 from .relative_actions import RAW_STATE
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ObservationError(ValueError):
@@ -97,27 +94,8 @@ class Predictor:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         train_cfg = read_train_config(folder)
         stats = load_normalization_stats(folder)
-        if not use_trained_weights:
-            base_dir = resolve_base(folder, base)
-            policy = load_base_for_checkpoint(folder, base_dir, DTYPES[dtype])
-            tokenizer_dir = base_dir
-        elif checkpoint_kind(folder) == "adapter":
-            base_dir = resolve_base(folder, base)
-            policy = load_base_for_checkpoint(folder, base_dir, DTYPES[dtype])
-            if quant_label(train_cfg) is not None:  # the base the adapter was trained on, quantized the same way
-                from .adapters import resolve_full_training_modules
-                from .quant import quantize_policy
-
-                keep = resolve_full_training_modules(policy, train_cfg.peft.full_training_modules)
-                policy = attach_adapter(quantize_policy(policy, train_cfg.quant, torch.device(device), keep),
-                                        weights_folder(folder, use_ema))
-            else:
-                # merged: the same function without the adapter's overhead
-                policy = attach_adapter(policy, weights_folder(folder, use_ema)).merge_and_unload()
-            tokenizer_dir = base_dir
-        else:
-            policy = load_policy(weights_folder(folder, use_ema), dtype=DTYPES[dtype])
-            tokenizer_dir = folder
+        policy, tokenizer_dir = load_trained_policy(folder, base, torch.device(device), DTYPES[dtype],
+                                                    use_trained_weights, use_ema)
         config = policy.config
         if num_steps is not None:
             config.num_steps = num_steps

@@ -224,3 +224,20 @@ def test_real_size_smolvla_trains_on_a_quantized_base_and_resumes(tmp_path_facto
     # The saved adapter, reloaded onto a newly quantized base, reproduces the trained model's held-out figure.
     reloaded = _set_up(train_args(folder, dataset_root, straight, "--steps", "6", "--resume", *common))
     assert train.evaluate(reloaded) == pytest.approx(summary["eval_mse_after"], rel=1e-4)
+
+
+@pytest.mark.parametrize("opts", [QuantOptions(load_in_8bit=True), QuantOptions(load_in_4bit=True),
+                                  QuantOptions(load_in_4bit=True, storage_dtype="bfloat16")],
+                         ids=["8bit", "4bit_uint8", "4bit_bf16_storage"])
+def test_parameter_counts_of_a_quantized_base_are_the_unquantized_counts(policy_dir, opts):
+    from finetune.adapters import count_parameters
+
+    full = load_policy(policy_dir)
+    expected_total = sum(p.numel() for p in full.parameters())
+    policy = quantized(policy_dir, opts)
+    assert sum(p.numel() for p in policy.parameters()) != expected_total or opts.load_in_8bit  # packed 4-bit storage
+    assert count_parameters(policy) == (0, expected_total)
+    model = apply_adapter(policy, PeftOptions(r=4))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora > 0
+    assert count_parameters(model) == (lora, expected_total + lora)
