@@ -244,3 +244,17 @@ def test_a_missing_dataset_among_several_is_a_one_line_error(policy_dir, two_dat
     argv[at + 1 : at + 3] = [str(a), root]
     err = _error(capsys, argv)
     assert root in err or root.split("/")[-1] in err
+
+
+def test_default_weights_follow_frames_and_resume(policy_dir, two_datasets, tmp_path):
+    import json
+
+    out = tmp_path / "by_frames"
+    args = _mix_args(policy_dir, two_datasets, out, "--steps", "1", "--checkpoint.every", "1")[:-3]  # no weights
+    train.main(args)
+    saved = json.loads((out / "checkpoints/last/train_config.json").read_text())["dataset"]
+    # training splits aside, the default mixture is each dataset's share of all frames: 96 and 48 of 144
+    assert saved["weights"] == pytest.approx([96 / 144, 48 / 144])
+    summary = train.main([*args[: args.index("--steps")], "--steps", "2", *args[args.index("--steps") + 2 :],
+                          "--resume"])
+    assert summary["checkpoint"].endswith("000002")
