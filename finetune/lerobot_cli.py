@@ -100,6 +100,7 @@ RENAMED = {
     "env.episode_length": "env.max_steps",
     "eval.n_episodes": "env.episodes",
     "rename_map": "dataset.rename_map",
+    "prefetch_factor": "dataset.prefetch_factor",
 }
 
 OPTIMIZER_HINT = ("use --policy.optimizer_* / --policy.scheduler_* (or --optim.*): the optimizer is always AdamW "
@@ -124,7 +125,6 @@ REFUSED = {
                        "--checkpoint.every and bound them with --checkpoint.keep_last",
     "save_checkpoint_to_hub": "only the last checkpoint is pushed, at the end, with --policy.repo_id",
     "cudnn_deterministic": "not exposed here; set torch.backends.cudnn.deterministic in your own launcher",
-    "prefetch_factor": "the DataLoader keeps PyTorch's default; use --num_workers (--dataset.num_workers)",
     "persistent_workers": "workers persist whenever --num_workers > 0",
     "dataloader_multiprocessing_context": "the DataLoader uses the platform's default start method",
     "tolerance_s": "frames are read by index here, not by timestamp: no tolerance is needed",
@@ -137,9 +137,13 @@ REFUSED = {
     "dataset.repo_type": "datasets are read from a local folder (--dataset.root) or a Hub dataset repo",
     "dataset.video_backend": "videos are decoded with PyAV; drop the flag",
     "dataset.use_imagenet_stats": "images are scaled to [-1, 1] as the policy expects; drop the flag",
-    "dataset.return_uint8": "drop the flag (frames are decoded to float in the workers)",
+    "dataset.return_uint8": "drop the flag (frames travel as uint8 through the loader and become float on the "
+                            "training device)",
     "dataset.depth_output_unit": "depth cameras are not supported",
-    "dataset.image_transforms.*": "no image augmentation here; drop the flag",
+    "dataset.image_transforms": "augmentation from a LeRobot config file is not read: enable it with "
+                                "--dataset.image-transforms.enable (LeRobot's ops and ranges are the defaults)",
+    "dataset.image_transforms.*": "LeRobot's per-transform settings (tfs, random_order) are not read: set the ranges "
+                                  "with --dataset.image-transforms.<op> (see --help)",
     "wandb.*": "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl and output_dir/tensorboard",
     "job.*": "training runs where it is launched: `accelerate launch` or launch.sh (SLURM / multi-node)",
     "sample_weighting.*": "no sample weighting (RA-BC) here",

@@ -146,6 +146,7 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--output_dir=outputs/train/x"], "output_dir", "outputs/train/x"),
     (["--seed=7"], "seed", 7),
     (["--num_workers=6"], "dataset.num_workers", 6),
+    (["--prefetch_factor=4"], "dataset.prefetch_factor", 4),
     (["--save_freq=500"], "checkpoint.every", 500),
     (["--save_freq=0", "--steps=1234"], "checkpoint.every", 1234),  # LeRobot: only the final checkpoint
     (["--log_freq=25"], "log_every", 25),
@@ -163,6 +164,7 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--peft.full-training-modules", "state_proj", "action_out_proj"], "peft.full_training_modules",
      ("state_proj", "action_out_proj")),  # ours, unchanged
     (["--optim.lr", "5e-4", "--no-resume"], "optim.lr", 5e-4),  # ours, unchanged
+    (["--dataset.image_transforms.enable=true"], "dataset.image_transforms.enable", True),
 ])
 def test_mapped_flag_takes_lerobots_meaning(flags, field, expected, capsys):
     value = cli(["smolvla_lora", *flags], console_outputs=False)
@@ -193,14 +195,13 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--dataset.episodes=[0,1]", "training uses every episode except the last --dataset.eval_episodes"),
     ("--dataset.eval_split=0.1", "hold out the last N episodes with --dataset.eval_episodes N"),
     ("--dataset.video_backend=torchcodec", "videos are decoded with PyAV"),
-    ("--dataset.image_transforms.enable=true", "no image augmentation here"),
+    ("--dataset.image_transforms.random_order=true", "set the ranges with --dataset.image-transforms.<op>"),
     ("--policy.freeze_vision_encoder=false", "the policy folder's config.json (--policy.path) holds it"),
     ("--policy.input_features={\"a\": 1}", "features always come from the dataset here"),
     ("--env.fps=30", "--env.fps (lerobot-train) has no equivalent: the simulator wrappers"),
     ("--job.target=a10g-small", "training runs where it is launched"),
     ("--save_checkpoint_to_hub=true", "only the last checkpoint is pushed"),
     ("--cudnn_deterministic=true", "--cudnn_deterministic (lerobot-train) has no equivalent"),
-    ("--prefetch_factor=2", "the DataLoader keeps PyTorch's default"),
     ("--policy.push_to_hub=true", "--policy.push_to_hub=true needs --policy.repo_id"),
     ("--resume=maybe", "--resume=maybe: expected true or false"),
     ("--foo.bar=1", "unknown flag --foo.bar: neither an option of this suite (see --help) nor a lerobot-train flag"),
