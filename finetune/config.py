@@ -230,6 +230,23 @@ class DemoOptions:
 
 
 @dataclass(frozen=True)
+class EnvOptions:
+    type: str | None = None
+    """Simulator for closed-loop evaluation of the policy being trained (LeRobot's --env.type): reach, metaworld or
+    libero. None: no simulator evaluation."""
+    task: str | None = None
+    """Task, task list or suite (LeRobot's --env.task), e.g. libero_spatial, push-v3, 'push-v3,reach-v3', MT10."""
+    episodes: int = 10
+    """Seeded episodes per task at each evaluation (LeRobot's --eval.n_episodes)."""
+    eval_every: int = 0
+    """Also evaluate every N optimizer updates (LeRobot's --eval_freq); 0: only at the end of training."""
+    max_steps: int | None = None
+    """Episode length limit in environment steps (LeRobot's --env.episode_length); None: the task's default."""
+    image_size: int | None = None
+    """Rendered camera size in pixels; None: the training dataset's camera height."""
+
+
+@dataclass(frozen=True)
 class EmaOptions:
     decay: float = 0.0
     """Keep an exponential moving average of the trained weights with this decay per optimizer update (e.g. 0.999);
@@ -247,6 +264,7 @@ class TrainConfig:
     optim: OptimOptions = OptimOptions()
     checkpoint: CheckpointOptions = CheckpointOptions()
     demo: DemoOptions = DemoOptions()
+    env: EnvOptions = EnvOptions()
     ema: EmaOptions = EmaOptions()
     output_dir: str = "runs/train"
     """Run folder: checkpoints/, metrics.jsonl, tensorboard/, train_config.json."""
@@ -447,11 +465,24 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 
 
 def cli(args: Sequence[str] | None = None, console_outputs: bool = True) -> TrainConfig:
-    """Parse `<preset> [--flags]` into a TrainConfig."""
-    return tyro.extras.overridable_config_cli(
-        PRESETS, args=args, use_underscores=False, console_outputs=console_outputs,
-        description="Fine-tune a VLA policy with PEFT adapters.",
-    )
+    """Parse `<preset> [--flags]` into a TrainConfig. LeRobot's `lerobot-train` flags and `--config_path` are
+    translated first (finetune/lerobot_cli.py), each translation printed once as a notice."""
+    import sys
+
+    from finetune.lerobot_cli import LeRobotFlagError, field_kinds, translate_args
+
+    try:
+        translation = translate_args(sys.argv[1:] if args is None else args, field_kinds(TrainConfig), list(PRESETS))
+        cfg = translation.apply(tyro.extras.overridable_config_cli(
+            PRESETS, args=translation.args, use_underscores=False, console_outputs=console_outputs,
+            description="Fine-tune a VLA policy with PEFT adapters.",
+        ))
+        if console_outputs:
+            print("\n".join(translation.notices), end="\n" if translation.notices else "")
+        return cfg
+    except LeRobotFlagError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -59,10 +59,10 @@ def load_tokenizer(policy_dir: Path | None, tokenizer_path: str | None, vlm_mode
         except FileNotFoundError:
             if source == "the VLM's Hub id":
                 raise FileNotFoundError(
-                    f"no tokenizer: the policy folder {policy_dir} has none ({', '.join(TOKENIZER_FILES)}) and its "
-                    f"VLM's tokenizer {location!r} is neither a local folder nor in the Hugging Face cache"
-                    f"{' (offline)' if is_offline() else ' and the Hub could not be reached'}; copy the tokenizer "
-                    "files into the policy folder or pass --policy.tokenizer-path FOLDER") from None
+                    f"no tokenizer: the VLM's tokenizer {location!r} is neither a local folder nor in the Hugging Face "
+                    f"cache{' (offline)' if is_offline() else ' and the Hub could not be reached'}, and the policy "
+                    f"folder {policy_dir} has none ({' and '.join(TOKENIZER_FILES)}); copy the tokenizer files into "
+                    "the policy folder or pass --policy.tokenizer-path FOLDER") from None
             raise
         try:
             return AutoTokenizer.from_pretrained(str(folder))

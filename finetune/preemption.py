@@ -8,6 +8,9 @@ stops at the same step, none is left waiting in a collective, and the checkpoint
 Exit status EXIT_PREEMPTED (75, sysexits' EX_TEMPFAIL: "try again later") means "checkpoint written, requeue me with
 --resume auto". Under `accelerate launch` the launcher turns a worker's non-zero exit into its own 1 and a traceback,
 so launch.sh passes FINETUNE_STATUS_FILE: the workers write "preempted" there and exit 0, launch.sh exits 75.
+Prefer SIGUSR1 for multi-process runs: torchrun (under accelerate launch) answers SIGTERM itself by forwarding it to
+the workers and killing them 30 s later, which a slow checkpoint may not survive; launch.sh shields the launchers
+from SIGUSR1 and SIGTERM, plain `accelerate launch` does not.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
@@ -52,7 +53,7 @@ from finetune.ema import EMA
 from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger, check_trackers, read_metrics
 from finetune.policies import POLICIES, load_policy, load_policy_config, save_policy
-from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
+from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE, TASK
 from finetune.policies.common import DTYPES
 from finetune.preemption import STOP, Preempted, StopRequest, report_preempted, write_status
 from finetune.processor import PolicyProcessor, image_keys, images_to_float, save_stats
@@ -623,12 +624,121 @@ def train_loop(run: Run, logger: MetricsLogger, bar, stop: StopRequest) -> None:
         saved = run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps
         if saved:
             run.summary["checkpoint"] = str(save(run))
+        evaluate_in_sim(run, logger)  # --env.type: closed-loop success when due (main process)
         signal_name = stop.agreed(accelerator)  # every rank, every update: all stop at the same step
         if signal_name is not None and run.step < cfg.steps:
             path = Path(run.summary["checkpoint"]) if saved else save(run)
             raise Preempted(run.step, path, signal_name)
     if run.skipped_updates:
         run.summary["skipped_updates"] = run.skipped_updates
+
+
+# --- closed-loop evaluation in a simulator (--env.type); finetune.envs is simulation, not evaluation reporting ------
+
+def check_sim_env(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse --env.* that cannot run (unknown env or task, simulator extra or assets missing) before any model is
+    built, rather than after hours of training."""
+    if cfg.env.type is None:
+        return
+    if not cfg.env.task:
+        raise ConfigError(f"--env.type {cfg.env.type} needs --env.task (e.g. libero_spatial, push-v3, MT10)")
+    if cfg.env.episodes < 1 or cfg.env.eval_every < 0:
+        raise ConfigError("--env.episodes must be >= 1 and --env.eval-every >= 0 (0: only at the end)")
+    if dist.zero_stage(accelerator) == 3:
+        raise ConfigError("--env.type: simulator evaluation runs the policy on one process, which ZeRO-3's sharded "
+                          "weights do not allow; use a ZeRO-1/2 or DDP config, or evaluate the checkpoint afterwards")
+    try:
+        from finetune.envs import check_env, default_tasks
+    except ImportError:
+        raise ConfigError(f"--env.type {cfg.env.type}: this install has no simulator support (finetune.envs); "
+                          "update the suite or drop --env.type") from None
+    try:
+        check_env(cfg.env.type, default_tasks(cfg.env.type, cfg.env.task))
+    except (ValueError, RuntimeError) as err:  # unknown env/task; EnvUnavailable: extra or assets missing
+        raise ConfigError(f"--env.type {cfg.env.type} --env.task {cfg.env.task}: {err}") from None
+
+
+def make_action_chunk_fn(run: Run, seed: int):
+    """The policy being trained as a batched finetune.envs ActionChunkFn: (env observations, instructions) ->
+    (B, chunk, action_dim) actions in robot units (normalization undone), with seeded sampling noise."""
+    policy = run.accelerator.unwrap_model(run.model)
+    pcfg = base_policy(policy).config
+    rename, device = run.cfg.dataset.rename_map, run.accelerator.device
+    generator = torch.Generator().manual_seed(seed)
+
+    def act(observations: list[dict[str, np.ndarray]], instructions: list[str]) -> np.ndarray:
+        obs = [{rename.get(k, k): v for k, v in o.items()} for o in observations]
+        if OBS_STATE not in obs[0]:
+            raise ConfigError(f"--env.type {run.cfg.env.type}: the simulator's observation has no {OBS_STATE!r} "
+                              f"({sorted(observations[0])}); map its keys with --dataset.rename-map")
+        batch: dict[str, Any] = {  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [0, 1], as the dataset's frames
+            k: torch.as_tensor(np.stack([o[k] for o in obs])).permute(0, 3, 1, 2).float() / 255
+            for k in pcfg.image_features if k in obs[0]}
+        batch[OBS_STATE] = torch.as_tensor(np.stack([np.asarray(o[OBS_STATE], np.float32).reshape(-1) for o in obs]))
+        batch[TASK] = list(instructions)
+        batch = to_device(run.processor.prepare(batch), device)
+        noise = torch.randn(len(obs), pcfg.chunk_size, pcfg.max_action_dim, generator=generator).to(device)
+        with dist.autocast(run.accelerator):
+            chunk = policy.predict_action_chunk(batch, noise=noise)
+        return run.processor.unnormalize_actions(chunk.float().cpu()).numpy()
+
+    return act
+
+
+def sim_image_size(run: Run) -> int:
+    pcfg = base_policy(run.accelerator.unwrap_model(run.model)).config
+    cameras = [pcfg.input_features[k]["shape"] for k in pcfg.image_features]
+    return run.cfg.env.image_size or (cameras[0][1] if cameras else 128)  # as the dataset's camera
+
+
+def check_policy_fits_sim(run: Run) -> bool:
+    """The simulator gives the policy's cameras (after --dataset.rename-map), state size and action size."""
+    from finetune.envs import default_tasks, make_env, rollout
+
+    cfg = run.cfg
+    pcfg = base_policy(run.accelerator.unwrap_model(run.model)).config
+    env_names = {v: k for k, v in cfg.dataset.rename_map.items()}  # policy name -> the env's (dataset's) name
+    env = make_env(cfg.env.type, default_tasks(cfg.env.type, cfg.env.task)[0], image_size=sim_image_size(run))
+    try:
+        rollout.check_policy_fits_env(env, [env_names.get(k, k) for k in pcfg.image_features], pcfg.state_dim,
+                                      pcfg.action_dim)
+    except ValueError as err:
+        raise ConfigError(f"--env.type {cfg.env.type} --env.task {cfg.env.task}: {err}") from None
+    finally:
+        env.close()
+    return True
+
+
+def evaluate_in_sim(run: Run, logger: MetricsLogger) -> None:
+    """--env.type: success rate of the policy in the simulator at the end and every --env.eval-every updates."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.env.type is not None and "sim_fits" not in run.summary and accelerator.is_main_process:
+        run.summary["sim_fits"] = check_policy_fits_sim(run)  # after the first update, not after hours
+    due = run.step == cfg.steps or (cfg.env.eval_every > 0 and run.step % cfg.env.eval_every == 0)
+    if cfg.env.type is None or not due:
+        return
+    if accelerator.is_main_process:
+        from finetune.envs import default_tasks, rollout
+
+        policy = accelerator.unwrap_model(run.model)
+        pcfg = base_policy(policy).config
+        was_training = policy.training
+        policy.eval()
+        with torch.no_grad():
+            result = rollout.run_closed_loop(make_action_chunk_fn(run, cfg.seed), cfg.env.type,
+                                             default_tasks(cfg.env.type, cfg.env.task), cfg.env.episodes,
+                                             seed=cfg.seed, n_action_steps=pcfg.n_action_steps,
+                                             image_size=sim_image_size(run), max_steps=cfg.env.max_steps,
+                                             batched=True)
+        policy.train(was_training)
+        per_task = result["per_task"]
+        logger.log(run.step, {"sim/success_rate": result["success_rate"],
+                              **{f"sim/{task}/success_rate": r["success_rate"] for task, r in per_task.items()}})
+        run.summary["sim_success_rate"] = result["success_rate"]
+        episodes = sum(r["episodes"] for r in per_task.values())
+        accelerator.print(f"step {run.step}: {cfg.env.type} {cfg.env.task} success rate {result['success_rate']:.1%} "
+                          f"({episodes} episodes)")
+    accelerator.wait_for_everyone()
 
 
 def report(run: Run) -> None:
@@ -797,6 +907,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cfg.nonfinite == "skip" and dist.is_deepspeed(accelerator):
             raise ConfigError("--nonfinite skip is not supported under DeepSpeed: its engine applies the update "
                               "inside backward(), before the gradient norm can be checked; use --nonfinite stop")
+        check_sim_env(cfg, accelerator)
         auto = cfg.resume == RESUME_AUTO
         cfg = resolve_resume(cfg, accelerator)
         if not cfg.resume:

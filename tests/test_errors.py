@@ -85,10 +85,10 @@ def test_policy_folder_without_a_tokenizer(policy_dir, dataset_root, tmp_path, c
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (policy / name).unlink()
     err = refused(train_args(policy, dataset_root, tmp_path / "out", "--steps", "2"), capsys)
-    assert err == (f"error: no tokenizer: the policy folder {policy} has none (tokenizer.json, tokenizer_config.json) "
-                   "and its VLM's tokenizer 'finetune/tiny-smolvlm' is neither a local folder nor in the Hugging Face "
-                   "cache (offline); copy the tokenizer files into the policy folder or pass --policy.tokenizer-path "
-                   "FOLDER")
+    assert err == ("error: no tokenizer: the VLM's tokenizer 'finetune/tiny-smolvlm' is neither a local folder nor in "
+                   f"the Hugging Face cache (offline), and the policy folder {policy} has none (tokenizer.json and "
+                   "tokenizer_config.json); copy the tokenizer files into the policy folder or pass "
+                   "--policy.tokenizer-path FOLDER")
 
 
 def test_a_chunk_size_that_cannot_fit_is_refused_before_allocating(policy_dir, dataset_root, tmp_path, capsys):

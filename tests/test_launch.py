@@ -155,7 +155,7 @@ def test_two_nodes_without_a_shared_output_dir_are_refused_at_start(tmp_path, po
     for node, (code, stdout, stderr) in enumerate(results):
         assert code == 2, (node, stderr[-3000:])
         assert stderr.count("error: --output-dir run is not shared by all processes: rank 1 on ") == 1, stderr
-        assert "needs an --output-dir on a filesystem every node mounts" in stderr
+        assert "Multi-node runs need an --output-dir on a filesystem every node mounts" in stderr
     for node in (0, 1):
         assert not (tmp_path / f"node{node}/run/checkpoints").exists()
 

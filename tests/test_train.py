@@ -286,3 +286,37 @@ def test_nonfinite_skip_drops_those_updates_and_trains_on(policy_dir, dataset_ro
         assert torch.equal(first[key], last[key]), key
     state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
     assert (state["step"], state["batches_seen"]) == (4, 4)  # the data moved on
+
+
+# --- experiment trackers ---------------------------------------------------------------------------------------------
+
+
+def test_log_with_none_writes_only_metrics_jsonl(policy_dir, dataset_root, tmp_path):
+    out = tmp_path / "quiet"
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "1", "--log-with", "none",
+                          "--dataset.eval-episodes", "0"))
+    assert sorted(losses(out)) == [1]
+    assert not (out / "tensorboard").exists()
+
+
+def test_wandb_runs_offline_when_the_machine_is_and_needs_a_login_otherwise(monkeypatch, tmp_path):
+    from finetune.config import ConfigError
+    from finetune.metrics import _configure_wandb
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _configure_wandb()
+    assert os.environ["WANDB_MODE"] == "offline"  # logs locally, `wandb sync` later
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ConfigError, match="--log-with wandb: not logged in .*WANDB_MODE=offline"):
+        _configure_wandb()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    _configure_wandb()  # logged in: online
+    assert "WANDB_MODE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (tmp_path / "netrc").unlink()
+    _configure_wandb()  # the user's own mode is respected
+    assert os.environ["WANDB_MODE"] == "disabled"
