@@ -188,7 +188,6 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--optimizer.lr=1e-4", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--scheduler.num_warmup_steps=10", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--use_policy_training_preset=false", "the optimizer is always AdamW"),
-    ("--dataset.episodes=[0,1]", "training uses every episode except the last --dataset.eval_episodes"),
     ("--dataset.eval_split=0.1", "hold out the last N episodes with --dataset.eval_episodes N"),
     ("--dataset.video_backend=torchcodec", "videos are decoded with PyAV"),
     ("--dataset.image_transforms.enable=true", "no image augmentation here"),
@@ -301,7 +300,6 @@ def test_config_path_without_the_policy_preset_uses_its_optimizer_sections(tmp_p
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"dataset__episodes": [0, 1, 2]}, "dataset.episodes = [0, 1, 2] changes what is trained"),
     ({"policy__pretrained_path": None}, "no policy.pretrained_path (a run from scratch)"),
     ({"use_policy_training_preset": False, "optimizer": {"type": "sgd", "lr": 0.1}}, "optimizer.type 'sgd'"),
 ])
