@@ -185,7 +185,7 @@ def report_closed_loop(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, A
     n = cfg.demo.rollout_episodes
     if n <= 0:
         return {}
-    settings = settings_from_dataset(cfg.dataset.root, cfg.demo.finetune_colors, episodes=n, seed=0)
+    settings = settings_from_dataset(cfg.dataset.roots[0], cfg.demo.finetune_colors, episodes=n, seed=0)
     checkpoint = summary["checkpoint"]
     predictors = {"before": Predictor.from_checkpoint(checkpoint, cfg.policy.path, use_trained_weights=False),
                   "after": Predictor.from_checkpoint(checkpoint, cfg.policy.path)}

@@ -27,6 +27,7 @@ import torch
 import tyro
 
 from .data import COLORS, LeRobotDataset, load_dataset_meta
+from .data.multi import parse_episodes, split_selection
 from .envs import ReachEnv
 from .metrics import read_metrics
 from .policies.base import ACTION, OBS_STATE
@@ -43,11 +44,14 @@ def heldout_episodes(checkpoint: Path, total: int) -> list[int]:
     """The episodes the run held out (its last --dataset.eval-episodes); all of them when it held none out."""
     train_cfg = read_train_config(checkpoint)
     n = train_cfg.dataset.eval_episodes if train_cfg is not None else 0
-    if n <= 0 or n >= total:
+    # the selection of the run's first dataset (the one finetune-eval reads by default)
+    selected = (parse_episodes(train_cfg.dataset.episodes or (), max(len(train_cfg.dataset.roots), 1))[0]
+                if train_cfg is not None else None)
+    if n <= 0 or n >= len(selected or range(total)):
         print(f"eval: the run held no episodes out; evaluating on all {total} (they may include training data)",
               file=sys.stderr)
         return list(range(total))
-    return list(range(total - n, total))
+    return split_selection(range(total), selected, n)[1]  # the last n of the run's --dataset.episodes selection
 
 
 @torch.no_grad()
@@ -330,7 +334,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     else:  # the run folder's eval/, or beside a folder that is not in a run
         out_dir = run_dir / "eval" if run_dir is not None else checkpoint.with_name(checkpoint.name + "_eval")
     train_cfg = read_train_config(checkpoint)
-    dataset_root = cfg.dataset_root or (train_cfg.dataset.root if train_cfg else None)
+    dataset_root = cfg.dataset_root or (train_cfg.dataset.roots[0] if train_cfg and train_cfg.dataset.roots else None)
     if dataset_root is None:
         raise ValueError("no dataset: pass --dataset-root (the checkpoint's train_config.json names none)")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps)
