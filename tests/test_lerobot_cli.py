@@ -132,7 +132,7 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--policy.gradient_checkpointing=true"], "policy.gradient_checkpointing", True),
     (["--policy.chunk_size=10"], "policy.chunk_size", 10),
     (["--dataset.repo_id=org/data"], "dataset.repo_id", "org/data"),
-    (["--dataset.root", "/data/x"], "dataset.root", "/data/x"),
+    (["--dataset.root", "/data/x"], "dataset.root", ("/data/x",)),
     (['--rename_map={"observation.images.image": "observation.images.top"}'], "dataset.rename_map",
      {"observation.images.image": "observation.images.top"}),
     (["--env.type=reach", "--env.task=red"], "env.type", "reach"),
@@ -192,7 +192,6 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--optimizer.lr=1e-4", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--scheduler.num_warmup_steps=10", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--use_policy_training_preset=false", "the optimizer is always AdamW"),
-    ("--dataset.episodes=[0,1]", "training uses every episode except the last --dataset.eval_episodes"),
     ("--dataset.eval_split=0.1", "hold out the last N episodes with --dataset.eval_episodes N"),
     ("--dataset.video_backend=torchcodec", "videos are decoded with PyAV"),
     ("--dataset.image_transforms.random_order=true", "set the ranges with --dataset.image-transforms.<op>"),
@@ -304,7 +303,6 @@ def test_config_path_without_the_policy_preset_uses_its_optimizer_sections(tmp_p
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"dataset__episodes": [0, 1, 2]}, "dataset.episodes = [0, 1, 2] changes what is trained"),
     ({"policy__pretrained_path": None}, "no policy.pretrained_path (a run from scratch)"),
     ({"use_policy_training_preset": False, "optimizer": {"type": "sgd", "lr": 0.1}}, "optimizer.type 'sgd'"),
 ])
