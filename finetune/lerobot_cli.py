@@ -94,6 +94,7 @@ RENAMED = {
     "policy.scheduler_warmup_steps": "optim.warmup_steps",
     "policy.scheduler_decay_lr": "optim.decay_lr",
     "num_workers": "dataset.num_workers",
+    "prefetch_factor": "dataset.prefetch_factor",
     "log_freq": "log_every",
     "eval_freq": "env.eval_every",  # LeRobot <= 0.4: simulator evaluation every N steps
     "env_eval_freq": "env.eval_every",  # LeRobot >= 0.5
@@ -124,7 +125,6 @@ REFUSED = {
                        "--checkpoint.every and bound them with --checkpoint.keep_last",
     "save_checkpoint_to_hub": "only the last checkpoint is pushed, at the end, with --policy.repo_id",
     "cudnn_deterministic": "not exposed here; set torch.backends.cudnn.deterministic in your own launcher",
-    "prefetch_factor": "the DataLoader keeps PyTorch's default; use --num_workers (--dataset.num_workers)",
     "persistent_workers": "workers persist whenever --num_workers > 0",
     "dataloader_multiprocessing_context": "the DataLoader uses the platform's default start method",
     "tolerance_s": "frames are read by index here, not by timestamp: no tolerance is needed",
@@ -139,7 +139,9 @@ REFUSED = {
     "dataset.use_imagenet_stats": "images are scaled to [-1, 1] as the policy expects; drop the flag",
     "dataset.return_uint8": "drop the flag (frames are decoded to float in the workers)",
     "dataset.depth_output_unit": "depth cameras are not supported",
-    "dataset.image_transforms.*": "no image augmentation here; drop the flag",
+    "dataset.image_transforms.*": "augmentation is set by --dataset.image_transforms.enable / .max_num_transforms / "
+                                  ".brightness / .contrast / .saturation / .hue / .sharpness (ranges), "
+                                  ".affine_degrees / .affine_translate and .weights",
     "wandb.*": "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl and output_dir/tensorboard",
     "job.*": "training runs where it is launched: `accelerate launch` or launch.sh (SLURM / multi-node)",
     "sample_weighting.*": "no sample weighting (RA-BC) here",
@@ -360,6 +362,34 @@ class _Translator:
         out = self.ours("peft.lora_alpha", opt)
         return self.note(opt, out) if opt.from_file else out
 
+    def _dataset__image_transforms(self, opt: _Option) -> list[str]:
+        """A config file's whole image_transforms section (LeRobot's torchvision-named ops) onto ours."""
+        section = json.loads(opt.values[0]) or {}
+        out = [f"--dataset.image-transforms.{'enable' if section.get('enable') else 'no-enable'}"]
+        if "max_num_transforms" in section:
+            out.append(f"--dataset.image-transforms.max-num-transforms={section['max_num_transforms']}")
+        names = ("brightness", "contrast", "saturation", "hue", "sharpness", "affine")
+        tfs = section.get("tfs") or {}
+        unknown = [name for name in tfs if name not in names]
+        if unknown and section.get("enable"):
+            raise LeRobotFlagError(f"--config_path: dataset.image_transforms.tfs {unknown} have no equivalent: "
+                                   f"{REFUSED['dataset.image_transforms.*']}")
+        for name in names[:5]:
+            if name in tfs and name in (tfs[name].get("kwargs") or {}):
+                low, high = tfs[name]["kwargs"][name]
+                out += [f"--dataset.image-transforms.{name}", str(low), str(high)]
+        affine = (tfs.get("affine") or {}).get("kwargs") or {}
+        if "degrees" in affine:
+            degrees = affine["degrees"]  # (-d, d) or d, as torchvision's RandomAffine
+            degrees = max(abs(d) for d in degrees) if isinstance(degrees, list) else degrees
+            out.append(f"--dataset.image-transforms.affine-degrees={degrees}")
+        if "translate" in affine:
+            out.append(f"--dataset.image-transforms.affine-translate={affine['translate'][0]}")
+        if tfs:
+            weights = [str((tfs.get(name) or {}).get("weight", 0.0)) for name in names]
+            out += ["--dataset.image-transforms.weights", *weights]
+        return self.note(opt, out)
+
     def _save_freq(self, opt: _Option) -> list[str]:
         value = self.one_value(opt)
         if value.lstrip("-").isdigit() and int(value) <= 0:
@@ -494,7 +524,6 @@ _POLICY_FILE_KEYS = {"pretrained_path", "repo_id", "push_to_hub", "use_amp", "ch
                      "gradient_checkpointing", "input_features", "output_features"}
 _FILE_REFUSED_WHEN: dict[str, Callable[[str], bool]] = {
     "dataset.episodes": lambda v: not _is_null(v),
-    "dataset.image_transforms": lambda v: bool((json.loads(v) or {}).get("enable")),
     "sample_weighting.type": lambda v: not _is_null(v),
     "use_rabc": lambda v: v == "true",
     "ema.enable": lambda v: v == "true",

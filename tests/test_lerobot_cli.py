@@ -144,6 +144,9 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--output_dir=outputs/train/x"], "output_dir", "outputs/train/x"),
     (["--seed=7"], "seed", 7),
     (["--num_workers=6"], "dataset.num_workers", 6),
+    (["--prefetch_factor=4"], "dataset.prefetch_factor", 4),
+    (["--dataset.image_transforms.enable=true"], "dataset.image_transforms.enable", True),
+    (["--dataset.image_transforms.max_num_transforms=2"], "dataset.image_transforms.max_num_transforms", 2),
     (["--save_freq=500"], "checkpoint.every", 500),
     (["--save_freq=0", "--steps=1234"], "checkpoint.every", 1234),  # LeRobot: only the final checkpoint
     (["--log_freq=25"], "log_every", 25),
@@ -191,14 +194,13 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--dataset.episodes=[0,1]", "training uses every episode except the last --dataset.eval_episodes"),
     ("--dataset.eval_split=0.1", "hold out the last N episodes with --dataset.eval_episodes N"),
     ("--dataset.video_backend=torchcodec", "videos are decoded with PyAV"),
-    ("--dataset.image_transforms.enable=true", "no image augmentation here"),
+    ("--dataset.image_transforms.random_order=true", "augmentation is set by --dataset.image_transforms.enable"),
     ("--policy.freeze_vision_encoder=false", "the policy folder's config.json (--policy.path) holds it"),
     ("--policy.input_features={\"a\": 1}", "features always come from the dataset here"),
     ("--env.fps=30", "--env.fps (lerobot-train) has no equivalent: the simulator wrappers"),
     ("--job.target=a10g-small", "training runs where it is launched"),
     ("--save_checkpoint_to_hub=true", "only the last checkpoint is pushed"),
     ("--cudnn_deterministic=true", "--cudnn_deterministic (lerobot-train) has no equivalent"),
-    ("--prefetch_factor=2", "the DataLoader keeps PyTorch's default"),
     ("--policy.push_to_hub=true", "--policy.push_to_hub=true needs --policy.repo_id"),
     ("--resume=maybe", "--resume=maybe: expected true or false"),
     ("--foo.bar=1", "unknown flag --foo.bar: neither an option of this suite (see --help) nor a lerobot-train flag"),
@@ -270,6 +272,7 @@ def test_config_path_loads_a_lerobot_training_config(tmp_path, capsys):
     assert (o.lr, o.betas, o.decay_lr, o.warmup_steps, o.decay_steps) == (1e-3, (0.9, 0.95), 1e-4, 1000, 30000)
     assert (cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.checkpoint.every) == (100000, 32, 1000, 200, 20000)
     assert cfg.dataset.num_workers == 4 and cfg.output_dir == "outputs/train/libero_smolvla"
+    assert cfg.dataset.image_transforms.enable is False
     assert (cfg.env.type, cfg.env.task, cfg.env.max_steps, cfg.env.episodes, cfg.env.eval_every) == (
         "libero", "libero_spatial", 520, 50, 20000)
     out = capsys.readouterr().out
@@ -285,6 +288,22 @@ def test_command_line_overrides_the_config_file_and_picks_the_preset(tmp_path, c
     assert cfg.policy.repo_id == "me/other"
     assert (cfg.optim.warmup_steps, cfg.optim.decay_steps) == (100, 3000)  # LeRobot shortens its schedule
     assert "preset smolvla_lora (policy type smolvla)" in capsys.readouterr().out
+
+
+def test_config_path_maps_lerobots_image_transforms(tmp_path, capsys):
+    tfs = {"brightness": {"weight": 2.0, "type": "ColorJitter", "kwargs": {"brightness": [0.7, 1.3]}},
+           "hue": {"weight": 1.0, "type": "ColorJitter", "kwargs": {"hue": [-0.1, 0.1]}},
+           "affine": {"weight": 0.5, "type": "RandomAffine", "kwargs": {"degrees": [-10.0, 10.0],
+                                                                        "translate": [0.1, 0.1]}}}
+    path = write_config(tmp_path, dataset__image_transforms={"enable": True, "max_num_transforms": 2,
+                                                             "random_order": False, "tfs": tfs})
+    t = cli(["smolvla_lora", f"--config_path={path}", "--policy.push_to_hub=false"]).dataset.image_transforms
+    assert (t.enable, t.max_num_transforms, t.brightness, t.hue) == (True, 2, (0.7, 1.3), (-0.1, 0.1))
+    assert (t.affine_degrees, t.affine_translate) == (10.0, 0.1)
+    assert t.weights == (2.0, 0.0, 0.0, 1.0, 0.0, 0.5)  # ops absent from LeRobot's tfs are never picked
+    tfs["crop"] = {"weight": 1.0, "type": "RandomCrop", "kwargs": {"size": 10}}
+    path = write_config(tmp_path, dataset__image_transforms={"enable": True, "tfs": tfs})
+    assert "tfs ['crop'] have no equivalent" in refused(["smolvla_lora", f"--config_path={path}"], capsys)
 
 
 def test_config_path_without_the_policy_preset_uses_its_optimizer_sections(tmp_path, capsys):
