@@ -25,6 +25,7 @@ from .policies.base import (
     TASK,
     PolicyConfig,
 )
+from .relative_actions import RAW_STATE, config_mask, to_absolute, to_relative, uses_relative_actions
 
 STATS_FILE = "normalization_stats.safetensors"
 EPS = 1e-8
@@ -150,6 +151,10 @@ class PolicyProcessor:
         expected = self.config.state_dim
         if batch[OBS_STATE].shape[-1] != expected:
             raise ValueError(f"state has {batch[OBS_STATE].shape[-1]} dims, the policy expects {expected}")
+        if uses_relative_actions(self.config):  # the policy sees actions minus the chunk's first state
+            batch[RAW_STATE] = batch[OBS_STATE].float()
+            if ACTION in batch:
+                batch[ACTION] = to_relative(batch[ACTION].float(), batch[RAW_STATE], config_mask(self.config))
         batch[OBS_STATE] = self.normalizer.normalize(OBS_STATE, batch[OBS_STATE].float())
         if ACTION in batch:
             batch[ACTION] = self.normalizer.normalize(ACTION, batch[ACTION].float())
@@ -159,5 +164,12 @@ class PolicyProcessor:
         batch.update(self.tokenize(list(tasks), batch[OBS_STATE]))  # after normalization: pi0.5 bins it
         return batch
 
-    def unnormalize_actions(self, actions: Tensor) -> Tensor:
-        return self.normalizer.unnormalize(ACTION, actions)
+    def unnormalize_actions(self, actions: Tensor, state: Tensor | None = None) -> Tensor:
+        """Policy outputs in robot units; a relative-action policy needs the (unnormalized) state they start from."""
+        actions = self.normalizer.unnormalize(ACTION, actions)
+        if not uses_relative_actions(self.config):
+            return actions
+        if state is None:
+            raise ValueError("this policy predicts relative actions: pass the robot state (batch[RAW_STATE]) to make "
+                             "them absolute")
+        return to_absolute(actions, state, config_mask(self.config))

@@ -196,8 +196,11 @@ class VideoFrameReader:
         target = round(t * fps) if fps else None
         if not (video.frames is not None and video.last is not None and target is not None
                 and video.last < target <= video.last + self.decode_on_window):
-            # backward=True lands on the last keyframe at or before the target.
-            video.container.seek(max(int(t / stream.time_base), 0), stream=stream, backward=True, any_frame=False)
+            # backward=True lands on the last keyframe at or before the target. Aim a quarter tolerance past t: t is
+            # a float32 timestamp that can sit a tick before its frame, and a target below a keyframe's pts would
+            # land on the keyframe before it (a whole interval decoded in vain).
+            target_pts = round((t + 0.25 * tolerance) / stream.time_base)
+            video.container.seek(max(target_pts, 0), stream=stream, backward=True, any_frame=False)
             video.frames, video.last = video.container.decode(stream), None
         best: tuple[float, np.ndarray] | None = None
         for frame in video.frames:

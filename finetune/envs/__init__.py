@@ -10,11 +10,15 @@ raises EnvUnavailable with the install line. Training may import this package (s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import gymnasium as gym
 
 from .reach import DEFAULT_CAMERA, ENV_ID, ReachEnv
+
+# MuJoCo picks its GL backend when first imported: headless EGL unless the user chose one (glfw, osmesa).
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 ENV_TYPES: tuple[str, ...] = ("reach", "metaworld", "libero")
 REACH_TASK_PREFIX = "move to the "
