@@ -67,7 +67,7 @@ def test_the_guides_command_parses_to_lerobots_meaning(capsys):
     assert "lerobot --peft.method_type=LORA -> --peft.method=LORA" in out
     assert "lerobot --policy.optimizer_lr=1e-3 -> --optim.lr=1e-3" in out
     assert "--peft.full-training-modules state_proj" in out
-    assert "LeRobot's SmolVLA preset decays over 30000 steps" in out  # the one schedule difference, said out loud
+    assert (cfg.optim.warmup_steps, cfg.optim.decay_steps) == (1000, 30000)  # SmolVLAConfig's schedule
 
 
 def test_notices_print_once_on_the_main_process_only(capsys):
@@ -92,6 +92,7 @@ def test_the_guides_command_trains(policy_dir, dataset_root, tmp_path, capsys):
     assert json.loads((last / "adapter_config.json").read_text())["modules_to_save"] == ["model.state_proj"]
     saved = json.loads((last / "train_config.json").read_text())
     assert saved["optim"]["lr"] == 1e-3 and saved["optim"]["decay_lr"] == 1e-4 and saved["batch_size"] == 32
+    assert (saved["optim"]["warmup_steps"], saved["optim"]["decay_steps"]) == (0, 2)  # LeRobot's shrunk schedule
     assert saved["peft"]["full_training_modules"] == ["state_proj"] and saved["policy"]["repo_id"] is None
     assert summary["trainable_params"] > 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -130,7 +131,8 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--policy.gradient_checkpointing=true"], "policy.gradient_checkpointing", True),
     (["--policy.chunk_size=10"], "policy.chunk_size", 10),
     (["--dataset.repo_id=org/data"], "dataset.repo_id", "org/data"),
-    (["--dataset.root", "/data/x"], "dataset.root", "/data/x"),
+    (["--dataset.root", "/data/x"], "dataset.root", ("/data/x",)),
+    (["--dataset.root=[/data/x,/data/y]"], "dataset.root", ("/data/x", "/data/y")),
     (['--rename_map={"observation.images.image": "observation.images.top"}'], "dataset.rename_map",
      {"observation.images.image": "observation.images.top"}),
     (["--env.type=reach", "--env.task=red"], "env.type", "reach"),
@@ -152,7 +154,11 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--log_freq=25"], "log_every", 25),
     (["--resume=true"], "resume", True),
     (["--resume=false"], "resume", False),
-    (["--wandb.enable=false"], "steps", 20000),  # accepted, nothing to set
+    (["--wandb.enable=false"], "log_with", ("tensorboard",)),  # accepted, nothing to set
+    (["--wandb.enable=true"], "log_with", ("tensorboard", "wandb")),
+    (["--ema.enable=true", "--ema.decay=0.99"], "ema.decay", 0.99),
+    (["--ema.enable=false"], "ema.decay", 0.0),
+    (["--dataset.episodes=[0,1,2]"], "dataset.episodes", ("0", "1", "2")),
     (["--peft.lora_alpha=null"], "peft.lora_alpha", 8),  # PEFT's default, as LeRobot's null
     (["--peft.lora_alpha=32"], "peft.lora_alpha", 32),
     (["--peft.target_modules=null"], "peft.target_modules", None),
@@ -163,13 +169,20 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
      ("state_proj", "action_out_proj")),
     (["--peft.full-training-modules", "state_proj", "action_out_proj"], "peft.full_training_modules",
      ("state_proj", "action_out_proj")),  # ours, unchanged
-    (["--optim.lr", "5e-4", "--no-resume"], "optim.lr", 5e-4),  # ours, unchanged
+    (["--optim.lr", "5e-4", "--policy.no-gradient-checkpointing"], "optim.lr", 5e-4),  # ours, unchanged
+    (["--resume"], "resume", True),  # ours, unchanged
 ])
 def test_mapped_flag_takes_lerobots_meaning(flags, field, expected, capsys):
     value = cli(["smolvla_lora", *flags], console_outputs=False)
     for part in field.split("."):
         value = getattr(value, part)
     assert value == expected
+
+
+def test_lerobot_schedule_without_decay_steps_says_how_it_differs(capsys):
+    cfg = cli(["smolvla_lora", "--optim.decay_steps=None", "--policy.optimizer_lr=1e-3", "--steps=1000"])
+    assert cfg.optim.decay_steps is None and cfg.optim.warmup_steps == 1000
+    assert "LeRobot's SmolVLA preset decays over 30000 steps" in capsys.readouterr().out
 
 
 def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
@@ -185,13 +198,16 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--job_name=libero", "--job_name (lerobot-train) has no equivalent: runs are not named here"),
     ("--policy.device=cuda", "the device comes from Accelerate"),
     ("--policy.type=smolvla", "give its folder or Hub id with --policy.path"),
-    ("--wandb.enable=true", "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl"),
-    ("--wandb.project=lerobot", "--wandb.project (lerobot-train) has no equivalent: no Weights & Biases"),
+    ("--wandb.project=lerobot", "--wandb.project (lerobot-train) has no equivalent: the wandb project is named "
+                                "after the run folder (--output_dir)"),
+    ("--wandb.entity=me", "set the WANDB_ENTITY environment variable"),
+    ("--wandb.notes=hello", "its other settings come from WANDB_* environment variables"),
+    ("--ema.enable=true", "give a constant --ema.decay (e.g. 0.999)"),
+    ("--ema.power=0.75", "the EMA here has a constant decay: --ema.decay"),
     ("--save_checkpoint=false", "checkpoints are always saved"),
     ("--optimizer.lr=1e-4", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--scheduler.num_warmup_steps=10", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--use_policy_training_preset=false", "the optimizer is always AdamW"),
-    ("--dataset.episodes=[0,1]", "training uses every episode except the last --dataset.eval_episodes"),
     ("--dataset.eval_split=0.1", "hold out the last N episodes with --dataset.eval_episodes N"),
     ("--dataset.video_backend=torchcodec", "videos are decoded with PyAV"),
     ("--dataset.image_transforms.random_order=true", "augmentation is set by --dataset.image_transforms.enable"),
@@ -202,7 +218,7 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--save_checkpoint_to_hub=true", "only the last checkpoint is pushed"),
     ("--cudnn_deterministic=true", "--cudnn_deterministic (lerobot-train) has no equivalent"),
     ("--policy.push_to_hub=true", "--policy.push_to_hub=true needs --policy.repo_id"),
-    ("--resume=maybe", "--resume=maybe: expected true or false"),
+    ("--policy.gradient_checkpointing=maybe", "--policy.gradient_checkpointing=maybe: expected true or false"),
     ("--foo.bar=1", "unknown flag --foo.bar: neither an option of this suite (see --help) nor a lerobot-train flag"),
 ])
 def test_refused_lerobot_flag_names_what_to_use(flag, message, capsys):
@@ -320,7 +336,7 @@ def test_config_path_without_the_policy_preset_uses_its_optimizer_sections(tmp_p
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"dataset__episodes": [0, 1, 2]}, "dataset.episodes = [0, 1, 2] changes what is trained"),
+    ({"sample_weighting": {"type": "rabc"}}, "sample_weighting.type = rabc changes what is trained"),
     ({"policy__pretrained_path": None}, "no policy.pretrained_path (a run from scratch)"),
     ({"use_policy_training_preset": False, "optimizer": {"type": "sgd", "lr": 0.1}}, "optimizer.type 'sgd'"),
 ])
