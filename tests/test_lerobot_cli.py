@@ -296,6 +296,20 @@ def test_config_path_loads_a_lerobot_training_config(tmp_path, capsys):
     assert "not used here" in out and "dataset.video_backend" in out and "wandb.project" in out
 
 
+def test_config_path_reads_lerobot_06_field_names(tmp_path, capsys):
+    config = lerobot_train_config()
+    del config["eval_freq"]
+    config.update(env_eval_freq=5000, eval_steps=0, prefetch_factor=4, persistent_workers=True, reward_model=None,
+                  save_checkpoint_to_hub=False, sample_weighting=None, job={"target": None, "tags": []},
+                  ema={"enable": False, "decay": None, "update_after_step": 0, "power": 0.75})
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(config))
+    cfg = cli(["smolvla_lora", f"--config_path={path}", "--policy.push_to_hub=false"])
+    assert (cfg.env.eval_every, cfg.dataset.eval_episodes, cfg.dataset.prefetch_factor, cfg.ema.decay) == (
+        5000, 0, 4, 0.0)  # eval_steps 0: no held-out split, as LeRobot's default
+    assert "persistent_workers" in capsys.readouterr().out  # listed as not used
+
+
 def test_command_line_overrides_the_config_file_and_picks_the_preset(tmp_path, capsys):
     path = write_config(tmp_path)
     cfg = cli([f"--config_path={path}", "--steps=3000", "--peft.r=8", "--env.type=null", "--batch_size=4",
