@@ -67,7 +67,9 @@ def test_the_guides_command_parses_to_lerobots_meaning(capsys):
     assert "lerobot --peft.method_type=LORA -> --peft.method=LORA" in out
     assert "lerobot --policy.optimizer_lr=1e-3 -> --optim.lr=1e-3" in out
     assert "--peft.full-training-modules state_proj" in out
-    assert (cfg.optim.warmup_steps, cfg.optim.decay_steps) == (1000, 30000)  # SmolVLAConfig's schedule
+    # the preset already decays over LeRobot's 30000 steps (SmolVLAConfig's schedule): no difference to announce
+    assert (cfg.optim.warmup_steps, cfg.optim.decay_steps) == (1000, 30000)
+    assert "lerobot schedule" not in out
 
 
 def test_notices_print_once_on_the_main_process_only(capsys):
@@ -171,6 +173,7 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
      ("state_proj", "action_out_proj")),  # ours, unchanged
     (["--optim.lr", "5e-4", "--policy.no-gradient-checkpointing"], "optim.lr", 5e-4),  # ours, unchanged
     (["--resume"], "resume", True),  # ours, unchanged
+    (["--resume", "auto"], "resume", "auto"),
 ])
 def test_mapped_flag_takes_lerobots_meaning(flags, field, expected, capsys):
     value = cli(["smolvla_lora", *flags], console_outputs=False)
@@ -218,6 +221,7 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--save_checkpoint_to_hub=true", "only the last checkpoint is pushed"),
     ("--cudnn_deterministic=true", "--cudnn_deterministic (lerobot-train) has no equivalent"),
     ("--policy.push_to_hub=true", "--policy.push_to_hub=true needs --policy.repo_id"),
+    ("--resume=maybe", "--resume=maybe: expected true or false"),
     ("--policy.gradient_checkpointing=maybe", "--policy.gradient_checkpointing=maybe: expected true or false"),
     ("--foo.bar=1", "unknown flag --foo.bar: neither an option of this suite (see --help) nor a lerobot-train flag"),
 ])
