@@ -258,6 +258,11 @@ class _Translator:
     def ours(self, target: str, opt: _Option, values: list[str] | None = None) -> list[str]:
         values = opt.values if values is None else values
         kind = self.kinds[target]
+        if kind.kind == "bool" and kind.optional:  # tyro takes `bool | None` as a value: True, False or None
+            if len(values) != 1:
+                raise LeRobotFlagError(f"{opt.shown}: expected one value: true, false or null")
+            value = "None" if _is_null(values[0]) else str(_bool(opt.name, values[0]))
+            return [f"{_flag(target)}={value}"]
         if kind.kind == "bool":
             if not values:
                 return [_flag(target)]
