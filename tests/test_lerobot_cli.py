@@ -176,7 +176,6 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--resume", "auto"], "resume", "auto"),
     (["--policy.use-relative-actions", "True"], "policy.use_relative_actions", True),  # ours: bool | None
     (["--policy.use_relative_actions=false"], "policy.use_relative_actions", False),
-    (["--policy.use_relative_actions=null"], "policy.use_relative_actions", None),
 ])
 def test_mapped_flag_takes_lerobots_meaning(flags, field, expected, capsys):
     value = cli(["smolvla_lora", *flags], console_outputs=False)
