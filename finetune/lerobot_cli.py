@@ -135,7 +135,8 @@ REFUSED = {
     "dataset.repo_type": "datasets are read from a local folder (--dataset.root) or a Hub dataset repo",
     "dataset.video_backend": "videos are decoded with PyAV; drop the flag",
     "dataset.use_imagenet_stats": "images are scaled to [-1, 1] as the policy expects; drop the flag",
-    "dataset.return_uint8": "drop the flag (frames are decoded to float in the workers)",
+    "dataset.return_uint8": "drop the flag (frames travel as uint8 through the loader and become float on the "
+                            "training device)",
     "dataset.depth_output_unit": "depth cameras are not supported",
     "dataset.image_transforms.*": "augmentation is set by --dataset.image_transforms.enable / .max_num_transforms / "
                                   ".brightness / .contrast / .saturation / .hue / .sharpness (ranges), "
