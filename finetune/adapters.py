@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from pathlib import Path
 
+import torch
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftModel, get_peft_model
+from safetensors import safe_open
 from torch import nn
 
-from .config import PEFT_METHOD_FULL, ConfigError, PeftOptions
+from .config import PEFT_METHOD_FULL, ConfigError, PeftOptions, QuantOptions
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterMismatchError(ValueError):
+    """A saved adapter (or checkpoint) does not fit the base it is put on; the message says why and what to pass."""
 
 # Layer types PEFT's tuners adapt; the candidates we list and match against.
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
@@ -94,6 +104,7 @@ def build_peft_config(opts: PeftOptions, targets: list[str], full_training: list
         "alpha": alpha,  # LoHa / LoKr
         "lora_dropout": opts.lora_dropout,
         "feedforward_modules": [],  # IA3: scale outputs (not inputs) of every target
+        "oft_block_size": 0,  # OFT: the block count is --peft.r (PEFT refuses both r and a block size)
     }
     if opts.init_type is not None:
         wanted["init_lora_weights" if "init_lora_weights" in fields else "init_weights"] = opts.init_type
@@ -104,10 +115,10 @@ def build_peft_config(opts: PeftOptions, targets: list[str], full_training: list
 
 
 def apply_adapter(policy: nn.Module, opts: PeftOptions) -> nn.Module:
-    """Wrap the policy with a fresh adapter (or, for FULL, make everything trainable) and freeze the rest."""
+    """Wrap the policy with a fresh adapter and freeze the rest; for FULL, train what LeRobot's full fine-tune trains
+    (the policy config's freeze_vision_encoder / train_expert_only decide)."""
     if opts.method.upper() == PEFT_METHOD_FULL:
-        for p in policy.parameters():
-            p.requires_grad_(True)
+        set_full_training_grads(policy)
         return policy
     targets_opt = opts.target_modules if opts.target_modules is not None else policy.default_lora_targets
     full_training = resolve_full_training_modules(policy, opts.full_training_modules)
@@ -120,15 +131,105 @@ def apply_adapter(policy: nn.Module, opts: PeftOptions) -> nn.Module:
     return get_peft_model(policy, build_peft_config(opts, targets, full_training))
 
 
+def set_full_training_grads(policy: nn.Module) -> list[str]:
+    """Trainable flags of a FULL run (see FlowMatchingPolicy.set_full_training_grads); the frozen names."""
+    if hasattr(policy, "set_full_training_grads"):
+        return policy.set_full_training_grads()
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    return []
+
+
 def load_adapter(policy: nn.Module, adapter_dir: str | Path, trainable: bool) -> PeftModel:
     """Attach a saved adapter (config and weights) to the base: the one adapter, never a fresh one on top."""
     return PeftModel.from_pretrained(policy, str(adapter_dir), is_trainable=trainable)
 
 
+def check_adapter_fits(policy: nn.Module, checkpoint: Path) -> None:
+    """Every adapted module exists in the base and has the shapes the adapter's tensors were trained for."""
+    modules = dict(policy.named_modules())
+    params = dict(policy.named_parameters())
+    prefix = "base_model.model."
+    problems = []
+    with safe_open(str(Path(checkpoint) / ADAPTER_WEIGHTS), "pt") as f:
+        for key in f.keys():
+            name = key.removeprefix(prefix)
+            shape = tuple(f.get_slice(key).get_shape())
+            for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+                if part not in name:
+                    continue
+                module_name = name.split(part)[0]
+                module = modules.get(module_name)
+                if module is None:
+                    problems.append(f"{module_name} (adapted) does not exist in the base")
+                    break
+                features = getattr(module, "in_features" if dim == 1 else "out_features", None)
+                if features is not None and len(shape) == 2 and shape[dim] != features:
+                    kind = "input" if dim == 1 else "output"
+                    problems.append(f"{module_name}: the adapter expects {shape[dim]} {kind} features, the base has "
+                                    f"{features}")
+                break
+            else:
+                if name in params and tuple(params[name].shape) != shape:  # a fully trained module (modules_to_save)
+                    problems.append(f"{name}: the checkpoint has shape {shape}, the base {tuple(params[name].shape)}")
+    if problems:
+        listed = "; ".join(dict.fromkeys(problems[:5]))
+        raise AdapterMismatchError(f"the adapter in {checkpoint} does not fit the base policy ({len(problems)} "
+                                   f"mismatches, e.g. {listed}); it was trained on a base with other shapes: pass "
+                                   "that base")
+
+
+def attach_adapter(policy: nn.Module, checkpoint: Path, trainable: bool = False) -> PeftModel:
+    """The saved adapter on the base, after checking that it fits (a clear error instead of PEFT's)."""
+    check_adapter_fits(policy, checkpoint)
+    try:
+        return load_adapter(policy, checkpoint, trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise AdapterMismatchError(f"the adapter in {checkpoint} does not load onto this base: {err}") from None
+
+
+def quantize_base(policy: nn.Module, quant: QuantOptions, peft: PeftOptions, device: torch.device,
+                  trainable: bool) -> nn.Module:
+    """The frozen base as a run trains on it: its backbone linears in 8/4-bit when --quant.* asks (modules trained in
+    full stay full precision); for training, the embeddings' outputs require grad (checkpointing, peft #137)."""
+    if not quant.enabled:
+        return policy
+    from .quant import enable_input_require_grads, quantize_policy
+
+    keep = resolve_full_training_modules(policy, peft.full_training_modules)
+    policy = quantize_policy(policy, quant, device, keep)
+    if trainable:
+        enable_input_require_grads(policy)
+    return policy
+
+
+def quantize_and_attach(policy: nn.Module, quant: QuantOptions, peft: PeftOptions, device: torch.device, *,
+                        adapter_dir: str | Path | None = None, trainable: bool) -> nn.Module:
+    """The one path from a full-precision base to the model a run trains, resumes or predicts with (train, merge and
+    predict all come through here): quantize the base as the run did, then attach the saved adapter (`adapter_dir`),
+    or, for a new run, a fresh one from `peft`."""
+    policy = quantize_base(policy, quant, peft, device, trainable)
+    if adapter_dir is not None:
+        return attach_adapter(policy, Path(adapter_dir), trainable)
+    if not trainable:
+        raise ValueError("quantize_and_attach: a fresh adapter is only for training; pass adapter_dir")
+    return apply_adapter(policy, peft)
+
+
+def parameter_count(param: nn.Parameter) -> int:
+    """Elements of the full-precision parameter a tensor stands for: a packed 4-bit weight (bitsandbytes Params4bit)
+    stores two values per uint8 (more per wider storage dtype), so its own numel() undercounts; its quant_state keeps
+    the original shape. 8-bit weights keep one int8 per value."""
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return math.prod(state.shape)
+    return param.numel()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts, quantized weights counted as the values they hold."""
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(parameter_count(p) for p in model.parameters())
 
 
 def base_policy(model: nn.Module) -> nn.Module:

@@ -15,7 +15,6 @@ reproduce the function that was trained; `--quant-base original` merges into the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -28,23 +27,33 @@ import tyro
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import load_adapter, resolve_full_training_modules
+from .adapters import (  # noqa: F401  (check_adapter_fits re-exported: merge's name before adapters had it)
+    ADAPTER_CONFIG,
+    AdapterMismatchError,
+    attach_adapter,
+    check_adapter_fits,
+    quantize_base,
+)
 from .config import ConfigError, TrainConfig
-from .hub import load_tokenizer, resolve_repo
+from .ema import weights_folder
+from .hub import load_tokenizer
 from .lerobot_processor import TOKENIZER_ARTIFACT, write_processor_files
-from .policies import load_policy, load_policy_config, save_policy
+from .loading import (  # noqa: F401  (re-exported: merge's public names before loading.py existed)
+    checkpoint_kind,
+    config_overrides,
+    load_base_for_checkpoint,
+    quant_label,
+    resolve_base,
+)
+from .model_card import check_can_push, model_card, push_folder, read_train_config, run_dir_of, run_metrics
+from .policies import save_policy
 from .policies.base import PolicyConfig
+from .policies.common import DTYPES
 from .processor import STATS_FILE, load_stats
-from .publish import check_can_push, model_card, push_folder, read_train_config, run_dir_of, run_metrics
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_INFO = "merge_info.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class MergeError(ValueError):
-    """The checkpoint cannot be merged into this base; the message says why and what to pass instead."""
+# The checkpoint cannot be merged into this base; the message says why and what to pass instead.
+MergeError = AdapterMismatchError
 
 
 @dataclass(frozen=True)
@@ -64,122 +73,23 @@ class MergeConfig:
     original full-precision weights."""
     push_to: str | None = None
     """Also upload the merged folder to this Hub model repo (needs network and a login)."""
+    use_ema: bool | None = None
+    """Merge the checkpoint's EMA weights (ema/): default when it has them; False for the last trained weights."""
 
 
 # --- loading --------------------------------------------------------------------------------------------------------
 
-def checkpoint_kind(checkpoint: Path) -> str:
-    """`adapter` (PEFT files) or `full` (a whole policy: a FULL run's checkpoint or a merged folder)."""
-    if (checkpoint / ADAPTER_CONFIG).is_file():
-        if not (checkpoint / ADAPTER_WEIGHTS).is_file():
-            raise MergeError(f"{checkpoint} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: the checkpoint is "
-                             "incomplete")
-        return "adapter"
-    if (checkpoint / "model.safetensors").is_file():
-        return "full"
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    raise FileNotFoundError(f"{checkpoint} holds neither an adapter ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}) nor a "
-                            "policy (config.json, model.safetensors)")
-
-
-def resolve_base(checkpoint: Path, base: str | None) -> Path:
-    """The base folder: `base` when given, else the --policy.path recorded in the checkpoint's train_config.json."""
-    if base is not None:
-        return resolve_repo(base, "model", "base policy")
-    train_cfg = read_train_config(checkpoint)
-    if train_cfg is None or train_cfg.policy.path is None:
-        raise MergeError(f"{checkpoint} has no train_config.json naming its base; pass the base policy (--base)")
-    try:
-        return resolve_repo(train_cfg.policy.path, "model", "base policy")
-    except FileNotFoundError as err:  # e.g. a relative path from another working directory
-        raise FileNotFoundError(f"the base the checkpoint was trained from (train_config.json: policy.path) cannot "
-                                f"be found: {err} Pass the base policy (--base / base=).") from None
-
-
-def config_overrides(trained: PolicyConfig, base: PolicyConfig) -> dict:
-    """Config fields the run changed from the base's (dataset features, chunk size, denoising steps, ...)."""
-    return {f.name: getattr(trained, f.name) for f in dataclasses.fields(trained)
-            if f.name != "extra" and getattr(trained, f.name) != getattr(base, f.name, None)}
-
-
-def load_base_for_checkpoint(checkpoint: Path, base_dir: Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """The base policy, built with the config the checkpoint was trained with, in full precision (by default).
-
-    Refuses a base of another policy type, and one whose weights do not fit that config.
-    """
-    trained = load_policy_config(checkpoint)
-    base = load_policy_config(base_dir)
-    if base.type != trained.type:
-        raise MergeError(f"the checkpoint {checkpoint} was trained on a {trained.type!r} policy but the base "
-                         f"{base_dir} is a {base.type!r} policy; pass the base it was trained from")
-    overrides = config_overrides(trained, base)
-    try:
-        return load_policy(base_dir, dtype=dtype, **overrides)
-    except ValueError as err:
-        raise MergeError(f"the base {base_dir} does not fit the checkpoint's policy config "
-                         f"(fields changed by the run: {sorted(overrides) or 'none'}): {err}") from None
-
-
-def check_adapter_fits(policy: nn.Module, checkpoint: Path) -> None:
-    """Every adapted module exists in the base and has the shapes the adapter's tensors were trained for."""
-    modules = dict(policy.named_modules())
-    params = dict(policy.named_parameters())
-    prefix = "base_model.model."
-    problems = []
-    with safe_open(str(checkpoint / ADAPTER_WEIGHTS), "pt") as f:
-        for key in f.keys():
-            name = key.removeprefix(prefix)
-            shape = tuple(f.get_slice(key).get_shape())
-            for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
-                if part not in name:
-                    continue
-                module_name = name.split(part)[0]
-                module = modules.get(module_name)
-                if module is None:
-                    problems.append(f"{module_name} (adapted) does not exist in the base")
-                    break
-                features = getattr(module, "in_features" if dim == 1 else "out_features", None)
-                if features is not None and len(shape) == 2 and shape[dim] != features:
-                    kind = "input" if dim == 1 else "output"
-                    problems.append(f"{module_name}: the adapter expects {shape[dim]} {kind} features, the base has "
-                                    f"{features}")
-                break
-            else:
-                if name in params and tuple(params[name].shape) != shape:  # a fully trained module (modules_to_save)
-                    problems.append(f"{name}: the checkpoint has shape {shape}, the base {tuple(params[name].shape)}")
-    if problems:
-        listed = "; ".join(dict.fromkeys(problems[:5]))
-        raise MergeError(f"the adapter in {checkpoint} does not fit the base policy ({len(problems)} mismatches, "
-                         f"e.g. {listed}); it was trained on a base with other shapes: pass that base")
-
-
-def attach_adapter(policy: nn.Module, checkpoint: Path) -> nn.Module:
-    check_adapter_fits(policy, checkpoint)
-    try:
-        return load_adapter(policy, checkpoint, trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise MergeError(f"the adapter in {checkpoint} does not load onto this base: {err}") from None
-
-
 def dequantize_as_trained(policy: nn.Module, train_cfg: TrainConfig) -> nn.Module:
-    """Quantize the full-precision base as the run did, then dequantize it: the weights the adapter was trained on."""
-    from .quant import dequantize_policy, quantize_policy
+    """Quantize the full-precision base as the run did (training's quantize step), then dequantize it: the weights the
+    adapter was trained on."""
+    from .quant import dequantize_policy
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    keep = resolve_full_training_modules(policy, train_cfg.peft.full_training_modules)
-    policy = quantize_policy(policy, train_cfg.quant, device, keep)
+    policy = quantize_base(policy, train_cfg.quant, train_cfg.peft, device, trainable=False)
     return dequantize_policy(policy, torch.float32).to("cpu")
 
 
-def quant_label(train_cfg: TrainConfig | None) -> str | None:
-    if train_cfg is None or not train_cfg.quant.enabled:
-        return None
-    q = train_cfg.quant
-    return "8-bit" if q.load_in_8bit else f"4-bit {q.quant_type}"
-
-
-def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequantized"
+def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequantized", use_ema: bool | None = None
                        ) -> tuple[nn.Module, list[str]]:
     """Base (full precision) + adapter, merged: a plain policy module. Returns it and what was done, for the card."""
     train_cfg = read_train_config(checkpoint)
@@ -197,7 +107,7 @@ def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequ
                        "(not the quantized ones it was trained on), as --quant-base original asks")
         print(f"merge: {message}", file=sys.stderr)
         notes.append(message)
-    model = attach_adapter(policy, checkpoint)
+    model = attach_adapter(policy, weights_folder(checkpoint, use_ema), trainable=False)
     try:
         merged = model.merge_and_unload()
     except (NotImplementedError, ValueError, TypeError) as err:
@@ -264,7 +174,7 @@ def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config
 
 def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: str | None = None,
                      tokenizer_path: str | None = None, dtype: str = "base",
-                     quant_base: str = "dequantized") -> Path:
+                     quant_base: str = "dequantized", use_ema: bool | None = None) -> Path:
     """Write base + adapter as one LeRobot-format policy folder; returns the folder."""
     checkpoint = Path(checkpoint).resolve()
     if checkpoint_kind(checkpoint) != "adapter":
@@ -274,7 +184,7 @@ def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: st
         raise MergeError(f"{checkpoint} has no {STATS_FILE}: without the normalization stats the merged policy "
                          "cannot map actions to robot units; copy the file from the run's checkpoint")
     base_dir = resolve_base(checkpoint, base)
-    merged, notes = load_merged_policy(checkpoint, base_dir, quant_base)
+    merged, notes = load_merged_policy(checkpoint, base_dir, quant_base, use_ema)
     state = state_dict_in_base_layout(merged, base_dir, dtype)
 
     out = Path(output_dir)
@@ -298,7 +208,7 @@ def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: st
     (tmp / "README.md").write_text(card)
     info = {"base": base_name, "base_folder": str(base_dir), "checkpoint": str(checkpoint),
             "quantized_base": quant_label(train_cfg), "quant_base": quant_base if quant_label(train_cfg) else None,
-            "dtype": dtype, "notes": notes}
+            "dtype": dtype, "notes": notes, "ema_weights": weights_folder(checkpoint, use_ema) != checkpoint}
     (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -311,7 +221,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         check_can_push([cfg.push_to] if cfg.push_to else [], "--push-to")  # before the work, not after it
         out = merge_checkpoint(cfg.checkpoint, cfg.output_dir, base=cfg.base, tokenizer_path=cfg.tokenizer_path,
-                               dtype=cfg.dtype, quant_base=cfg.quant_base)
+                               dtype=cfg.dtype, quant_base=cfg.quant_base, use_ema=cfg.use_ema)
     except (MergeError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

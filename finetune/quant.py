@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, QuantOptions
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+from .policies.common import DTYPES
 
 
 def _bnb():

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
@@ -31,13 +32,7 @@ from tqdm.auto import tqdm
 from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from finetune import checkpoint as ckpt
 from finetune import distributed as dist
-from finetune.adapters import (
-    apply_adapter,
-    base_policy,
-    count_parameters,
-    load_adapter,
-    resolve_full_training_modules,
-)
+from finetune.adapters import base_policy, count_parameters, quantize_and_attach, set_full_training_grads
 from finetune.checkpoint import CheckpointWriteError
 from finetune.config import (
     RESUME_AUTO,
@@ -50,18 +45,22 @@ from finetune.config import (
     trajectory_changes,
     validate,
 )
-from finetune.data import DatasetError, LeRobotDataset, load_dataset_meta
+from finetune.data import DatasetError, LeRobotDataset, loading
+from finetune.data.multi import DataMix, MixtureDataset, WeightedMixtureSampler
+from finetune.data.stats import aggregate_stats, check_stats, needed_stats
+from finetune.data.transforms import ImageTransforms
+from finetune.ema import EMA
 from finetune.hub import load_tokenizer, resolve_repo
 from finetune.metrics import MetricsLogger, check_trackers, read_metrics
-from finetune.policies import POLICIES, load_policy, save_policy
-from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
+from finetune.policies import POLICIES, load_policy, load_policy_config, save_policy
+from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE, TASK
+from finetune.policies.common import DTYPES
 from finetune.preemption import STOP, Preempted, StopRequest, report_preempted, write_status
-from finetune.processor import PolicyProcessor, save_stats
+from finetune.processor import PolicyProcessor, image_keys, images_to_float, save_stats
 from finetune.publish import check_push_access, push_repo_ids, push_run
-from finetune.quant import enable_input_require_grads, quantize_policy
+from finetune.relative_actions import action_names, config_mask, relative_action_stats, uses_relative_actions
+from finetune.relative_actions import configure as configure_relative_actions
 from finetune.sampling import ResumableBatchSampler
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_lr_factor(step: int, warmup_steps: int, decay_steps: int, peak_lr: float, decay_lr: float) -> float:
@@ -86,14 +85,18 @@ class Run:
     processor: PolicyProcessor
     train_loader: DataLoader
     sampler: ResumableBatchSampler
-    eval_batches: list[dict[str, Any]]
+    eval_batches: list[EvalBatch]
     policy_dir: Path
     step: int = 0
     samples_seen: int = 0
     micro_batches: int = 0  # global micro-batches trained on (seeds each one's flow-matching noise)
     resumed_step: int | None = None  # the checkpoint's step when resuming
     skipped_updates: int = 0  # updates skipped for a non-finite loss/gradient (--nonfinite skip)
+    ema: EMA | None = None  # moving average of the trained weights (--ema.decay)
+    eval_sources: list[str] = field(default_factory=list)  # with several datasets: each eval batch's dataset
+    eval_by_dataset: dict[str, float] = field(default_factory=dict)  # the last evaluation per dataset, to log
     summary: dict[str, Any] = field(default_factory=dict)
+    image_transforms: ImageTransforms | None = None  # training-image augmentation, None when off
 
 
 def _mixed_precision(cfg: TrainConfig) -> str | None:
@@ -122,6 +125,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def device_batch(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """A loader batch on the training device: uint8 images become float there, then are augmented when enabled
+    (seeded by the global micro-batch index, like the flow-matching noise, so --resume stays exact)."""
+    batch = images_to_float(to_device(batch, run.accelerator.device))
+    if run.image_transforms is not None:
+        run.image_transforms(batch, image_keys(batch), run.micro_batches, run.accelerator.process_index,
+                             run.accelerator.num_processes)
+    return batch
 
 
 def policy_features(meta, rename_map: dict[str, str]) -> tuple[dict, dict]:
@@ -211,7 +224,12 @@ def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
         raise ConfigError(f"the dataset's action has {outputs[ACTION]['shape'][0]} dims, more than the policy's "
                           f"max_action_dim {pcfg.max_action_dim}")
     pcfg.input_features, pcfg.output_features = inputs, outputs  # as LeRobot: features come from the dataset
+    error = configure_relative_actions(pcfg, cfg.policy.use_relative_actions, cfg.policy.relative_exclude_joints,
+                                       action_names(meta.features[ACTION]))
+    if error:
+        raise ConfigError(error)
     policy.set_gradient_checkpointing(cfg.policy.gradient_checkpointing)
+    policy.set_attn_implementation(cfg.policy.attn_implementation)
     return policy
 
 
@@ -221,60 +239,108 @@ def split_episodes(total: int, eval_episodes: int) -> tuple[list[int], list[int]
     return list(range(total - eval_episodes)), list(range(total - eval_episodes, total))
 
 
-def fixed_eval_batches(dataset: LeRobotDataset, processor: PolicyProcessor, batch_size: int, count: int) -> list:
-    """A fixed, evenly spread subset of held-out frames, so every evaluation sees the same inputs."""
+@dataclass
+class EvalBatch:
+    """This rank's rows of one fixed held-out batch: `size` rows in the global batch, `rows` of them held here
+    (images as uint8), weighted by `weight` (0 for a rank left without rows: it still runs the forward pass)."""
+
+    size: int
+    rows: list[int]
+    weight: float
+    batch: dict[str, Any]
+
+
+def fixed_eval_batches(dataset: LeRobotDataset, processor: PolicyProcessor, batch_size: int, count: int,
+                       accelerator: Accelerator | None = None) -> list[EvalBatch]:
+    """A fixed, evenly spread subset of held-out frames, so every evaluation sees the same inputs; each rank reads
+    and keeps only its own rows of each global batch."""
     n = min(len(dataset), batch_size * count)
     indices = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()
-    return [processor([dataset[i] for i in indices[s : s + batch_size]]) for s in range(0, n, batch_size)]
+    out = []
+    for s in range(0, n, batch_size):
+        chunk = indices[s : s + batch_size]
+        if accelerator is None:
+            rows, weight = list(range(len(chunk))), 1.0
+        else:
+            rows, weight = dist.eval_rows(len(chunk), accelerator)
+        out.append(EvalBatch(len(chunk), rows, weight, processor([dataset[chunk[r]] for r in rows])))
+    return out
 
 
 def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     set_seed(cfg.seed)
     policy_dir = resolve_repo(cfg.policy.path, "model", "--policy.path")
-    dataset_root = Path(cfg.dataset.root) if cfg.dataset.root else resolve_repo(cfg.dataset.repo_id, "dataset",
-                                                                              "--dataset.repo-id")
-    meta = load_dataset_meta(dataset_root)
+    # One dataset or several (--dataset.root A B): checked to line up, stats merged across them.
+    mix = DataMix.load(cfg.dataset, lambda hub_id: resolve_repo(hub_id, "dataset", "--dataset.root"))
+    if len(mix) > 1:  # the train config records every dataset and its resolved weight
+        cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
+    meta = mix.merged_meta()
+    # Missing stats: stop now, before any model is built, and say which command adds them.
+    needed = needed_stats(load_policy_config(policy_dir).normalization_mapping)
+    if cfg.policy.use_relative_actions or (cfg.policy.use_relative_actions is None
+                                           and uses_relative_actions(load_policy_config(policy_dir))):
+        needed.pop(ACTION)  # computed below on the relative actions
+    for source in mix.sources:
+        check_stats({cfg.dataset.rename_map.get(k, k): v for k, v in source.view.stats.items()}, needed, source.root)
     policy = load_base_policy(cfg, policy_dir, meta)
-    if cfg.quant.enabled:
-        keep = resolve_full_training_modules(policy, cfg.peft.full_training_modules)
-        policy = quantize_policy(policy, cfg.quant, accelerator.device, keep)
-        enable_input_require_grads(policy)
     tokenizer = load_tokenizer(policy_dir, cfg.policy.tokenizer_path, policy.config.tokenizer_name)
     stats = {cfg.dataset.rename_map.get(k, k): v for k, v in meta.stats.items()}
+    if uses_relative_actions(policy.config):  # normalize what the policy learns: the relative actions
+        stats[ACTION] = aggregate_stats([{ACTION: relative_action_stats(
+            s.root, policy.config.chunk_size, config_mask(policy.config), s.source_key(OBS_STATE),
+            s.source_key(ACTION))} for s in mix.sources])[ACTION]
     processor = PolicyProcessor(policy.config, tokenizer, stats, cfg.dataset.rename_map)
 
     resume_from = ckpt.resolve_last(cfg.checkpoints_dir) if cfg.resume else None
-    if resume_from is not None and (resume_from / "adapter_config.json").is_file():
-        check_checkpoint_files(resume_from, ["adapter_config.json"], ["adapter_model.safetensors"])
-        model = load_adapter(policy, resume_from, trainable=True)  # the saved adapter itself, not a fresh one
-    elif resume_from is not None:
+    if resume_from is not None and not (resume_from / "adapter_config.json").is_file():
         check_checkpoint_files(resume_from, ["config.json"], ["model.safetensors"])
         model = load_policy(resume_from)  # a FULL run: its checkpoint holds the whole policy
         model.config.input_features, model.config.output_features = policy.config.input_features, \
             policy.config.output_features
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        model = apply_adapter(policy, cfg.peft)
+        model.set_attn_implementation(cfg.policy.attn_implementation)
+        set_full_training_grads(model)
+    else:  # resuming: the saved adapter itself, not a fresh one on top
+        if resume_from is not None:
+            check_checkpoint_files(resume_from, ["adapter_config.json"], ["adapter_model.safetensors"])
+        model = quantize_and_attach(policy, cfg.quant, cfg.peft, accelerator.device, adapter_dir=resume_from,
+                                    trainable=True)
     for p in model.parameters():  # trained parameters in float32 whatever the base's storage dtype
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
 
-    train_eps, eval_eps = split_episodes(meta.total_episodes, cfg.dataset.eval_episodes)
-    keys = [*meta.camera_keys, OBS_STATE, ACTION]
+    splits = mix.splits(cfg.dataset.episodes, cfg.dataset.eval_episodes)
     chunk = policy.config.chunk_size
     cache = cfg.dataset.video_cache_mb << 20
-    train_set = LeRobotDataset(dataset_root, chunk, episodes=train_eps, keys=keys, video_cache_bytes=cache)
-    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes,
-                                    accelerator.process_index, cfg.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor, num_workers=cfg.dataset.num_workers,
-                        persistent_workers=cfg.dataset.num_workers > 0, generator=torch.Generator().manual_seed(0))
-    eval_batches = []
-    if eval_eps:  # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
-        eval_set = LeRobotDataset(dataset_root, chunk, episodes=eval_eps, keys=keys, video_cache_bytes=cache)
+    local_ranks = loading.local_world_size(accelerator.num_processes)
+    workers = loading.resolve_num_workers(cfg.dataset.num_workers, local_ranks)
+    threads = cfg.dataset.decoder_threads or loading.default_decoder_threads(loading.available_cpus(), local_ranks,
+                                                                             workers)
+    data_kwargs = dict(video_cache_bytes=cache, uint8_images=True, decoder_threads=threads)
+    members = [LeRobotDataset(s.root, chunk, episodes=train, keys=s.keys, **data_kwargs)
+               for s, (train, _) in zip(mix.sources, splits)]
+    if len(mix) == 1:
+        train_set = MixtureDataset(members, [mix.sources[0].rename]) if mix.sources[0].rename else members[0]
+        sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes,
+                                        accelerator.process_index, cfg.seed)
+    else:  # each dataset under the common names, drawn with its weight
+        train_set = MixtureDataset(members, [s.rename for s in mix.sources])
+        sampler = WeightedMixtureSampler(train_set.lengths, mix.weights, cfg.batch_size, accelerator.num_processes,
+                                         accelerator.process_index, cfg.seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor,
+                        generator=torch.Generator().manual_seed(0),
+                        **loading.loader_kwargs(workers, accelerator.device, cfg.dataset.prefetch_factor))
+    eval_batches, eval_sources = [], []
+    for source, (_, eval_eps) in zip(mix.sources, splits):  # held-out episodes per dataset
+        if not eval_eps:
+            continue
+        # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
+        eval_set = MixtureDataset([LeRobotDataset(source.root, chunk, episodes=eval_eps, keys=source.keys,
+                                                  **data_kwargs)], [source.rename])
         # global-batch-sized, so the figure is the same whatever the number of processes
-        eval_batches = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes,
-                                          cfg.eval_batches)
+        held = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes, cfg.eval_batches,
+                                  accelerator)
+        eval_batches += held
+        eval_sources += [source.name] * len(held) if len(mix) > 1 else []
 
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
@@ -290,6 +356,13 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, saved with the state
 
     run = Run(cfg, accelerator, model, optimizer, scheduler, processor, loader, sampler, eval_batches, policy_dir)
+    run.ema = make_ema(cfg, accelerator, model)
+    run.eval_sources = eval_sources
+    if cfg.dataset.image_transforms.enable:
+        try:
+            run.image_transforms = ImageTransforms(cfg.dataset.image_transforms, cfg.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if resume_from is not None:
         try:
             accelerator.load_state(str(resume_from / ckpt.TRAINING_STATE_DIR), **dist.load_state_kwargs(accelerator))
@@ -302,8 +375,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         run.micro_batches = state["batches_seen"]
         run.resumed_step = run.step
         sampler.set_position(state["batches_seen"])
+        if run.ema is not None and not run.ema.load(resume_from):
+            main_print(accelerator, f"{resume_from} has no EMA weights: the average starts from the resumed weights")
         main_print(accelerator, f"resumed from {resume_from} at step {run.step}")
-    run.summary.update(trainable_params=trainable, total_params=total)
+    run.summary.update(trainable_params=trainable, total_params=total, data_workers=workers, decoder_threads=threads)
     main_print(accelerator, f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
     return run
 
@@ -363,6 +438,8 @@ def train_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, float | N
                 return loss.detach(), grad_norm
             run.optimizer.step()
             run.scheduler.step()
+            if run.ema is not None:
+                run.ema.update()
             run.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
 
@@ -378,8 +455,25 @@ class NonFiniteError(RuntimeError):
 EXIT_NONFINITE = 3  # training diverged (NaN/inf); exit 2 is a bad input, 75 a preemption
 
 
-@torch.no_grad()
+def make_ema(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> EMA | None:
+    if cfg.ema.decay == 0:
+        return None
+    if dist.zero_stage(accelerator) == 3 or accelerator.distributed_type.value == "FSDP":
+        raise ConfigError("--ema.decay needs whole parameters on each rank: it does not run under ZeRO-3/FSDP "
+                          "sharding; use ZeRO-1/2 or DDP, or drop --ema.decay")
+    return EMA(accelerator.unwrap_model(model), cfg.ema.decay)
+
+
 def evaluate(run: Run, seed: int = 0) -> float | None:
+    """Held-out action MSE with the EMA weights when there are (and --ema.use-for-eval), else the trained ones."""
+    if run.ema is not None and run.cfg.ema.use_for_eval:
+        with run.ema.applied():
+            return _evaluate(run, seed)
+    return _evaluate(run, seed)
+
+
+@torch.no_grad()
+def _evaluate(run: Run, seed: int = 0) -> float | None:
     """Held-out action MSE (normalized units, real action dims, in-episode steps), sampled with fixed noise.
 
     Every rank evaluates its own rows of each fixed batch and the sums are reduced: the same figure with any number
@@ -393,19 +487,26 @@ def evaluate(run: Run, seed: int = 0) -> float | None:
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
     sums = torch.zeros(2, dtype=torch.float64)  # squared error, element count
-    for batch in run.eval_batches:
+    names = list(dict.fromkeys(run.eval_sources))  # several datasets: the same sums per dataset
+    per_dataset = torch.zeros(len(names), 2, dtype=torch.float64)
+    for index, held in enumerate(run.eval_batches):
         cfg = base_policy(policy).config
-        noise = torch.randn(len(batch[OBS_STATE]), cfg.chunk_size, cfg.max_action_dim, generator=generator)
-        rows, weight = dist.eval_rows(len(batch[OBS_STATE]), accelerator)
-        mine = {k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
-        mine = to_device(mine, accelerator.device)
+        noise = torch.randn(held.size, cfg.chunk_size, cfg.max_action_dim, generator=generator)
+        mine = images_to_float(to_device(held.batch, accelerator.device))  # a copy: the kept batch stays uint8
         with dist.autocast(accelerator):
-            pred = policy.predict_action_chunk(mine, noise=noise[rows].to(accelerator.device))
-        valid = (~mine[ACTION_IS_PAD]).unsqueeze(-1).float() * weight
-        sums[0] += (((pred.float() - mine[ACTION]) ** 2) * valid).sum().item()
-        sums[1] += valid.sum().item() * pred.shape[-1]
+            pred = policy.predict_action_chunk(mine, noise=noise[held.rows].to(accelerator.device))
+        valid = (~mine[ACTION_IS_PAD]).unsqueeze(-1).float() * held.weight
+        batch_sums = torch.tensor([(((pred.float() - mine[ACTION]) ** 2) * valid).sum().item(),
+                                   valid.sum().item() * pred.shape[-1]], dtype=torch.float64)
+        sums += batch_sums
+        if names:
+            per_dataset[names.index(run.eval_sources[index])] += batch_sums
     policy.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    if names:
+        per_dataset = accelerator.reduce(per_dataset.to(accelerator.device), reduction="sum").cpu()
+        run.eval_by_dataset = {f"eval/action_mse/{name}": (se / n.clamp_min(1)).item()
+                               for name, (se, n) in zip(names, per_dataset)}
     return (sums[0] / sums[1].clamp_min(1)).item() if accelerator.is_main_process else None
 
 
@@ -421,6 +522,9 @@ def save(run: Run) -> Path:
 
     def write_model_files(folder: Path) -> None:
         ckpt.write_trained_weights(accelerator.unwrap_model(run.model), folder, save_policy)
+        if run.ema is not None:  # ema_state.safetensors (resume) and ema/ (the averaged adapter)
+            run.ema.save(folder, lambda f: ckpt.write_trained_weights(accelerator.unwrap_model(run.model), f,
+                                                                      save_policy))
         save_stats(run.processor.normalizer.stats, folder)
 
     state = {"step": run.step, "samples_seen": run.samples_seen, "batches_seen": run.step * cfg.grad_accum_steps,
@@ -459,7 +563,7 @@ def fit(run: Run) -> dict[str, Any]:
             mse = evaluate(run)
             if mse is not None:
                 run.summary.setdefault("eval_mse_before", mse)
-                logger.log(run.step, {"eval/action_mse": mse})
+                logger.log(run.step, {"eval/action_mse": mse, **run.eval_by_dataset})
                 main_print(accelerator, f"step {run.step}: held-out action MSE {mse:.4f}")
         elif accelerator.is_main_process:  # the figure before training, as the first attempt logged it
             before = [m["eval/action_mse"] for m in read_metrics(output_dir / "metrics.jsonl")
@@ -492,7 +596,7 @@ def train_loop(run: Run, logger: MetricsLogger, bar, stop: StopRequest) -> None:
     while run.step < cfg.steps:
         losses = []
         for _ in range(cfg.grad_accum_steps):
-            batch = to_device(next(batch_iter), accelerator.device)
+            batch = device_batch(run, next(batch_iter))
             loss, grad_norm = train_step(run, batch)
             losses.append(loss)
         run.step += 1
@@ -513,18 +617,127 @@ def train_loop(run: Run, logger: MetricsLogger, bar, stop: StopRequest) -> None:
         if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
             mse = evaluate(run)
             if mse is not None:
-                logger.log(run.step, {"eval/action_mse": mse})
+                logger.log(run.step, {"eval/action_mse": mse, **run.eval_by_dataset})
                 run.summary["eval_mse_after"] = mse
                 bar.write(f"step {run.step}: held-out action MSE {mse:.4f}")
         saved = run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps
         if saved:
             run.summary["checkpoint"] = str(save(run))
+        evaluate_in_sim(run, logger)  # --env.type: closed-loop success when due (main process)
         signal_name = stop.agreed(accelerator)  # every rank, every update: all stop at the same step
         if signal_name is not None and run.step < cfg.steps:
             path = Path(run.summary["checkpoint"]) if saved else save(run)
             raise Preempted(run.step, path, signal_name)
     if run.skipped_updates:
         run.summary["skipped_updates"] = run.skipped_updates
+
+
+# --- closed-loop evaluation in a simulator (--env.type); finetune.envs is simulation, not evaluation reporting ------
+
+def check_sim_env(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse --env.* that cannot run (unknown env or task, simulator extra or assets missing) before any model is
+    built, rather than after hours of training."""
+    if cfg.env.type is None:
+        return
+    if not cfg.env.task:
+        raise ConfigError(f"--env.type {cfg.env.type} needs --env.task (e.g. libero_spatial, push-v3, MT10)")
+    if cfg.env.episodes < 1 or cfg.env.eval_every < 0:
+        raise ConfigError("--env.episodes must be >= 1 and --env.eval-every >= 0 (0: only at the end)")
+    if dist.zero_stage(accelerator) == 3:
+        raise ConfigError("--env.type: simulator evaluation runs the policy on one process, which ZeRO-3's sharded "
+                          "weights do not allow; use a ZeRO-1/2 or DDP config, or evaluate the checkpoint afterwards")
+    try:
+        from finetune.envs import check_env, default_tasks
+    except ImportError:
+        raise ConfigError(f"--env.type {cfg.env.type}: this install has no simulator support (finetune.envs); "
+                          "update the suite or drop --env.type") from None
+    try:
+        check_env(cfg.env.type, default_tasks(cfg.env.type, cfg.env.task))
+    except (ValueError, RuntimeError) as err:  # unknown env/task; EnvUnavailable: extra or assets missing
+        raise ConfigError(f"--env.type {cfg.env.type} --env.task {cfg.env.task}: {err}") from None
+
+
+def make_action_chunk_fn(run: Run, seed: int):
+    """The policy being trained as a batched finetune.envs ActionChunkFn: (env observations, instructions) ->
+    (B, chunk, action_dim) actions in robot units (normalization undone), with seeded sampling noise."""
+    policy = run.accelerator.unwrap_model(run.model)
+    pcfg = base_policy(policy).config
+    rename, device = run.cfg.dataset.rename_map, run.accelerator.device
+    generator = torch.Generator().manual_seed(seed)
+
+    def act(observations: list[dict[str, np.ndarray]], instructions: list[str]) -> np.ndarray:
+        obs = [{rename.get(k, k): v for k, v in o.items()} for o in observations]
+        if OBS_STATE not in obs[0]:
+            raise ConfigError(f"--env.type {run.cfg.env.type}: the simulator's observation has no {OBS_STATE!r} "
+                              f"({sorted(observations[0])}); map its keys with --dataset.rename-map")
+        batch: dict[str, Any] = {  # (B, H, W, 3) uint8 -> (B, 3, H, W) in [0, 1], as the dataset's frames
+            k: torch.as_tensor(np.stack([o[k] for o in obs])).permute(0, 3, 1, 2).float() / 255
+            for k in pcfg.image_features if k in obs[0]}
+        batch[OBS_STATE] = torch.as_tensor(np.stack([np.asarray(o[OBS_STATE], np.float32).reshape(-1) for o in obs]))
+        batch[TASK] = list(instructions)
+        batch = to_device(run.processor.prepare(batch), device)
+        noise = torch.randn(len(obs), pcfg.chunk_size, pcfg.max_action_dim, generator=generator).to(device)
+        with dist.autocast(run.accelerator):
+            chunk = policy.predict_action_chunk(batch, noise=noise)
+        return run.processor.unnormalize_actions(chunk.float().cpu()).numpy()
+
+    return act
+
+
+def sim_image_size(run: Run) -> int:
+    pcfg = base_policy(run.accelerator.unwrap_model(run.model)).config
+    cameras = [pcfg.input_features[k]["shape"] for k in pcfg.image_features]
+    return run.cfg.env.image_size or (cameras[0][1] if cameras else 128)  # as the dataset's camera
+
+
+def check_policy_fits_sim(run: Run) -> bool:
+    """The simulator gives the policy's cameras (after --dataset.rename-map), state size and action size."""
+    from finetune.envs import default_tasks, make_env, rollout
+
+    cfg = run.cfg
+    pcfg = base_policy(run.accelerator.unwrap_model(run.model)).config
+    env_names = {v: k for k, v in cfg.dataset.rename_map.items()}  # policy name -> the env's (dataset's) name
+    env = make_env(cfg.env.type, default_tasks(cfg.env.type, cfg.env.task)[0], image_size=sim_image_size(run))
+    try:
+        rollout.check_policy_fits_env(env, [env_names.get(k, k) for k in pcfg.image_features], pcfg.state_dim,
+                                      pcfg.action_dim)
+    except ValueError as err:
+        raise ConfigError(f"--env.type {cfg.env.type} --env.task {cfg.env.task}: {err}") from None
+    finally:
+        env.close()
+    return True
+
+
+def evaluate_in_sim(run: Run, logger: MetricsLogger) -> None:
+    """--env.type: success rate of the policy in the simulator at the end and every --env.eval-every updates."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.env.type is not None and "sim_fits" not in run.summary and accelerator.is_main_process:
+        run.summary["sim_fits"] = check_policy_fits_sim(run)  # after the first update, not after hours
+    due = run.step == cfg.steps or (cfg.env.eval_every > 0 and run.step % cfg.env.eval_every == 0)
+    if cfg.env.type is None or not due:
+        return
+    if accelerator.is_main_process:
+        from finetune.envs import default_tasks, rollout
+
+        policy = accelerator.unwrap_model(run.model)
+        pcfg = base_policy(policy).config
+        was_training = policy.training
+        policy.eval()
+        with torch.no_grad():
+            result = rollout.run_closed_loop(make_action_chunk_fn(run, cfg.seed), cfg.env.type,
+                                             default_tasks(cfg.env.type, cfg.env.task), cfg.env.episodes,
+                                             seed=cfg.seed, n_action_steps=pcfg.n_action_steps,
+                                             image_size=sim_image_size(run), max_steps=cfg.env.max_steps,
+                                             batched=True)
+        policy.train(was_training)
+        per_task = result["per_task"]
+        logger.log(run.step, {"sim/success_rate": result["success_rate"],
+                              **{f"sim/{task}/success_rate": r["success_rate"] for task, r in per_task.items()}})
+        run.summary["sim_success_rate"] = result["success_rate"]
+        episodes = sum(r["episodes"] for r in per_task.values())
+        accelerator.print(f"step {run.step}: {cfg.env.type} {cfg.env.task} success rate {result['success_rate']:.1%} "
+                          f"({episodes} episodes)")
+    accelerator.wait_for_everyone()
 
 
 def report(run: Run) -> None:
@@ -640,7 +853,9 @@ def check_resume(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
             raise ConfigError(f"{last}: train_config.json / {ckpt.TRAINER_STATE_FILE} cannot be read "
                               f"({type(err).__name__}); {_earlier_checkpoint_fix(last)}") from None
-        changes = trajectory_changes(saved, cfg, ignore=("batch_size",))
+        # default mixture weights resolve to the saved ones from the same datasets
+        weights = ("dataset.weights",) if cfg.dataset.weights is None else ()
+        changes = trajectory_changes(saved, cfg, ignore=("batch_size", *weights))
         changes += topology_changes(saved, state, cfg, accelerator)
         if changes:
             raise ConfigError(f"--resume: {last} was trained with other settings that shape training: "
@@ -691,6 +906,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cfg.nonfinite == "skip" and dist.is_deepspeed(accelerator):
             raise ConfigError("--nonfinite skip is not supported under DeepSpeed: its engine applies the update "
                               "inside backward(), before the gradient norm can be checked; use --nonfinite stop")
+        check_sim_env(cfg, accelerator)
         auto = cfg.resume == RESUME_AUTO
         cfg = resolve_resume(cfg, accelerator)
         if not cfg.resume:
@@ -708,9 +924,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return {"checkpoint": state["checkpoint"], "step": state["step"], "finished": True}
         summary = run_training(cfg, accelerator)
         if cfg.demo.enabled and accelerator.is_main_process:
-            from finetune.eval import demo_closed_loop_report
+            from finetune.demo import report_closed_loop
 
-            demo_closed_loop_report(cfg, summary)  # success rate before/after in the simulated task
+            report_closed_loop(cfg, summary)  # the demo's own report: success before/after in its simulated task
         if push_repo_ids(cfg) and accelerator.is_main_process:
             push_run(cfg, summary)
         return summary

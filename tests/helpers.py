@@ -67,3 +67,15 @@ def make_tiny_pi_policy(folder: Path, meta, policy_type: str = "pi0", seed: int 
     save_policy(policy, folder)
     train_tokenizer(folder)
     return folder
+
+
+def set_up_run(argv: list[str]):
+    """A run set up exactly as train.main would (resuming from its last checkpoint when argv says --resume)."""
+    from finetune import train
+    from finetune.config import cli
+
+    cfg = cli(argv)
+    accelerator = train.make_accelerator(cfg)
+    run = train.setup(cfg, accelerator)
+    accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
+    return run

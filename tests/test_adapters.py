@@ -62,16 +62,104 @@ def test_full_training_modules_are_trained_in_full(policy_dir):
         apply_adapter(load_policy(policy_dir), PeftOptions(r=4, full_training_modules=("no_such_head",)))
 
 
-@pytest.mark.parametrize("method", ["LORA", "LOHA", "LOKR", "IA3"])
+@pytest.mark.parametrize("method", ["LORA", "LOHA", "LOKR", "IA3", "VERA", "OFT"])
 def test_peft_methods_by_name_train(policy_dir, method):
+    """Each method the README names trains: a few steps on one batch lower its loss; the base stays frozen."""
     model = apply_adapter(load_policy(policy_dir), PeftOptions(method=method, r=4))
     assert isinstance(model, PeftModel) and model.peft_config["default"].peft_type.value == method
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    loss, _ = model(tiny_batch(load_policy(policy_dir)))
-    loss.backward()
-    optimizer.step()
+    lr = 1e-3 if method == "OFT" else 1e-2  # OFT's orthogonal blocks overshoot at 1e-2
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = tiny_batch(load_policy(policy_dir))
+    noise, time = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(0)), torch.full((3,), 0.5)
+    losses = []
+    for _ in range(6):
+        loss, _ = model(batch, noise=noise, time=time)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0], (method, losses)
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed, f"{method}: no adapter parameter changed"
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
     assert any("lm_expert" in n for n in frozen)
+    base = load_policy(policy_dir).state_dict()
+    for name, param in frozen.items():  # the base weights are untouched (PEFT keeps them under base_layer)
+        key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if key in base:
+            assert torch.equal(param, base[key]), name
+
+
+def trainable_prefixes(model) -> dict[str, bool]:
+    """For each top-level part of the policy: whether any of its parameters trains."""
+    parts = {
+        "vision": "model.vlm_with_expert.vlm.model.vision_model.",
+        "connector": "model.vlm_with_expert.vlm.model.connector.",
+        "text_layer_0": "model.vlm_with_expert.vlm.model.text_model.layers.0.",
+        "text_layer_last": "model.vlm_with_expert.vlm.model.text_model.layers.3.",
+        "text_norm": "model.vlm_with_expert.vlm.model.text_model.norm.",
+        "lm_head": "model.vlm_with_expert.vlm.lm_head.",
+        "expert": "model.vlm_with_expert.lm_expert.",
+        "state_proj": "model.state_proj.",
+        "action_out_proj": "model.action_out_proj.",
+    }
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {part: any(n.startswith(prefix) for n in names) for part, prefix in parts.items()}
+
+
+@pytest.mark.parametrize(("freeze_vision", "expert_only", "train_state_proj", "expected_frozen"), [
+    (True, True, True, {"vision", "connector", "text_layer_0", "text_layer_last", "text_norm", "lm_head"}),
+    (True, False, True, {"vision", "text_layer_last", "text_norm", "lm_head"}),
+    (False, False, False, {"text_layer_last", "text_norm", "lm_head", "state_proj"}),
+])
+def test_full_training_follows_lerobots_smolvla_freezing(policy_dir, freeze_vision, expert_only, train_state_proj,
+                                                        expected_frozen):
+    """--peft.method FULL trains what LeRobot's SmolVLA trains: by default (freeze_vision_encoder, train_expert_only)
+    the expert and the projections; the VLM parts nothing reads (last layer, final norm, lm_head) never train."""
+    policy = load_policy(policy_dir, freeze_vision_encoder=freeze_vision, train_expert_only=expert_only,
+                         train_state_proj=train_state_proj)
+    model = apply_adapter(policy, PeftOptions(method="FULL"))
+    trains = trainable_prefixes(model)
+    assert {part for part, on in trains.items() if not on} == expected_frozen
+    model.train()
+    vision = model.model.vlm_with_expert.vlm.model.vision_model
+    assert vision.training is (not freeze_vision and not expert_only)  # frozen parts stay in eval mode, as LeRobot
+    assert model.model.vlm_with_expert.lm_expert.training
+
+
+def test_full_training_through_the_script_counts_lerobots_trainable_parameters(policy_dir, dataset_root, tmp_path):
+    import json
+    import shutil
+
+    from helpers import train_args
+
+    from finetune import train
+
+    lerobot_defaults = shutil.copytree(policy_dir, tmp_path / "policy")  # the demo's base trains all of it: not these
+    config = json.loads((lerobot_defaults / "config.json").read_text())
+    config.update(freeze_vision_encoder=True, train_expert_only=True)  # LeRobot's SmolVLA defaults
+    (lerobot_defaults / "config.json").write_text(json.dumps(config))
+    summary = train.main(train_args(lerobot_defaults, dataset_root, tmp_path / "full", "--steps", "1",
+                                    "--peft.method", "FULL", "--dataset.eval-episodes", "0"))
+    policy = load_policy(lerobot_defaults)
+    not_vlm = sum(p.numel() for n, p in policy.named_parameters() if not n.startswith("model.vlm_with_expert.vlm."))
+    assert summary["trainable_params"] == not_vlm
+    assert summary["total_params"] == sum(p.numel() for p in policy.parameters())
+
+
+def test_compile_model_compiles_the_forward_and_sampling(policy_dir):
+    policy = load_policy(policy_dir, compile_model=True, compile_mode="default")
+    for fn in (policy.model.forward, policy.model.sample_actions):
+        assert hasattr(fn, "_torchdynamo_orig_callable"), fn  # what torch.compile returns
+    assert not hasattr(load_policy(policy_dir).model.forward, "_torchdynamo_orig_callable")
+
+
+@pytest.mark.slow
+def test_compiled_policy_gives_the_eager_loss(policy_dir):
+    """compile_model runs through torch.compile (inductor, needs a C++ compiler) with the same loss. ~1 minute."""
+    batch = tiny_batch(load_policy(policy_dir))
+    noise, time = torch.randn(3, 10, 32), torch.full((3,), 0.5)
+    eager = load_policy(policy_dir)(batch, noise=noise, time=time)[0]
+    compiled = load_policy(policy_dir, compile_model=True, compile_mode="default")(batch, noise=noise, time=time)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ def test_flags_override_the_preset():
                "v_proj", "--peft.full-training-modules", "action_out_proj", "--peft.init-type", "gaussian",
                "--dataset.rename-map", "observation.images.front", "observation.images.top"])
     assert (cfg.output_dir, cfg.steps, cfg.batch_size, cfg.seed, cfg.resume) == ("runs/x", 7, 3, 5, True)
-    assert (cfg.policy.path, cfg.dataset.root, cfg.dataset.repo_id) == ("/p", "/d", "org/ds")
+    assert (cfg.policy.path, cfg.dataset.root, cfg.dataset.repo_id) == ("/p", ("/d",), "org/ds")
     assert dataclasses.asdict(cfg.peft) == {
         "method": "LOHA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "init_type": "gaussian",
         "target_modules": ("q_proj", "v_proj"), "full_training_modules": ("action_out_proj",)}

@@ -194,8 +194,10 @@ def test_joint_attention_mask_prefix_state_and_actions(pi_dir):
 
 
 def test_prefix_pass_matches_transformers_gemma(pi_dir):
-    """Each joint layer computes what transformers' own Gemma layer computes (eager attention, openpi's mask value)."""
+    """Each joint layer computes what transformers' own Gemma layer computes (eager attention, openpi's mask value;
+    padding rows included, which only the eager path defines)."""
     policy = load_policy(pi_dir).eval()
+    policy.set_attn_implementation("eager")
     model = policy.model
     images, img_masks, tokens, masks, _ = policy._inputs(tiny_batch(policy))
     prefix, pad, att = model.embed_prefix(images, img_masks, tokens, masks)
@@ -364,15 +366,23 @@ def test_resume_continues_the_same_run(four_steps, pi_dir, dataset_root, tmp_pat
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
-def test_saved_adapter_on_the_base_reproduces_the_trained_policy(four_steps, pi_dir):
-    ckpt = four_steps[0] / "checkpoints" / "last"
-    reloaded = load_adapter(load_policy(pi_dir), ckpt, trainable=False).eval()
+def test_saved_adapter_on_the_base_reproduces_the_trained_policy(four_steps, pi_dir, dataset_root):
+    """The saved adapter on the base (the resume path) gives the trained policy's logged held-out MSE; merged into the
+    base it computes the same actions as on top of it."""
+    from helpers import set_up_run
+
+    out, _ = four_steps
+    evals = [m["eval/action_mse"] for m in read_metrics(out / "metrics.jsonl") if "eval/action_mse" in m]
+    reloaded = set_up_run(pi_train_args(pi_dir, dataset_root, out, "--steps", "4", "--resume"))
+    assert train.evaluate(reloaded) == pytest.approx(evals[-1], rel=1e-5)
+    assert evals[-1] != pytest.approx(evals[0], rel=1e-3)
+
+    ckpt = out / "checkpoints" / "last"
+    with_adapter = load_adapter(load_policy(pi_dir), ckpt, trainable=False).eval()
     base = load_policy(pi_dir).eval()
     batch, noise = tiny_batch(base), torch.randn(3, 10, 32)
-    out_adapter = reloaded.predict_action_chunk(batch, noise=noise)
+    out_adapter = with_adapter.predict_action_chunk(batch, noise=noise)
     assert not torch.allclose(out_adapter, base.predict_action_chunk(batch, noise=noise))
-    again = load_adapter(load_policy(pi_dir), ckpt, trainable=False).eval()
-    torch.testing.assert_close(again.predict_action_chunk(batch, noise=noise), out_adapter, rtol=0, atol=0)
     merged = load_adapter(load_policy(pi_dir), ckpt, trainable=False).merge_and_unload().eval()
     torch.testing.assert_close(merged.predict_action_chunk(batch, noise=noise), out_adapter, rtol=1e-4, atol=1e-5)
 
@@ -480,3 +490,59 @@ def test_quantized_base_trains_lora(pi_dir):
     loss.backward()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_sdpa_attention_gives_the_eager_loss_and_actions(pi_dir):
+    policy = load_policy(pi_dir)
+    assert policy.model.paligemma_with_expert.attn_implementation == "sdpa"
+    with torch.no_grad():  # peaked attention (a random tiny Gemma attends almost uniformly): the scale and mask matter
+        for name, param in policy.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(8.0)
+    batch, noise, time = tiny_batch(policy), torch.randn(3, 10, 32), torch.full((3,), 0.6)
+    results = {}
+    for name in ("eager", "sdpa"):
+        policy.set_attn_implementation(name)
+        vision = policy.model.paligemma_with_expert.paligemma.model.vision_tower
+        assert {m.config._attn_implementation for m in vision.modules() if hasattr(m, "config")} == {name}
+        loss = policy.train()(batch, noise=noise, time=time)[0]
+        actions = policy.eval().predict_action_chunk(batch, noise=noise)
+        results[name] = (loss, actions)
+    torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["sdpa"][1], results["eager"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_with_lora_dropout_gives_the_same_gradients(pi_dir):
+    """pi0's checkpointed layers preserve the RNG state: dropout masks are the same in the recomputation."""
+    from test_policies import lora_dropout_grads, randomize_lora_b
+
+    model = apply_adapter(load_policy(pi_dir), PeftOptions(r=4, lora_dropout=0.1))
+    randomize_lora_b(model)
+    batch = tiny_batch(load_policy(pi_dir))
+    plain = lora_dropout_grads(model, batch, checkpointing=False, seed=5)
+    checkpointed = lora_dropout_grads(model, batch, checkpointing=True, seed=5)
+    other_masks = lora_dropout_grads(model, batch, checkpointing=False, seed=6)
+    expert = [n for n in plain if "gemma_expert" in n and "lora_A" in n]
+    assert expert and plain.keys() == checkpointed.keys()
+    assert any(not torch.allclose(plain[n], other_masks[n]) for n in expert)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("freeze_vision", "expert_only", "expected_frozen"), [
+    (False, False, set()),  # LeRobot's pi0/pi0.5 defaults: a full fine-tune trains everything
+    (True, False, {"vision"}),
+    (False, True, {"vision", "projector", "language_model", "lm_head"}),
+])
+def test_full_training_follows_lerobots_pi0_freezing(pi_dir, freeze_vision, expert_only, expected_frozen):
+    policy = load_policy(pi_dir, freeze_vision_encoder=freeze_vision, train_expert_only=expert_only)
+    model = apply_adapter(policy, PeftOptions(method="FULL"))
+    parts = {"vision": PREFIX + "paligemma.model.vision_tower.", "projector": PREFIX + "paligemma.model.multi_modal_",
+             "language_model": PREFIX + "paligemma.model.language_model.", "lm_head": PREFIX + "paligemma.lm_head.",
+             "expert": PREFIX + "gemma_expert.", "action_in_proj": "model.action_in_proj."}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = {part for part, prefix in parts.items() if not any(n.startswith(prefix) for n in names)}
+    # lm_head is tied to the token embeddings: frozen exactly when the language model is
+    assert frozen - {"lm_head"} == expected_frozen - {"lm_head"}
+    assert model.train().model.paligemma_with_expert.paligemma.model.vision_tower.training is not (
+        freeze_vision or expert_only)

@@ -113,6 +113,38 @@ class FlowMatchingPolicy(nn.Module):
 
     config: PolicyConfig
     model: nn.Module
+    # Modules kept in eval mode while training because a FULL run freezes them (set by set_full_training_grads).
+    _frozen_modules: tuple[nn.Module, ...] = ()
+
+    def frozen_in_full_training(self) -> list[nn.Module]:
+        """Modules a FULL fine-tune leaves frozen (LeRobot's freeze_vision_encoder / train_expert_only rules)."""
+        return []
+
+    def set_full_training_grads(self) -> list[str]:
+        """A FULL fine-tune as LeRobot's: every parameter trains except those the config's freeze_vision_encoder and
+        train_expert_only freeze (kept in eval mode, as LeRobot's train() override does). Returns the frozen names."""
+        frozen = self.frozen_in_full_training()
+        frozen_ids = {id(p) for module in frozen for p in module.parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) not in frozen_ids)
+        self._frozen_modules = tuple(frozen)
+        self.train(self.training)
+        return [n for n, p in self.named_parameters() if not p.requires_grad]
+
+    def train(self, mode: bool = True) -> FlowMatchingPolicy:
+        super().train(mode)
+        for module in self._frozen_modules:
+            module.eval()
+        return self
+
+    def compile_if_configured(self) -> None:
+        """LeRobot's compile_model: torch.compile the flow-matching model's forward and sampling (compile_mode)."""
+        if not getattr(self.config, "compile_model", False):
+            return
+        torch.set_float32_matmul_precision("high")
+        mode = getattr(self.config, "compile_mode", None)
+        self.model.forward = torch.compile(self.model.forward, mode=mode)
+        self.model.sample_actions = torch.compile(self.model.sample_actions, mode=mode)
 
     def prepare_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """The policy's cameras in config order; missing ones (up to empty_cameras) become -1 images, mask False."""

@@ -100,3 +100,35 @@ def euler_sample(denoise: Callable[[Tensor, Tensor], Tensor], noise: Tensor, num
         time = torch.tensor(1.0 + step * dt, dtype=torch.float32, device=noise.device)
         x_t = x_t + dt * denoise(x_t, time.expand(noise.shape[0]))
     return x_t
+
+
+# --- attention --------------------------------------------------------------------------------------------------------
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def check_attn_implementation(name: str) -> str:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; choose one of {ATTN_IMPLEMENTATIONS}")
+    return name
+
+
+def sdpa_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """torch's fused attention on (B, H, Q, D) queries and (B, H_kv, K, D) keys/values under a (B, Q, K) boolean mask.
+
+    Fused kernels accumulate the scores and the softmax in float32 for half-precision inputs, as the eager paths'
+    float32 softmax does. Rows that see nothing (padding queries) come out as zeros instead of the eager path's
+    uniform average; no real token reads them (padding is masked out as a key for every other token).
+    """
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
+def set_vision_attn_implementation(vision: torch.nn.Module, name: str) -> None:
+    """transformers' vision towers read `config._attn_implementation` at every forward."""
+    for module in vision.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name

@@ -23,11 +23,14 @@ from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding, apply
 
 from .base import FlowMatchingPolicy, PolicyConfig
 from .common import (
+    check_attn_implementation,
     compute_dtype,
     euler_sample,
     flow_matching_targets,
     make_att_2d_masks,
     sample_flow_time,
+    sdpa_attention,
+    set_vision_attn_implementation,
     sinusoidal_time_embedding,
 )
 
@@ -240,6 +243,7 @@ class PaliGemmaWithExpertModel(nn.Module):
         if len(self.language_model.layers) != len(self.gemma_expert.model.layers):
             raise ValueError("pi0 pairs every VLM layer with an expert layer: the two depths must be equal")
         self.gradient_checkpointing = False
+        self.attn_implementation = "sdpa"  # or "eager": Gemma's eager attention with openpi's additive mask
 
     @property
     def language_model(self) -> nn.Module:
@@ -272,19 +276,22 @@ class PaliGemmaWithExpertModel(nn.Module):
         adarms_cond = adarms_cond or [None, None]
         if fill_kv_cache:
             kv_cache = {}
-        additive_mask = torch.where(attention_mask[:, None], 0.0, ATTENTION_MASK_VALUE)  # float32, as LeRobot's
+        if self.attn_implementation == "eager":  # float32 additive mask, as LeRobot's
+            attention_mask = torch.where(attention_mask[:, None], 0.0, ATTENTION_MASK_VALUE)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for idx in range(len(self.language_model.layers)):
-            args = (idx, inputs_embeds, additive_mask, position_ids, adarms_cond, kv_cache, fill_kv_cache)
+            args = (idx, inputs_embeds, attention_mask, position_ids, adarms_cond, kv_cache, fill_kv_cache)
             if use_checkpoint:
-                inputs_embeds = checkpoint(self._layer, *args, use_reentrant=False, preserve_rng_state=False)
+                # preserve_rng_state (unlike LeRobot's False): the recomputed forward draws the same dropout masks
+                # (--peft.lora-dropout), so the gradients are those of the forward that ran.
+                inputs_embeds = checkpoint(self._layer, *args, use_reentrant=False, preserve_rng_state=True)
             else:
                 inputs_embeds = self._layer(*args)
         norms = [self.language_model.norm, self.gemma_expert.model.norm]
         outputs = [None if h is None else _norm(norms[i], h, adarms_cond[i])[0] for i, h in enumerate(inputs_embeds)]
         return outputs, kv_cache
 
-    def _layer(self, idx, inputs_embeds, additive_mask, position_ids, adarms_cond, kv_cache, fill_kv_cache):
+    def _layer(self, idx, inputs_embeds, attention_mask, position_ids, adarms_cond, kv_cache, fill_kv_cache):
         layers = [self.language_model.layers[idx], self.gemma_expert.model.layers[idx]]
         queries, keys, values, gates = [], [], [], []
         for hidden, layer, cond in zip(inputs_embeds, layers, adarms_cond, strict=True):
@@ -308,7 +315,10 @@ class PaliGemmaWithExpertModel(nn.Module):
             key = torch.cat([kv_cache[idx][0], key], dim=2)
             value = torch.cat([kv_cache[idx][1], value], dim=2)
         attn = layers[0].self_attn
-        att_output, _ = eager_attention_forward(attn, query, key, value, additive_mask, scaling=attn.scaling)
+        if self.attn_implementation == "eager":
+            att_output, _ = eager_attention_forward(attn, query, key, value, attention_mask, scaling=attn.scaling)
+        else:
+            att_output = sdpa_attention(query, key, value, attention_mask, attn.scaling).transpose(1, 2)
         att_output = att_output.reshape(*att_output.shape[:2], -1)
 
         outputs, start = [], 0
@@ -502,7 +512,7 @@ class PI0Policy(FlowMatchingPolicy):
         "model.time_mlp_",
     )
     # Fields LeRobot has that change what the policy computes and that this project does not implement.
-    unsupported_fields: ClassVar[dict[str, Any]] = {"use_relative_actions": False}
+    unsupported_fields: ClassVar[dict[str, Any]] = {}  # relative actions: finetune.relative_actions
 
     def __init__(self, config: PI0Config, backbone_config: dict[str, Any] | None = None):
         super().__init__()
@@ -511,6 +521,8 @@ class PI0Policy(FlowMatchingPolicy):
         self.backbone_spec = resolve_backbone_spec(config, backbone_config)
         self.model = self.flow_matching_class(config, self.backbone_spec)
         self.set_gradient_checkpointing(config.gradient_checkpointing)
+        self.set_attn_implementation("sdpa")
+        self.compile_if_configured()
 
     def _check_supported(self, config: PI0Config) -> None:
         values = {**config.extra, **{k: getattr(config, k) for k in self.unsupported_fields if hasattr(config, k)}}
@@ -566,6 +578,23 @@ class PI0Policy(FlowMatchingPolicy):
         if include_vision:
             scopes += (f"{prefix}paligemma.model.vision_tower.", f"{prefix}paligemma.model.multi_modal_projector.")
         return scopes
+
+    def frozen_in_full_training(self) -> list[nn.Module]:
+        """LeRobot's pi0/pi0.5 rules: freeze_vision_encoder freezes SigLIP (not the projector), train_expert_only
+        the whole PaliGemma."""
+        paligemma = self.model.paligemma_with_expert.paligemma
+        frozen: list[nn.Module] = []
+        if self.config.freeze_vision_encoder:
+            frozen.append(paligemma.model.vision_tower)
+        if self.config.train_expert_only:
+            frozen.append(paligemma)
+        return frozen
+
+    def set_attn_implementation(self, name: str) -> None:
+        """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and in SigLIP."""
+        pwe = self.model.paligemma_with_expert
+        pwe.attn_implementation = check_attn_implementation(name)
+        set_vision_attn_implementation(pwe.paligemma.model.vision_tower, name)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each joint decoder layer (both towers) in the backward pass."""

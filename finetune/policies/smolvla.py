@@ -22,12 +22,15 @@ from transformers import AutoModel, SmolVLMConfig, SmolVLMForConditionalGenerati
 
 from .base import FlowMatchingPolicy, PolicyConfig
 from .common import (
+    check_attn_implementation,
     compute_dtype,
     euler_sample,
     flow_matching_targets,
     make_att_2d_masks,
     resize_with_pad,
     sample_flow_time,
+    sdpa_attention,
+    set_vision_attn_implementation,
     sinusoidal_time_embedding,
 )
 
@@ -208,6 +211,15 @@ class SmolVLMWithExpertModel(nn.Module):
         self.head_dim = text_cfg.head_dim
         self.expert_hidden_size = expert_cfg.hidden_size
         self.gradient_checkpointing = False
+        self.attn_implementation = "sdpa"  # or "eager": LeRobot's explicit float32 softmax (same numbers in fp32)
+
+    def attend(self, mask: Tensor, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """Grouped-KV attention on (B, L, H, D) tensors under a (B, Q, K) boolean mask -> (B, Q, H * D)."""
+        if self.attn_implementation == "eager":
+            return eager_attention(mask, query, key, value, self.num_attention_heads)
+        out = sdpa_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
+                             self.head_dim**-0.5)
+        return out.transpose(1, 2).reshape(*query.shape[:2], -1)
 
     def _is_self_attn_layer(self, idx: int) -> bool:
         every = self.self_attn_every_n_layers
@@ -305,7 +317,7 @@ class SmolVLMWithExpertModel(nn.Module):
         elif kv_cache is not None:
             key = torch.cat([kv_cache[idx][0], key], dim=1)
             value = torch.cat([kv_cache[idx][1], value], dim=1)
-        return [eager_attention(attention_mask, query, key, value, self.num_attention_heads)]
+        return [self.attend(attention_mask, query, key, value)]
 
     def _cross_attention(self, idx, layers, inputs_embeds, attention_mask, position_ids, kv_cache):
         vlm_layer, expert_layer = layers
@@ -317,7 +329,7 @@ class SmolVLMWithExpertModel(nn.Module):
             q, k, value = _project_qkv(vlm_layer, prefix)
             query, key = apply_rope(q, prefix_pos), apply_rope(k, prefix_pos)
             prefix_mask = attention_mask[:, :seq_len, :seq_len]
-            att_outputs.append(eager_attention(prefix_mask, query, key, value, self.num_attention_heads))
+            att_outputs.append(self.attend(prefix_mask, query, key, value))
         else:
             expert_pos = position_ids
             key, value = kv_cache[idx]
@@ -335,7 +347,7 @@ class SmolVLMWithExpertModel(nn.Module):
         expert_pos = expert_pos - expert_pos.min(dim=1, keepdim=True).values  # expert positions restart at 0
         query = apply_rope(query, expert_pos)
         expert_mask = attention_mask[:, -suffix.shape[1] :, : expert_key.shape[1]]
-        att_outputs.append(eager_attention(expert_mask, query, expert_key, expert_value, self.num_attention_heads))
+        att_outputs.append(self.attend(expert_mask, query, expert_key, expert_value))
         return att_outputs
 
 
@@ -491,6 +503,37 @@ class SmolVLAPolicy(FlowMatchingPolicy):
         self.config = config
         self.vlm_config = vlm_config or make_vlm_config(config.vlm_model_name)
         self.model = VLAFlowMatching(config, self.vlm_config)
+        self.set_attn_implementation("sdpa")
+        self.compile_if_configured()
+
+    def frozen_in_full_training(self) -> list[nn.Module]:
+        """LeRobot's SmolVLA rules: freeze_vision_encoder freezes SigLIP (not the connector); train_expert_only freezes
+        the whole VLM; otherwise the VLM parts whose outputs nothing reads stay frozen (lm_head, the final text norm,
+        the last layer(s) - LeRobot's intent; its name patterns only catch lm_head under transformers 5); state_proj
+        trains only with train_state_proj."""
+        vlm_with_expert = self.model.vlm_with_expert
+        vlm = vlm_with_expert.vlm
+        frozen: list[nn.Module] = []
+        if self.config.freeze_vision_encoder:
+            frozen.append(vlm.model.vision_model)
+        if self.config.train_expert_only:
+            frozen.append(vlm)
+        else:
+            text = vlm.model.text_model
+            last = [vlm_with_expert.num_vlm_layers - 1]
+            n_vlm, n_expert = vlm_with_expert.num_vlm_layers, vlm_with_expert.num_expert_layers
+            if n_vlm != n_expert and n_vlm % n_expert == 0:
+                last.append(n_vlm - 2)
+            frozen += [vlm.lm_head, text.norm] + [text.layers[i] for i in last]
+        if not self.config.train_state_proj:
+            frozen.append(self.model.state_proj)
+        return frozen
+
+    def set_attn_implementation(self, name: str) -> None:
+        """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and the vision tower."""
+        vlm_with_expert = self.model.vlm_with_expert
+        vlm_with_expert.attn_implementation = check_attn_implementation(name)
+        set_vision_attn_implementation(vlm_with_expert.vlm.model.vision_model, name)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.model.vlm_with_expert.gradient_checkpointing = enabled
