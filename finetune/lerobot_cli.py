@@ -129,8 +129,6 @@ REFUSED = {
     "dataloader_multiprocessing_context": "the DataLoader uses the platform's default start method",
     "tolerance_s": "frames are read by index here, not by timestamp: no tolerance is needed",
     "max_eval_samples": "the held-out evaluation uses --eval_batches batches of --batch_size frames",
-    "dataset.episodes": "training uses every episode except the last --dataset.eval_episodes (held out); "
-                        "write a dataset with the episodes you want",
     "dataset.eval_split": "hold out the last N episodes with --dataset.eval_episodes N",
     "dataset.revision": "give a local folder with --dataset.root, or the Hub id's default revision is used",
     "dataset.streaming": "datasets are read from a local folder (--dataset.root) or the Hub cache",
@@ -145,7 +143,7 @@ REFUSED = {
     "sample_weighting.*": "no sample weighting (RA-BC) here",
     "use_rabc": "no sample weighting (RA-BC) here",
     "reward_model.*": "reward-model training is not supported here",
-    "ema.*": "no EMA of the weights here",
+    "ema.*": "the EMA here is --ema.decay D (a constant decay per update, 0 = off) with --ema.use_for_eval",
     "eval_steps": "the held-out action MSE runs every --eval_every steps",
     "env.*": ENV_HINT,
     "eval.*": ENV_HINT,
@@ -342,6 +340,15 @@ class _Translator:
         raise LeRobotFlagError(f"--{opt.name}: features always come from the dataset here; pass null (or drop the "
                                "flag) and rename dataset keys with --rename_map / --dataset.rename_map")
 
+    def _resume(self, opt: _Option) -> list[str]:
+        """Ours: bare `--resume` (strict) or `--resume auto`; LeRobot's `--resume=true|false` means the same."""
+        if not opt.values:
+            return ["--resume"]
+        value = self.one_value(opt).lower()
+        if value == "auto":
+            return ["--resume", "auto"]
+        return ["--resume", "true" if _bool(opt.name, value) else "false"]
+
     def _policy__push_to_hub(self, opt: _Option) -> list[str]:
         self.push_to_hub = _bool(opt.name, opt.values[0]) if opt.values else True
         why = ("--policy.repo_id is pushed at the end" if self.push_to_hub else
@@ -501,7 +508,6 @@ def _config_file_options(data: dict, options: list[_Option], policy_given: bool)
 _POLICY_FILE_KEYS = {"pretrained_path", "repo_id", "push_to_hub", "use_amp", "chunk_size", "num_steps", "dtype",
                      "gradient_checkpointing", "input_features", "output_features"}
 _FILE_REFUSED_WHEN: dict[str, Callable[[str], bool]] = {
-    "dataset.episodes": lambda v: not _is_null(v),
     "dataset.image_transforms": lambda v: bool((json.loads(v) or {}).get("enable")),
     "sample_weighting.type": lambda v: not _is_null(v),
     "use_rabc": lambda v: v == "true",
