@@ -277,7 +277,6 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
     meta = mix.merged_meta()
     # Missing stats: stop now, before any model is built, and say which command adds them.
-    check_policy_folder(cfg, policy_dir, cfg.batch_size)  # a readable config.json first
     needed = needed_stats(load_policy_config(policy_dir).normalization_mapping)
     if cfg.policy.use_relative_actions or uses_relative_actions(load_policy_config(policy_dir)):
         needed.pop(ACTION)  # computed below on the relative actions
