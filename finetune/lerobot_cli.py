@@ -295,14 +295,6 @@ class _Translator:
         self.notices.append(f"{where} {opt.shown} -> {result}{f'  ({why})' if why else ''}")
         return out
 
-    def _resume(self, opt: _Option) -> list[str]:
-        """Ours: bare --resume (strict) or --resume auto; LeRobot's --resume=true/false."""
-        if not opt.values:
-            return ["--resume"]
-        if len(opt.values) == 1 and opt.values[0].lower() == "auto":
-            return ["--resume", "auto"]
-        return ["--resume"] if _bool(opt.name, self.one_value(opt)) else ["--resume", "False"]
-
     def one_value(self, opt: _Option) -> str:
         if len(opt.values) != 1:
             raise LeRobotFlagError(f"{opt.shown}: expected one value")
