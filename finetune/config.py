@@ -366,7 +366,8 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
     "checkpoint.every", "checkpoint.keep_last", "dataset.num_workers", "dataset.video_cache_mb",
     "policy.repo_id", "policy.merged_repo_id", "demo.rollout_episodes", "demo.assets_dir", "nonfinite",
-    "ema.use_for_eval",
+    "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",
+    "env.type", "env.task", "env.episodes", "env.eval_every", "env.max_steps", "env.image_size",
 })
 
 
@@ -383,6 +384,9 @@ def flat_fields(cfg: TrainConfig) -> dict[str, object]:
                 out[prefix + f.name] = list(value) if isinstance(value, tuple) else value
 
     walk("", cfg)
+    roots = getattr(cfg.dataset, "roots", None)  # one folder given as a string or as a 1-tuple is the same dataset
+    if roots is not None:
+        out["dataset.root"] = list(roots)
     return out
 
 

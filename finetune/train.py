@@ -208,7 +208,6 @@ def check_chunk_size_fits(chunk: int, text_tokens: int, batch_size: int) -> None
 
 
 def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
-    check_policy_folder(cfg, policy_dir, cfg.batch_size)
     overrides = {k: v for k, v in (("chunk_size", cfg.policy.chunk_size), ("num_steps", cfg.policy.num_steps))
                  if v is not None}
     try:
@@ -271,13 +270,13 @@ def fixed_eval_batches(dataset: LeRobotDataset, processor: PolicyProcessor, batc
 def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     set_seed(cfg.seed)
     policy_dir = resolve_repo(cfg.policy.path, "model", "--policy.path")
+    check_policy_folder(cfg, policy_dir, cfg.batch_size)  # a readable, known policy before anything reads it
     # One dataset or several (--dataset.root A B): checked to line up, stats merged across them.
     mix = DataMix.load(cfg.dataset, lambda hub_id: resolve_repo(hub_id, "dataset", "--dataset.root"))
     if len(mix) > 1:  # the train config records every dataset and its resolved weight
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
     meta = mix.merged_meta()
     # Missing stats: stop now, before any model is built, and say which command adds them.
-    check_policy_folder(cfg, policy_dir, cfg.batch_size)  # a readable config.json first
     needed = needed_stats(load_policy_config(policy_dir).normalization_mapping)
     if cfg.policy.use_relative_actions or uses_relative_actions(load_policy_config(policy_dir)):
         needed.pop(ACTION)  # computed below on the relative actions

@@ -320,3 +320,25 @@ def test_wandb_runs_offline_when_the_machine_is_and_needs_a_login_otherwise(monk
     (tmp_path / "netrc").unlink()
     _configure_wandb()  # the user's own mode is respected
     assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(policy_dir, dataset_root, tmp_path, capsys):
+    from finetune.config import cli, to_dict
+
+    out = tmp_path / "early"
+    args = train_args(policy_dir, dataset_root, out, "--steps", "2")
+    out.mkdir()  # what a run leaves when it dies during its first steps: its config and a few metric rows
+    (out / "train_config.json").write_text(json.dumps(to_dict(cli(args))))
+    (out / "metrics.jsonl").write_text('{"step": 0, "eval/action_mse": 9.0}\n{"step": 1, "train/loss": 9.0}\n')
+    train.main([*args, "--resume", "auto"])
+    assert "holds the same run stopped before its first checkpoint; starting it again from step 0" in \
+        capsys.readouterr().out
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in rows if "train/loss" in m] == [1, 2] and all(m.get("train/loss") != 9.0 for m in rows)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train_config.json").write_text(json.dumps(to_dict(cli([*args[:-1], "3", "--seed", "1"]))))
+    with pytest.raises(SystemExit) as exit_info:  # leftovers of a different run: not ours to drop
+        train.main(train_args(policy_dir, dataset_root, other, "--steps", "2", "--resume", "auto"))
+    assert exit_info.value.code == 2 and f"--output-dir {other} is not empty" in capsys.readouterr().err
