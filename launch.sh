@@ -12,6 +12,8 @@
 # Config, unless --config is given: cpu.yaml without GPUs, single_gpu.yaml with one, ddp.yaml with more or several
 # nodes. Every other argument goes to finetune/train.py unchanged. --dry-run prints the exact command instead.
 # FINETUNE_DIST_TIMEOUT_S sets how long a collective waits for a lost rank before the job fails (default 1800).
+# Exit status: the run's (0 done, 2 bad input or config, 3 non-finite training), or 75 when it was preempted
+# (SIGTERM/SIGUSR1): its checkpoint is written, requeue with --resume auto (examples/slurm_requeue.sbatch).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
@@ -114,4 +116,23 @@ if [ "$dry_run" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-exec "${cmd[@]}"
+
+# Preemption. SLURM signals every process of the job step (--signal=USR1@120 before the time limit, SIGTERM at it).
+# The training processes finish their optimizer step, checkpoint and stop; the launchers above them must outlive
+# that, so they ignore both signals (inherited as "ignore"; train.py installs its own handlers, and torchrun forwards
+# SIGTERM to its workers itself). The workers report "preempted" in FINETUNE_STATUS_FILE and exit 0, so the launchers
+# stay quiet; this script then exits 75 (EX_TEMPFAIL): checkpoint written, requeue with --resume auto. A run that
+# fails writes its exit status there too, which this script returns instead of the launcher's 1.
+status="$(mktemp "${TMPDIR:-/tmp}/finetune-status.XXXXXX")"
+trap 'rm -f "$status"' EXIT
+trap '' USR1 TERM
+rc=0
+FINETUNE_STATUS_FILE="$status" "${cmd[@]}" || rc=$?
+said="$(cat "$status" 2>/dev/null || true)"
+if [ "$said" = "preempted" ]; then
+  echo "launch.sh: preempted; the checkpoint is written. Exit 75: requeue and continue with --resume auto" >&2
+  exit 75
+fi
+# The run's own status (2: bad input, 3: non-finite training), which the launchers report as 1.
+[ "$rc" -ne 0 ] && [[ "$said" =~ ^exit\ ([0-9]+)$ ]] && exit "${BASH_REMATCH[1]}"
+exit "$rc"

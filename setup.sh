@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with everything the project needs. Safe to re-run; `--dev` adds the test tools.
+# Sets up .venv with everything the project needs. Safe to re-run; `--dev` adds the test tools and the Meta-World
+# simulator (the [sim] extra) that the closed-loop tests run.
 # torch is pinned and installed first so that no other package pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,6 +19,6 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION}')" 2>/dev/null \
   || pip install "torch==${TORCH_VERSION}"
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+[ "${1:-}" = "--dev" ] && extra="[dev,sim]"
 pip install -c "$constraints" -e ".${extra}"
 echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -75,28 +75,69 @@ def save_checkpoint(
     """
     final = checkpoints_dir / step_dir_name(step)
     tmp = checkpoints_dir / f".tmp-{step_dir_name(step)}"
+    error = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / TRAINING_STATE_DIR), **distributed.save_state_kwargs(accelerator))
+        error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+    _raise_if_any(accelerator, error, step, checkpoints_dir, tmp)
+    error = _attempt(lambda: accelerator.save_state(str(tmp / TRAINING_STATE_DIR),
+                                                    **distributed.save_state_kwargs(accelerator)))
+    _raise_if_any(accelerator, error, step, checkpoints_dir, tmp)
     # ZeRO-3 shards every parameter: gather the trained ones (all ranks take part) so the file holds real tensors.
     with distributed.gathered(accelerator, distributed.trainable_parameters(model)):
         if accelerator.is_main_process:
-            write_extra(tmp)
+            error = _attempt(lambda: write_extra(tmp))
+    if accelerator.is_main_process and error is None:
+        def finish() -> None:
+            for name, content in files.items():
+                text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
+                (tmp / name).write_text(text)
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _point_last(checkpoints_dir, final.name)
+
+        error = _attempt(finish)
+    _raise_if_any(accelerator, error, step, checkpoints_dir, tmp)
     if accelerator.is_main_process:
-        for name, content in files.items():
-            text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
-            (tmp / name).write_text(text)
-        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _point_last(checkpoints_dir, final.name)
         _prune(checkpoints_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointWriteError(OSError):
+    """The checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
+
+
+def _attempt(write) -> str | None:
+    try:
+        write()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    except RuntimeError as err:  # torch.save reports a full disk as "basic_ios::clear: iostream error"
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    return None
+
+
+def _raise_if_any(accelerator: Accelerator, error: str | None, step: int, checkpoints_dir: Path, tmp: Path) -> None:
+    """All ranks learn whether any rank failed to write (so none waits in a collective) and raise together."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        errors = [e for e in gather_object([error]) if e]
+        error = errors[0] if errors else None
+    if error is None:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    last = checkpoints_dir / LAST
+    kept = f"the last good checkpoint {last.resolve()} is kept (checkpoints/last points at it)" if last.exists() \
+        else "no earlier checkpoint exists"
+    free = shutil.disk_usage(checkpoints_dir).free / 2**20
+    raise CheckpointWriteError(f"could not write the checkpoint of step {step} into {checkpoints_dir} ({error}; "
+                               f"{free:.1f} MiB free there); {kept}. Free disk space or make the folder writable, "
+                               "then rerun with --resume")
 
 
 def _fsync_tree(folder: Path) -> None:

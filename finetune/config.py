@@ -11,11 +11,28 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
 PEFT_METHOD_FULL = "FULL"  # no adapter: every parameter trains (used by the demo's base pretraining)
+RESUME_AUTO = "auto"
+
+
+def _parse_resume(values: list[str]) -> bool | str:
+    if not values:
+        return True
+    if len(values) == 1 and values[0].lower() in (RESUME_AUTO, "true", "false"):
+        word = values[0].lower()
+        return word if word == RESUME_AUTO else word == "true"
+    raise ValueError(f"--resume takes no value or 'auto', got {' '.join(values)!r}")
+
+
+# `--resume` alone keeps its strict meaning (a checkpoint must exist); `--resume auto` resumes when one does.
+_RESUME_FLAG = tyro.constructors.PrimitiveConstructorSpec(
+    nargs="*", metavar="[auto]", instance_from_str=_parse_resume,
+    is_instance=lambda v: isinstance(v, bool) or v == RESUME_AUTO,
+    str_from_instance=lambda v: [] if v is True else [str(v)])
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,12 @@ class PolicyOptions:
     LeRobot's --policy.repo_id). Needs network and a login, checked before training starts."""
     merged_repo_id: str | None = None
     """Also merge the adapter into the base at the end and push that full LeRobot-format policy to this repo."""
+    use_relative_actions: bool | None = None
+    """Train on actions minus the chunk's first state, as LeRobot's pi0 / pi0.5 (None keeps the checkpoint's value);
+    action stats are then computed on the relative actions and predictions are made absolute again."""
+    relative_exclude_joints: tuple[str, ...] | None = None
+    """Action joints kept absolute with relative actions, by name or part of a name (None: the checkpoint's value,
+    LeRobot's default ["gripper"])."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel in the joint VLM/expert layers and the vision tower: torch's fused scaled_dot_product_attention
     (same loss as eager to float32 rounding) or LeRobot's eager float32-softmax path. Not written to config.json."""
@@ -91,19 +114,68 @@ class QuantOptions:
 
 
 @dataclass(frozen=True)
+class ImageTransformOptions:
+    """Image augmentation as LeRobot's (off by default): per camera image, up to max_num_transforms of the ops below
+    (each with its weight), with factors drawn from the ranges; a range equal to the identity value disables an op."""
+
+    enable: bool = False
+    """Augment training images (on the training device, seeded by --seed and the micro-batch: --resume stays exact)."""
+    max_num_transforms: int = 3
+    """Ops applied to each image, picked at random (weighted) from the enabled ones."""
+    brightness: tuple[float, float] = (0.8, 1.2)
+    """Brightness factor range (1 = unchanged)."""
+    contrast: tuple[float, float] = (0.8, 1.2)
+    """Contrast factor range (1 = unchanged)."""
+    saturation: tuple[float, float] = (0.5, 1.5)
+    """Saturation factor range (1 = unchanged)."""
+    hue: tuple[float, float] = (-0.05, 0.05)
+    """Hue shift range, in turns of the color wheel (0 = unchanged, at most 0.5)."""
+    sharpness: tuple[float, float] = (0.5, 1.5)
+    """Sharpness factor range (1 = unchanged, < 1 blurs)."""
+    affine_degrees: float = 5.0
+    """Random affine: rotation drawn from [-degrees, degrees] (0 with affine_translate 0 disables it)."""
+    affine_translate: float = 0.05
+    """Random affine: shift drawn from [-t, t] of the width and of the height."""
+    weights: tuple[float, float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    """Relative chance of brightness, contrast, saturation, hue, sharpness, affine being picked."""
+
+
+@dataclass(frozen=True)
 class DataOptions:
-    root: str | None = None
-    """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/)."""
+    root: tuple[str, ...] | None = None
+    """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/); several (or Hub ids ORG/NAME) train on one
+    weighted mixture of them (see --dataset.weights, --dataset.renames)."""
     repo_id: str | None = None
     """Hub dataset id, fetched through the Hugging Face cache when online (ignored when root is given)."""
     rename_map: dict[str, str] = field(default_factory=dict)
     """Dataset feature name -> policy input name, e.g. observation.images.front:observation.images.top"""
     eval_episodes: int = 2
     """Number of episodes (the last ones) held out for evaluation; 0 disables evaluation."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    num_workers: int | None = None
+    """DataLoader worker processes per rank; None: from the CPU count and the ranks on this machine (cores per rank
+    less one, at most 8); 0 decodes in the training process."""
     video_cache_mb: int = 1024
-    """Decoded-video cache per worker process, in MiB."""
+    """Decoded-frame cache per loading process, in MiB (frames are kept singly, LRU; 0 disables it)."""
+    decoder_threads: int | None = None
+    """Video decoder threads per loading process; None: what the cores left by ranks x workers allow (1-2)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    image_transforms: ImageTransformOptions = ImageTransformOptions()
+    weights: tuple[float, ...] | None = None
+    """Sampling weight per --dataset.root entry (normalized); None: proportional to each dataset's frames."""
+    renames: tuple[str, ...] | None = None
+    """Per --dataset.root entry, its rename map as FEATURE:NAME pairs joined by commas ("-" for none), applied before
+    --dataset.rename-map so cameras and state line up (observation.images.front:observation.images.top)."""
+    episodes: tuple[str, ...] | None = None
+    """Train on these episodes only: indices and inclusive ranges (0-9 12 20-29); held-out episodes are the last
+    --dataset.eval-episodes of the selection. With several datasets prefix each with its dataset's position (1:0-9)."""
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """--dataset.root as a tuple (a single folder may be given as a plain string)."""
+        if self.root is None:
+            return ()
+        return (self.root,) if isinstance(self.root, str) else tuple(self.root)
 
 
 @dataclass(frozen=True)
@@ -158,6 +230,32 @@ class DemoOptions:
 
 
 @dataclass(frozen=True)
+class EnvOptions:
+    type: str | None = None
+    """Simulator for closed-loop evaluation of the policy being trained (LeRobot's --env.type): reach, metaworld or
+    libero. None: no simulator evaluation."""
+    task: str | None = None
+    """Task, task list or suite (LeRobot's --env.task), e.g. libero_spatial, push-v3, 'push-v3,reach-v3', MT10."""
+    episodes: int = 10
+    """Seeded episodes per task at each evaluation (LeRobot's --eval.n_episodes)."""
+    eval_every: int = 0
+    """Also evaluate every N optimizer updates (LeRobot's --eval_freq); 0: only at the end of training."""
+    max_steps: int | None = None
+    """Episode length limit in environment steps (LeRobot's --env.episode_length); None: the task's default."""
+    image_size: int | None = None
+    """Rendered camera size in pixels; None: the training dataset's camera height."""
+
+
+@dataclass(frozen=True)
+class EmaOptions:
+    decay: float = 0.0
+    """Keep an exponential moving average of the trained weights with this decay per optimizer update (e.g. 0.999);
+    0 turns it off. Saved with each checkpoint (ema/), restored on --resume, used by merge/predict by default."""
+    use_for_eval: bool = True
+    """Compute the held-out action MSE with the EMA weights (when --ema.decay is set)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     policy: PolicyOptions = PolicyOptions()
     peft: PeftOptions = PeftOptions()
@@ -166,6 +264,8 @@ class TrainConfig:
     optim: OptimOptions = OptimOptions()
     checkpoint: CheckpointOptions = CheckpointOptions()
     demo: DemoOptions = DemoOptions()
+    env: EnvOptions = EnvOptions()
+    ema: EmaOptions = EmaOptions()
     output_dir: str = "runs/train"
     """Run folder: checkpoints/, metrics.jsonl, tensorboard/, train_config.json."""
     steps: int = 30_000
@@ -175,8 +275,16 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer update."""
     seed: int = 1000
-    resume: bool = False
-    """Continue the run in output_dir from checkpoints/last (same adapter, optimizer, scheduler, RNG, data order)."""
+    resume: Annotated[bool | Literal["auto"], _RESUME_FLAG] = False
+    """Continue the run in output_dir from checkpoints/last (same adapter, optimizer, scheduler, RNG, data order).
+    `--resume auto`: continue when checkpoints/last exists, else start fresh (one command line for every requeue)."""
+    overwrite: bool = False
+    """Start a new run in an output_dir that already holds one: the old run is moved aside (renamed), never deleted."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient: stop the run naming the step (the last good checkpoint stays) or skip the update."""
+    log_with: tuple[str, ...] = ("tensorboard",)
+    """Experiment trackers through Accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, ... or none.
+    metrics.jsonl is always written. wandb needs the package and a login (or WANDB_MODE=offline)."""
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     """Autocast precision; None: bf16/fp16 autocast for a bf16/fp16 --policy.dtype, else the accelerate config's."""
     log_every: int = 10
@@ -213,6 +321,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.keep_last >= 1, f"--checkpoint.keep-last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
+        (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -229,24 +338,72 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.demo.enabled:
         if cfg.policy.path is None:
             raise ConfigError("--policy.path is required: a LeRobot-format policy folder or a Hub id")
-        if cfg.dataset.root is None and cfg.dataset.repo_id is None:
+        if not cfg.dataset.roots and cfg.dataset.repo_id is None:
             raise ConfigError("give the dataset with --dataset.root (a local folder) or --dataset.repo-id (Hub id)")
-        if cfg.dataset.root is not None and not (Path(cfg.dataset.root) / "meta" / "info.json").is_file():
-            what = "does not exist" if not Path(cfg.dataset.root).exists() else "has no meta/info.json"
-            raise ConfigError(f"--dataset.root {cfg.dataset.root} {what}: it must be a LeRobotDataset v3.0 folder")
-    if cfg.resume and not (cfg.checkpoints_dir / "last").exists():
-        raise ConfigError(f"--resume: no checkpoint at {cfg.checkpoints_dir / 'last'}; start without --resume")
+    from finetune.data.multi import check_data_options
+
+    check_data_options(cfg.dataset)  # --dataset.root entries, episodes, weights, renames
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"--output-dir {cfg.output_dir} is an existing file, not a folder; pass a folder path "
+                          "(it is created if missing)")
+    if cfg.resume is True and not (cfg.checkpoints_dir / "last").exists():
+        raise ConfigError(f"--resume: no checkpoint at {cfg.checkpoints_dir / 'last'}; start without --resume "
+                          "(or use --resume auto, which starts fresh when there is none)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run, or move it aside and start "
+                          "a new one")
+    unknown = sorted(set(cfg.log_with) - set(TRACKERS) - {"none"})
+    if unknown:
+        raise ConfigError(f"unknown --log-with {' '.join(unknown)}; choose from {' '.join(TRACKERS)} or none")
+
+
+# Experiment trackers Accelerate integrates (accelerate.tracking); metrics.jsonl is always written beside them.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+# Fields that may differ between a run and its resumption: how long it runs, what it reports and keeps, where it
+# pushes, how data is read. Every other field changes the training trajectory, so resume refuses a difference.
+RESUMABLE_CHANGES = frozenset({
+    "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
+    "checkpoint.every", "checkpoint.keep_last", "dataset.num_workers", "dataset.video_cache_mb",
+    "policy.repo_id", "policy.merged_repo_id", "demo.rollout_episodes", "demo.assets_dir", "nonfinite",
+    "ema.use_for_eval",
+})
+
+
+def flat_fields(cfg: TrainConfig) -> dict[str, object]:
+    """`{"peft.r": 64, "steps": 30000, ...}`: every leaf field by its dotted name."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, obj) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(f"{prefix}{f.name}.", value)
+            else:
+                out[prefix + f.name] = list(value) if isinstance(value, tuple) else value
+
+    walk("", cfg)
+    return out
+
+
+def trajectory_changes(saved: TrainConfig, new: TrainConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """Fields whose change would make a resumed run train differently from the saved one, as `--flag: old -> new`."""
+    old, cur = flat_fields(saved), flat_fields(new)
+    return [f"--{name.replace('_', '-')}: {old.get(name)!r} -> {cur.get(name)!r}" for name in sorted(cur)
+            if name not in RESUMABLE_CHANGES and name not in ignore and old.get(name) != cur.get(name)]
 
 
 # --- presets ----------------------------------------------------------------------------------------------------------
 
 SMOLVLA_LORA = TrainConfig(
     policy=PolicyOptions(path="lerobot/smolvla_base"),
-    # LeRobot's SmolVLA LoRA recipe: r 64 on the expert's q/v and the action/state projections.
+    # LeRobot's SmolVLA LoRA recipe: r 64 on the expert's q/v and the action/state projections; its PEFT guide's
+    # command (lr 1e-3 -> 1e-4, batch 32, 50k steps) on SmolVLAConfig's schedule (1000 warmup, cosine over 30k).
     peft=PeftOptions(method="LORA", r=64, lora_alpha=64),
-    optim=OptimOptions(lr=1e-3, betas=(0.9, 0.95), decay_lr=1e-4, warmup_steps=1000, grad_clip_norm=10.0),
+    optim=OptimOptions(lr=1e-3, betas=(0.9, 0.95), decay_lr=1e-4, warmup_steps=1000, decay_steps=30_000,
+                       grad_clip_norm=10.0),
     output_dir="runs/smolvla_lora",
-    steps=20_000,
+    steps=50_000,
     batch_size=32,
 )
 
@@ -308,11 +465,24 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 
 
 def cli(args: Sequence[str] | None = None, console_outputs: bool = True) -> TrainConfig:
-    """Parse `<preset> [--flags]` into a TrainConfig."""
-    return tyro.extras.overridable_config_cli(
-        PRESETS, args=args, use_underscores=False, console_outputs=console_outputs,
-        description="Fine-tune a VLA policy with PEFT adapters.",
-    )
+    """Parse `<preset> [--flags]` into a TrainConfig. LeRobot's `lerobot-train` flags and `--config_path` are
+    translated first (finetune/lerobot_cli.py), each translation printed once as a notice."""
+    import sys
+
+    from finetune.lerobot_cli import LeRobotFlagError, field_kinds, translate_args
+
+    try:
+        translation = translate_args(sys.argv[1:] if args is None else args, field_kinds(TrainConfig), list(PRESETS))
+        cfg = translation.apply(tyro.extras.overridable_config_cli(
+            PRESETS, args=translation.args, use_underscores=False, console_outputs=console_outputs,
+            description="Fine-tune a VLA policy with PEFT adapters.",
+        ))
+        if console_outputs:
+            print("\n".join(translation.notices), end="\n" if translation.notices else "")
+        return cfg
+    except LeRobotFlagError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def to_dict(cfg: TrainConfig) -> dict:

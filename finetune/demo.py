@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -56,15 +57,18 @@ TINY_VLM = {
 POSITION_EMBEDDING_INIT_STD = 1.0
 
 
-def train_tokenizer(folder: Path, vocab_size: int = 512) -> Path:
-    """A byte-level BPE tokenizer trained on the demo's instructions, saved for AutoTokenizer."""
+def train_tokenizer(folder: Path, vocab_size: int = 512, corpus: Sequence[str] | None = None) -> Path:
+    """A byte-level BPE tokenizer trained on the demo's instructions (or `corpus`), saved for AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = [instruction(c) + "\n" for c in COLORS] * 20 + ["pick place push move the ball cube to red"]
+    if corpus is None:
+        corpus = [instruction(c) + "\n" for c in COLORS] * 20 + ["pick place push move the ball cube to red"]
+    else:
+        corpus = [line + "\n" for line in corpus] * 20
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
@@ -121,6 +125,7 @@ def prepare_demo(cfg: TrainConfig, accelerator: Accelerator, run_training) -> Tr
         init = assets / "initial_policy"
         if accelerator.is_main_process:
             make_initial_policy(init, load_dataset_meta(pretrain_ds), seed=cfg.seed)
+            shutil.rmtree(assets / "pretrain_run", ignore_errors=True)  # an interrupted attempt starts over
         accelerator.wait_for_everyone()
         accelerator.print(f"demo: pretraining the base policy in full for {d.pretrain_steps} steps")
         pretrain = TrainConfig(
@@ -168,3 +173,25 @@ def export_base(checkpoint: Path, init: Path, base: Path) -> None:
     (tmp / "demo.json").write_text(json.dumps({"pretrained_from": str(checkpoint)}, indent=2) + "\n")
     shutil.rmtree(base, ignore_errors=True)
     tmp.rename(base)
+
+
+def report_closed_loop(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """The demo's last step: the base (the run's step 0) and the fine-tuned policy on the same seeded episodes of the
+    new colors; prints the success rates and writes closed_loop.json, rollout GIFs and metrics.png to output_dir/eval.
+    """
+    from .eval import closed_loop, settings_from_dataset, success_line  # evaluation code, not training's
+    from .predict import Predictor
+
+    n = cfg.demo.rollout_episodes
+    if n <= 0:
+        return {}
+    settings = settings_from_dataset(cfg.dataset.roots[0], cfg.demo.finetune_colors, episodes=n, seed=0)
+    checkpoint = summary["checkpoint"]
+    predictors = {"before": Predictor.from_checkpoint(checkpoint, cfg.policy.path, use_trained_weights=False),
+                  "after": Predictor.from_checkpoint(checkpoint, cfg.policy.path)}
+    out_dir = Path(cfg.output_dir) / "eval"
+    result = closed_loop(predictors, settings, out_dir, Path(cfg.output_dir), checkpoint)
+    summary.update(success_before=result["before"]["success_rate"], success_after=result["after"]["success_rate"])
+    print(success_line(result))
+    print(f"rollout GIFs and metrics plot in {out_dir}")
+    return result

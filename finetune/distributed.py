@@ -261,3 +261,37 @@ def dump_rank_view(accelerator: Accelerator, model: nn.Module, folder: Path, ste
     save_file(tensors, str(folder / f"rank{rank}.safetensors"))
     info = {"rank": rank, "step": step, **describe(accelerator)}
     (folder / f"rank{rank}.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
+    """Multi-node runs need an --output-dir every node sees (each rank writes its part of the training state, and a
+    resume on any node reads all of them): rank 0 writes a token there and every rank must read it back. Checked at
+    start on every multi-process run; all ranks raise together."""
+    import socket
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    if accelerator.num_processes == 1:
+        return
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token, from_process=0)
+    probe = output_dir / f".shared-check-{token[0]}"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    accelerator.wait_for_everyone()
+    try:
+        sees = probe.read_text() == token[0]
+    except OSError:
+        sees = False
+    views = gather_object([(accelerator.process_index, socket.gethostname(), sees)])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, host, ok in views if not ok]
+    if blind:
+        raise ConfigError(
+            f"--output-dir {output_dir} is not shared by all processes: {', '.join(blind)} cannot see what rank 0 "
+            "writes there. Multi-node runs need an --output-dir on a filesystem every node mounts at the same path "
+            "(NFS, Lustre, ...): each rank writes its part of the training state and a resume reads them all")

@@ -1,6 +1,8 @@
 """Does the fine-tune help? Offline action errors on held-out episodes, and closed-loop rollouts in simulation.
 
     finetune-eval --checkpoint runs/my_task/checkpoints/last [--dataset-root DIR] [--rollout-episodes 50]
+    finetune-eval --checkpoint POLICY --env metaworld --tasks push-v3,reach-v3 --episodes 50
+    finetune-eval --checkpoint POLICY --env libero --suite libero_spatial
 
 Offline: action MSE and L1 per dimension (robot units), per position in the chunk and per chunk, on the episodes the
 run held out (the last --dataset.eval-episodes). Closed loop, for the synthetic reach task (finetune.envs): N seeded
@@ -25,6 +27,7 @@ import torch
 import tyro
 
 from .data import COLORS, LeRobotDataset, load_dataset_meta
+from .data.multi import parse_episodes, split_selection
 from .envs import ReachEnv
 from .metrics import read_metrics
 from .policies.base import ACTION, OBS_STATE
@@ -41,11 +44,14 @@ def heldout_episodes(checkpoint: Path, total: int) -> list[int]:
     """The episodes the run held out (its last --dataset.eval-episodes); all of them when it held none out."""
     train_cfg = read_train_config(checkpoint)
     n = train_cfg.dataset.eval_episodes if train_cfg is not None else 0
-    if n <= 0 or n >= total:
+    # the selection of the run's first dataset (the one finetune-eval reads by default)
+    selected = (parse_episodes(train_cfg.dataset.episodes or (), max(len(train_cfg.dataset.roots), 1))[0]
+                if train_cfg is not None else None)
+    if n <= 0 or n >= len(selected or range(total)):
         print(f"eval: the run held no episodes out; evaluating on all {total} (they may include training data)",
               file=sys.stderr)
         return list(range(total))
-    return list(range(total - n, total))
+    return split_selection(range(total), selected, n)[1]  # the last n of the run's --dataset.episodes selection
 
 
 @torch.no_grad()
@@ -98,6 +104,17 @@ def offline_metrics(predictor: Predictor, dataset_root: str | Path, episodes: Se
 
 
 # --- closed loop ------------------------------------------------------------------------------------------------------
+
+def predictor_policy(predictor: Predictor, seed: int = 0):
+    """A Predictor as the rollout loop's batched policy: (observations, instructions) -> (B, chunk, action_dim) actions
+    in robot units; the sampling noise comes from one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def act(observations: list[dict[str, np.ndarray]], tasks: list[str]) -> np.ndarray:
+        return predictor.predict_batch([{**o, "task": t} for o, t in zip(observations, tasks)], generator)
+
+    return act
+
 
 @dataclass(frozen=True)
 class RolloutSettings:
@@ -317,7 +334,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     else:  # the run folder's eval/, or beside a folder that is not in a run
         out_dir = run_dir / "eval" if run_dir is not None else checkpoint.with_name(checkpoint.name + "_eval")
     train_cfg = read_train_config(checkpoint)
-    dataset_root = cfg.dataset_root or (train_cfg.dataset.root if train_cfg else None)
+    dataset_root = cfg.dataset_root or (train_cfg.dataset.roots[0] if train_cfg and train_cfg.dataset.roots else None)
     if dataset_root is None:
         raise ValueError("no dataset: pass --dataset-root (the checkpoint's train_config.json names none)")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps)
@@ -359,30 +376,194 @@ def success_line(result: dict[str, Any]) -> str:
             + " -> ".join(parts))
 
 
-def demo_closed_loop_report(cfg, summary: dict[str, Any]) -> dict[str, Any]:
-    """The demo's last step: the base (the run's step 0) and the fine-tuned policy on the same seeded episodes of the
-    new colors; prints the success rates and writes closed_loop.json, rollout GIFs and metrics.png to output_dir/eval.
-    """
-    n = cfg.demo.rollout_episodes
-    if n <= 0:
-        return {}
-    settings = settings_from_dataset(cfg.dataset.root, cfg.demo.finetune_colors, episodes=n, seed=0)
-    checkpoint = summary["checkpoint"]
-    predictors = {"before": Predictor.from_checkpoint(checkpoint, cfg.policy.path, use_trained_weights=False),
-                  "after": Predictor.from_checkpoint(checkpoint, cfg.policy.path)}
-    out_dir = Path(cfg.output_dir) / "eval"
-    result = closed_loop(predictors, settings, out_dir, Path(cfg.output_dir), checkpoint)
-    summary.update(success_before=result["before"]["success_rate"], success_after=result["after"]["success_rate"])
-    print(success_line(result))
-    print(f"rollout GIFs and metrics plot in {out_dir}")
-    return result
+# --- closed loop in a simulator (Meta-World, LIBERO) for any policy --------------------------------------------------
+
+SIM_RESULTS_FILE = "sim_eval.json"
+
+
+@dataclass(frozen=True)
+class SimEvalConfig:
+    checkpoint: str
+    """Adapter checkpoint, merged folder, or any LeRobot-format policy folder with normalization stats."""
+    env: str = "metaworld"
+    """Simulator: metaworld or libero (reach: the synthetic task, evaluated by the dataset-based command)."""
+    tasks: str = ""
+    """Meta-World tasks, comma-separated, or a set (MT10, ML10_train, ML10_test, MT50)."""
+    suite: str | None = None
+    """LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10, libero_90), or <suite>:<task index>."""
+    episodes: int = 50
+    """Seeded episodes per task (episode i resets with seed + i)."""
+    seed: int = 0
+    base: str | None = None
+    """Base policy for an adapter checkpoint; default: the one in its train_config.json."""
+    n_action_steps: int | None = None
+    """Actions executed per predicted chunk before predicting again; default: the policy config's."""
+    max_steps: int | None = None
+    """Episode step limit; default: the env's (Meta-World 200, LIBERO per suite)."""
+    image_size: int | None = None
+    """Rendered camera size; default: the policy's input image size."""
+    cameras: tuple[str, ...] | None = None
+    """Meta-World cameras to render; default: the ones the policy's observation.images.<camera> keys name."""
+    state: str | None = None
+    """Meta-World observation.state kind (agent 4, objects 21, full 39 values); default: the policy's state size's."""
+    num_envs: int = 10
+    """Envs stepped in lockstep, with one batched policy call for all that need a new chunk."""
+    video_episodes: int = 1
+    """Episodes per task recorded to videos/<task>.mp4."""
+    num_steps: int | None = None
+    """Denoising steps; default: the policy's."""
+    tokenizer_path: str | None = None
+    output_dir: str | None = None
+    """Where results go; default: <run folder>/eval_<env>, or beside the policy folder."""
+    device: str | None = None
+
+
+def sim_env_kwargs(cfg: SimEvalConfig, predictor: Predictor) -> tuple[dict[str, Any], int]:
+    """Env options that match the policy (cameras, state kind, image size) unless the flags say otherwise."""
+    inverse = {v: k for k, v in predictor.processor.rename_map.items()}
+    keys = [inverse.get(c, c) for c in predictor.cameras]
+    shape = predictor.config.input_features[predictor.cameras[0]]["shape"] if predictor.cameras else [3, 128, 128]
+    image_size = cfg.image_size or int(shape[-1])
+    if cfg.env != "metaworld":
+        return {}, image_size
+    from .envs.metaworld import CAMERAS, DEFAULT_CAMERAS, STATE_KINDS
+
+    named = [k.removeprefix("observation.images.") for k in keys]
+    cameras = cfg.cameras or tuple(c for c in named if c in CAMERAS) or DEFAULT_CAMERAS
+    by_size = {n: kind for kind, n in STATE_KINDS.items()}
+    state = cfg.state or by_size.get(predictor.config.state_dim, "agent")
+    return {"cameras": cameras, "state": state, **({"max_steps": cfg.max_steps} if cfg.max_steps else {})}, image_size
+
+
+def check_policy_on_env(predictor: Predictor, env_type: str, task: str, image_size: int, env_kwargs: dict) -> None:
+    """Build one env and compare its cameras, state and action sizes with the policy's (one-line error if not)."""
+    from .envs import make_env
+    from .envs.rollout import check_policy_fits_env
+
+    inverse = {v: k for k, v in predictor.processor.rename_map.items()}
+    env = make_env(env_type, task, image_size=image_size, **env_kwargs)
+    try:
+        check_policy_fits_env(env, [inverse.get(c, c) for c in predictor.cameras], predictor.config.state_dim,
+                              predictor.action_dim)
+    finally:
+        env.close()
+
+
+def save_video(frames: list[np.ndarray], path: Path, fps: int = 30) -> Path | None:
+    """The recorded episodes one after another as an mp4 (H.264 where this PyAV build has it)."""
+    from .data.video import encode_video
+
+    if not frames:
+        return None
+    encode_video(np.concatenate(frames), path, fps, codec="libx264")
+    return path
+
+
+def plot_success(result: dict[str, Any], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(result["per_task"])
+    rates = [100 * result["per_task"][t]["success_rate"] for t in tasks]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(tasks) + 1.5), 3.6))
+    bars = ax.bar(range(len(tasks)), rates, color="#2a7ab9")
+    ax.bar_label(bars, fmt="%.0f%%")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("success (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def success_table(result: dict[str, Any]) -> str:
+    width = max(len(t) for t in result["per_task"]) + 2
+    lines = [f"{'task':<{width}}{'success':>8}{'episodes':>10}{'mean steps':>12}"]
+    for task, r in result["per_task"].items():
+        lines.append(f"{task:<{width}}{100 * r['success_rate']:>7.0f}%{r['episodes']:>10}{r['mean_steps']:>12.1f}")
+    lines.append(f"{'mean':<{width}}{100 * result['success_rate']:>7.0f}%")
+    return "\n".join(lines)
+
+
+def evaluate_in_sim(cfg: SimEvalConfig) -> dict[str, Any]:
+    """Seeded closed-loop episodes per task; writes sim_eval.json, success.png and videos/<task>.mp4."""
+    from .envs import check_env, default_tasks
+    from .envs.rollout import run_closed_loop
+
+    spec = cfg.suite if cfg.env == "libero" else cfg.tasks
+    if cfg.env == "metaworld" and not cfg.tasks:
+        raise ValueError("--tasks is empty: name Meta-World tasks (push-v3,reach-v3) or a set (MT10, ML10_test)")
+    if cfg.env == "libero" and not cfg.suite:
+        raise ValueError("--suite is empty: name a LIBERO suite (libero_spatial, libero_object, libero_goal, "
+                         "libero_10) or <suite>:<task index>")
+    if cfg.episodes < 1:
+        raise ValueError(f"--episodes must be at least 1, got {cfg.episodes}")
+    check_env(cfg.env)  # unknown env or missing extra: say so before loading a policy
+    tasks = default_tasks(cfg.env, spec)
+    predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps,
+                                          tokenizer_path=cfg.tokenizer_path)
+    env_kwargs, image_size = sim_env_kwargs(cfg, predictor)
+    check_policy_on_env(predictor, cfg.env, tasks[0], image_size, env_kwargs)
+    k = cfg.n_action_steps or getattr(predictor.config, "n_action_steps", None) or predictor.chunk_size
+    k = max(1, min(k, predictor.chunk_size))
+    folder = Path(cfg.checkpoint).resolve()
+    run_dir = run_dir_of(folder)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else (
+        run_dir / f"eval_{cfg.env}" if run_dir is not None else folder.with_name(f"{folder.name}_eval_{cfg.env}"))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=cfg.episodes * len(tasks), desc=f"{cfg.env} episodes", unit="episode", file=sys.stderr) as bar:
+        result = run_closed_loop(predictor_policy(predictor, cfg.seed), cfg.env, tasks, cfg.episodes, seed=cfg.seed,
+                                 n_action_steps=k, image_size=image_size, max_steps=None,
+                                 record_video_episodes=cfg.video_episodes, batched=True, num_envs=cfg.num_envs,
+                                 env_kwargs=env_kwargs, progress=bar.update)
+    frames = result.pop("frames")
+    videos = {}
+    for task, episodes in frames.items():
+        path = save_video(episodes, out_dir / "videos" / f"{task.replace(':', '_')}.mp4")
+        if path is not None:
+            videos[task] = str(path.relative_to(out_dir))
+    summary = {**result, "env": cfg.env, "tasks": tasks, "checkpoint": str(cfg.checkpoint), "seed": cfg.seed,
+               "n_action_steps": k, "image_size": image_size, "env_options": env_kwargs, "videos": videos}
+    write_json(out_dir / SIM_RESULTS_FILE, summary)
+    plot_success(result, out_dir / "success.png", f"{cfg.env}: {Path(cfg.checkpoint).name}, {cfg.episodes} seeded "
+                                                   "episodes per task")
+    print(success_table(result))
+    print(f"eval results in {out_dir}")
+    return summary
+
+
+def _env_flag(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--env="):
+            return arg.split("=", 1)[1]
+        if arg == "--env" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = tyro.cli(EvalConfig, args=argv, description="Offline and closed-loop evaluation of a trained policy.")
+    """`--env metaworld|libero`: closed loop in that simulator; otherwise (or `--env reach`) the dataset-based
+    evaluation: offline metrics and rollouts in the synthetic reach task."""
+    from .envs import EnvUnavailable
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = _env_flag(argv)
     try:
+        if env is not None and env != "reach":
+            sim_cfg = tyro.cli(SimEvalConfig, args=argv, description="Closed-loop evaluation in a simulator.")
+            return evaluate_in_sim(sim_cfg)
+        if env == "reach":
+            i = argv.index("--env") if "--env" in argv else argv.index("--env=reach")
+            del argv[i : i + (2 if argv[i] == "--env" else 1)]
+        cfg = tyro.cli(EvalConfig, args=argv, description="Offline and closed-loop evaluation of a trained policy.")
         return evaluate(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, EnvUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

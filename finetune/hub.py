@@ -56,11 +56,20 @@ def load_tokenizer(policy_dir: Path | None, tokenizer_path: str | None, vlm_mode
     for source, location in candidates:
         try:
             folder = resolve_repo(location, "model", f"tokenizer ({source})")
+        except FileNotFoundError:
+            if source == "the VLM's Hub id":
+                raise FileNotFoundError(
+                    f"no tokenizer: the VLM's tokenizer {location!r} is neither a local folder nor in the Hugging Face "
+                    f"cache{' (offline)' if is_offline() else ' and the Hub could not be reached'}, and the policy "
+                    f"folder {policy_dir} has none ({' and '.join(TOKENIZER_FILES)}); copy the tokenizer files into "
+                    "the policy folder or pass --policy.tokenizer-path FOLDER") from None
+            raise
+        try:
             return AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
-                f"could not load the tokenizer from {source} ({location}): {err}. A tokenizer folder needs "
-                f"{' and '.join(TOKENIZER_FILES)}; pass one with --policy.tokenizer-path."
+                f"could not load the tokenizer from {source} ({location}): {str(err).splitlines()[0]}. A tokenizer "
+                f"folder needs {' and '.join(TOKENIZER_FILES)}; pass one with --policy.tokenizer-path."
             ) from None
     raise FileNotFoundError(
         f"no tokenizer: the policy folder {policy_dir} has none of {TOKENIZER_FILES} and no VLM name is set; "

@@ -68,8 +68,11 @@ def pipeline_steps(config: PolicyConfig, rename_map: Mapping[str, str], tokenize
                _tokenizer_step(config, tokenizer_name, getattr(config, "pad_language_to", "longest")), device,
                normalize]
         return pre, [unnormalize, to_cpu]
-    relative = _step("relative_actions_processor", {"enabled": False, "exclude_joints": [], "action_names": None})
-    absolute = _step("absolute_actions_processor", {"enabled": False})
+    enabled = bool(getattr(config, "use_relative_actions", False))
+    relative = _step("relative_actions_processor", {
+        "enabled": enabled, "exclude_joints": list(getattr(config, "relative_exclude_joints", []) if enabled else []),
+        "action_names": getattr(config, "action_feature_names", None) if enabled else None})
+    absolute = _step("absolute_actions_processor", {"enabled": enabled})
     if config.type == "pi0":
         pre = [rename, batch, _step("pi0_new_line_processor"), _tokenizer_step(config, tokenizer_name, "max_length"),
                device, relative, normalize]

@@ -13,6 +13,7 @@ from torch import nn
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, quantize_and_attach
 from .config import PeftOptions, QuantOptions, TrainConfig
+from .ema import weights_folder
 from .hub import resolve_repo
 from .model_card import read_train_config
 from .policies import load_policy, load_policy_config
@@ -81,13 +82,14 @@ def quant_label(train_cfg: TrainConfig | None) -> str | None:
 
 
 def load_trained_policy(checkpoint: Path, base: str | None, device: torch.device, dtype: torch.dtype,
-                        use_trained_weights: bool = True) -> tuple[nn.Module, Path]:
+                        use_trained_weights: bool = True, use_ema: bool | None = None) -> tuple[nn.Module, Path]:
     """The policy a checkpoint describes, ready to predict, and the folder its tokenizer comes from.
 
     An adapter goes onto its base (`base`, or the one in train_config.json) through the same quantize-and-attach path
     as training: on a quantized base as trained, else merged into the full-precision base (same function, no adapter
     overhead). A full policy folder loads as it is. `use_trained_weights=False` gives the run's starting point (the
-    base with the checkpoint's config).
+    base with the checkpoint's config). `use_ema`: the checkpoint's EMA weights (ema/) when it has them (None),
+    always (True), never (False).
     """
     if not use_trained_weights or checkpoint_kind(checkpoint) == "adapter":
         base_dir = resolve_base(checkpoint, base)
@@ -97,6 +99,7 @@ def load_trained_policy(checkpoint: Path, base: str | None, device: torch.device
         train_cfg = read_train_config(checkpoint)
         quant = train_cfg.quant if train_cfg is not None else QuantOptions()
         peft = train_cfg.peft if train_cfg is not None else PeftOptions()
-        model = quantize_and_attach(policy, quant, peft, device, adapter_dir=checkpoint, trainable=False)
+        model = quantize_and_attach(policy, quant, peft, device, adapter_dir=weights_folder(checkpoint, use_ema),
+                                    trainable=False)
         return (model if quant.enabled else model.merge_and_unload()), base_dir
-    return load_policy(checkpoint, dtype=dtype), checkpoint
+    return load_policy(weights_folder(checkpoint, use_ema), dtype=dtype), checkpoint

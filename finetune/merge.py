@@ -35,6 +35,7 @@ from .adapters import (  # noqa: F401  (check_adapter_fits re-exported: merge's 
     quantize_base,
 )
 from .config import ConfigError, TrainConfig
+from .ema import weights_folder
 from .hub import load_tokenizer
 from .lerobot_processor import TOKENIZER_ARTIFACT, write_processor_files
 from .loading import (  # noqa: F401  (re-exported: merge's public names before loading.py existed)
@@ -72,6 +73,8 @@ class MergeConfig:
     original full-precision weights."""
     push_to: str | None = None
     """Also upload the merged folder to this Hub model repo (needs network and a login)."""
+    use_ema: bool | None = None
+    """Merge the checkpoint's EMA weights (ema/): default when it has them; False for the last trained weights."""
 
 
 # --- loading --------------------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def dequantize_as_trained(policy: nn.Module, train_cfg: TrainConfig) -> nn.Modul
     return dequantize_policy(policy, torch.float32).to("cpu")
 
 
-def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequantized"
+def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequantized", use_ema: bool | None = None
                        ) -> tuple[nn.Module, list[str]]:
     """Base (full precision) + adapter, merged: a plain policy module. Returns it and what was done, for the card."""
     train_cfg = read_train_config(checkpoint)
@@ -104,7 +107,7 @@ def load_merged_policy(checkpoint: Path, base_dir: Path, quant_base: str = "dequ
                        "(not the quantized ones it was trained on), as --quant-base original asks")
         print(f"merge: {message}", file=sys.stderr)
         notes.append(message)
-    model = attach_adapter(policy, checkpoint, trainable=False)
+    model = attach_adapter(policy, weights_folder(checkpoint, use_ema), trainable=False)
     try:
         merged = model.merge_and_unload()
     except (NotImplementedError, ValueError, TypeError) as err:
@@ -171,7 +174,7 @@ def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config
 
 def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: str | None = None,
                      tokenizer_path: str | None = None, dtype: str = "base",
-                     quant_base: str = "dequantized") -> Path:
+                     quant_base: str = "dequantized", use_ema: bool | None = None) -> Path:
     """Write base + adapter as one LeRobot-format policy folder; returns the folder."""
     checkpoint = Path(checkpoint).resolve()
     if checkpoint_kind(checkpoint) != "adapter":
@@ -181,7 +184,7 @@ def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: st
         raise MergeError(f"{checkpoint} has no {STATS_FILE}: without the normalization stats the merged policy "
                          "cannot map actions to robot units; copy the file from the run's checkpoint")
     base_dir = resolve_base(checkpoint, base)
-    merged, notes = load_merged_policy(checkpoint, base_dir, quant_base)
+    merged, notes = load_merged_policy(checkpoint, base_dir, quant_base, use_ema)
     state = state_dict_in_base_layout(merged, base_dir, dtype)
 
     out = Path(output_dir)
@@ -205,7 +208,7 @@ def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: st
     (tmp / "README.md").write_text(card)
     info = {"base": base_name, "base_folder": str(base_dir), "checkpoint": str(checkpoint),
             "quantized_base": quant_label(train_cfg), "quant_base": quant_base if quant_label(train_cfg) else None,
-            "dtype": dtype, "notes": notes}
+            "dtype": dtype, "notes": notes, "ema_weights": weights_folder(checkpoint, use_ema) != checkpoint}
     (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         check_can_push([cfg.push_to] if cfg.push_to else [], "--push-to")  # before the work, not after it
         out = merge_checkpoint(cfg.checkpoint, cfg.output_dir, base=cfg.base, tokenizer_path=cfg.tokenizer_path,
-                               dtype=cfg.dtype, quant_base=cfg.quant_base)
+                               dtype=cfg.dtype, quant_base=cfg.quant_base, use_ema=cfg.use_ema)
     except (MergeError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -100,7 +100,7 @@ def model_card(*, kind: str, policy_config: dict[str, Any], train_cfg: TrainConf
     base_name = base or (train_cfg.policy.path if train_cfg else None) or "unknown"
     dataset = None
     if train_cfg is not None:
-        dataset = train_cfg.dataset.repo_id if train_cfg.dataset.root is None else train_cfg.dataset.root
+        dataset = " + ".join(train_cfg.dataset.roots) if train_cfg.dataset.roots else train_cfg.dataset.repo_id
     header = ["---", "library_name: lerobot" if kind == "merged" else "library_name: peft", "pipeline_tag: robotics",
               "tags:", "- lerobot", "- robotics", f"- {policy_type}"]
     if adapter_config:

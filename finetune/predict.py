@@ -32,6 +32,7 @@ from .model_card import read_train_config
 from .policies.base import OBS_STATE, TASK, PolicyConfig
 from .policies.common import DTYPES
 from .processor import STATS_FILE, PolicyProcessor, load_stats
+from .relative_actions import RAW_STATE
 
 
 class ObservationError(ValueError):
@@ -81,19 +82,20 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, base: str | None = None, *, device: str | None = None,
                         dtype: str = "float32", num_steps: int | None = None, tokenizer_path: str | None = None,
-                        use_trained_weights: bool = True) -> Predictor:
+                        use_trained_weights: bool = True, use_ema: bool | None = None) -> Predictor:
         """Load an adapter checkpoint (on its base: `base`, or the one in its train_config.json) or a full policy
         folder (a merged export, a FULL run's checkpoint, a LeRobot policy folder with stats).
 
         `use_trained_weights=False` gives the run's starting point instead: the base's weights with the checkpoint's
-        config and normalization stats (the policy at step 0, the "before" of a fine-tune).
+        config and normalization stats (the policy at step 0, the "before" of a fine-tune). `use_ema`: the checkpoint's
+        EMA weights (ema/) when it has them (None, the default), always (True), never (False).
         """
         folder = resolve_repo(str(checkpoint), "model", "checkpoint")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         train_cfg = read_train_config(folder)
         stats = load_normalization_stats(folder)
         policy, tokenizer_dir = load_trained_policy(folder, base, torch.device(device), DTYPES[dtype],
-                                                    use_trained_weights)
+                                                    use_trained_weights, use_ema)
         config = policy.config
         if num_steps is not None:
             config.num_steps = num_steps
@@ -162,7 +164,9 @@ class Predictor:
         """(B, chunk_size, action_dim) actions in robot units for B observations."""
         batch = self.batch(observations)
         normalized = self.policy.predict_action_chunk(batch, noise=self.noise(len(observations), generator))
-        return self.processor.unnormalize_actions(normalized.float().cpu()).numpy()
+        state = batch.get(RAW_STATE)  # relative-action policies: add the state back
+        return self.processor.unnormalize_actions(normalized.float().cpu(),
+                                                  None if state is None else state.cpu()).numpy()
 
     def __call__(self, observation: Mapping[str, Any], generator: torch.Generator | None = None) -> np.ndarray:
         """(chunk_size, action_dim) actions in robot units for one observation."""
@@ -190,12 +194,15 @@ class PredictConfig:
     num_steps: int | None = None
     """Denoising steps (default: the policy's)."""
     device: str | None = None
+    use_ema: bool | None = None
+    """Use the checkpoint's EMA weights (ema/): default when it has them; False for the last trained weights."""
 
 
 def predict_on_dataset(cfg: PredictConfig) -> dict[str, np.ndarray]:
     from .data import LeRobotDataset, load_dataset_meta
 
-    predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps)
+    predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps,
+                                          use_ema=cfg.use_ema)
     meta = load_dataset_meta(cfg.dataset_root)
     episode = cfg.episode if cfg.episode is not None else meta.episodes[-1]["episode_index"]
     dataset = LeRobotDataset(cfg.dataset_root, predictor.chunk_size, episodes=[episode])

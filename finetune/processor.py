@@ -15,7 +15,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .policies.base import ACTION, ACTION_IS_PAD, LANG_MASK, LANG_TOKENS, OBS_STATE, TASK, PolicyConfig
+from .policies.base import (
+    ACTION,
+    ACTION_IS_PAD,
+    LANG_MASK,
+    LANG_TOKENS,
+    OBS_IMAGES_PREFIX,
+    OBS_STATE,
+    TASK,
+    PolicyConfig,
+)
+from .relative_actions import RAW_STATE, config_mask, to_absolute, to_relative, uses_relative_actions
 
 STATS_FILE = "normalization_stats.safetensors"
 EPS = 1e-8
@@ -88,6 +98,20 @@ def load_stats(folder: str | Path) -> dict[str, dict[str, Tensor]]:
     return out
 
 
+def image_keys(batch: Mapping[str, Any]) -> list[str]:
+    """The camera images of a batch (tensors under observation.images.*), in a fixed order."""
+    return sorted(k for k, v in batch.items() if k.startswith(OBS_IMAGES_PREFIX) and isinstance(v, Tensor))
+
+
+def images_to_float(batch: dict[str, Any]) -> dict[str, Any]:
+    """uint8 camera images (as the training DataLoader carries them, 4x fewer bytes) -> float32 in [0, 1], on
+    whatever device they are; float images pass unchanged. The policy resizes and scales them to [-1, 1] itself."""
+    for key in image_keys(batch):
+        if batch[key].dtype == torch.uint8:
+            batch[key] = batch[key].float().div_(255)
+    return batch
+
+
 class PolicyProcessor:
     """Turns dataset samples into policy batches (a DataLoader collate_fn) and policy actions into robot units."""
 
@@ -127,6 +151,10 @@ class PolicyProcessor:
         expected = self.config.state_dim
         if batch[OBS_STATE].shape[-1] != expected:
             raise ValueError(f"state has {batch[OBS_STATE].shape[-1]} dims, the policy expects {expected}")
+        if uses_relative_actions(self.config):  # the policy sees actions minus the chunk's first state
+            batch[RAW_STATE] = batch[OBS_STATE].float()
+            if ACTION in batch:
+                batch[ACTION] = to_relative(batch[ACTION].float(), batch[RAW_STATE], config_mask(self.config))
         batch[OBS_STATE] = self.normalizer.normalize(OBS_STATE, batch[OBS_STATE].float())
         if ACTION in batch:
             batch[ACTION] = self.normalizer.normalize(ACTION, batch[ACTION].float())
@@ -136,5 +164,12 @@ class PolicyProcessor:
         batch.update(self.tokenize(list(tasks), batch[OBS_STATE]))  # after normalization: pi0.5 bins it
         return batch
 
-    def unnormalize_actions(self, actions: Tensor) -> Tensor:
-        return self.normalizer.unnormalize(ACTION, actions)
+    def unnormalize_actions(self, actions: Tensor, state: Tensor | None = None) -> Tensor:
+        """Policy outputs in robot units; a relative-action policy needs the (unnormalized) state they start from."""
+        actions = self.normalizer.unnormalize(ACTION, actions)
+        if not uses_relative_actions(self.config):
+            return actions
+        if state is None:
+            raise ValueError("this policy predicts relative actions: pass the robot state (batch[RAW_STATE]) to make "
+                             "them absolute")
+        return to_absolute(actions, state, config_mask(self.config))

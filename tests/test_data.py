@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -159,7 +160,10 @@ def test_stats_match_the_data(video_ds, image_ds):
         np.testing.assert_allclose(meta.stats[key]["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(meta.stats[key]["std"], x.std(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(meta.stats[key]["min"], x.min(0))
-        np.testing.assert_allclose(meta.stats[key]["q50"], np.quantile(x, 0.5, axis=0), rtol=1e-5, atol=1e-6)
+        # LeRobot's 5000-bin histogram quantile: inside the bin of the value of rank ceil(0.5 n)
+        bin_width = float((x.max(0) - x.min(0)).max()) / 5000
+        ranked = np.sort(x, 0)[int(np.ceil(0.5 * len(x))) - 1]
+        np.testing.assert_allclose(meta.stats[key]["q50"], ranked, rtol=1e-5, atol=bin_width + 1e-6)
         assert meta.stats[key]["count"].tolist() == [EPISODES * LENGTH]
     # Camera stats are per channel in [0, 1], shaped (3, 1, 1), computed from the rendered frames.
     frames = np.stack(_all_images(image_ds)) / 255.0
@@ -256,10 +260,17 @@ def test_error_video_timestamps_off(video_ds, tmp_path):
     rows = pq.read_table(path).to_pylist()
     rows[5][f"videos/{CAM}/from_timestamp"] = 100.0
     pq.write_table(pa.Table.from_pylist(rows), path)
-    ds = LeRobotDataset(root, chunk_size=2)
-    assert ds[4 * LENGTH][CAM].shape == (3, 64, 64)
-    with pytest.raises(DatasetError, match=r"episode 5, frame 0: .*file-001.mp4: no frame within 0.0500s of t=100"):
-        ds[5 * LENGTH]
+    # Found when the dataset is built (the video's header says where it ends), not mid-run in a worker.
+    with pytest.raises(DatasetError, match=r"file-001.mp4: episode 5 needs 'observation.images.top' frames up to "
+                                           r"t=101.100s .*but the video ends at 2.300s \(24 frames at 10 fps\)"):
+        LeRobotDataset(root, chunk_size=2)
+    ds = LeRobotDataset(root, chunk_size=2, episodes=[4])
+    assert ds[0][CAM].shape == (3, 64, 64)
+    # A start before the video's first frame is still caught when the frame is read.
+    rows[5][f"videos/{CAM}/from_timestamp"] = -1.0
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DatasetError, match=r"episode 5, frame 0: .*file-001.mp4: no frame within 0.0500s of t=-1.0"):
+        LeRobotDataset(root, chunk_size=2, episodes=[5])[0]
 
 
 def test_error_unknown_key(video_ds):
@@ -331,3 +342,66 @@ def test_synthetic_writer_is_deterministic(tmp_path):
         make_synthetic_dataset(a, num_episodes=1, target_colors=["cyan"])
     with pytest.raises(ValueError, match="unknown target colors"):
         make_synthetic_dataset(tmp_path / "c", num_episodes=1, target_colors=["magenta"])
+
+
+# --- bad datasets through the training command: exit code 2, one line naming the file, the field and the fix -------
+
+
+def _train_error(policy_dir, root: Path, tmp_path: Path, capsys) -> str:
+    from helpers import train_args
+
+    from finetune import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(policy_dir, root, tmp_path / "run", "--steps", "1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_train_refuses_a_truncated_parquet_file(policy_dir, dataset_root, tmp_path, capsys):
+    root = _copy(dataset_root, tmp_path)
+    _truncate(root / "data/chunk-000/file-001.parquet")
+    line = _train_error(policy_dir, root, tmp_path, capsys)
+    assert re.fullmatch(r"error: \S+/data/chunk-000/file-001\.parquet: cannot read parquet \(.+\); the file is "
+                        r"truncated or not parquet, restore it from the dataset's source", line), line
+
+
+def test_train_refuses_a_truncated_video(policy_dir, dataset_root, tmp_path, capsys):
+    root = _copy(dataset_root, tmp_path)
+    _truncate(root / f"videos/{CAM}/chunk-000/file-000.mp4")
+    line = _train_error(policy_dir, root, tmp_path, capsys)
+    assert re.fullmatch(rf"error: \S+/videos/{CAM}/chunk-000/file-000\.mp4: cannot read video \(.+\); the file is "
+                        rf"truncated or not an mp4 \('{CAM}'\), restore it from the dataset's source", line), line
+
+
+def test_train_refuses_parquet_longer_than_its_video(policy_dir, dataset_root, tmp_path, capsys):
+    root = _copy(dataset_root, tmp_path)
+    video = root / f"videos/{CAM}/chunk-000/file-002.mp4"  # episodes 8 and 9, 16 frames each at 10 fps
+    frames, _ = decode_video(video)
+    encode_video(frames[:20], video, fps=10)
+    line = _train_error(policy_dir, root, tmp_path, capsys)
+    assert re.fullmatch(rf"error: \S+/file-002\.mp4: episode 9 needs '{CAM}' frames up to t=3\.100s "
+                        r"\(videos/\S+/from_timestamp 1\.600 \+ its last parquet timestamp 1\.500\) but the video "
+                        r"ends at 1\.900s \(20 frames at 10 fps\): the parquet and video lengths disagree; .+",
+                        line), line
+
+
+@pytest.mark.parametrize(("key", "stat", "value", "word"), [("action", "std", float("nan"), "NaN"),
+                                                            ("observation.state", "mean", float("inf"), "inf")])
+def test_train_refuses_non_finite_stats(policy_dir, dataset_root, tmp_path, capsys, key, stat, value, word):
+    root = _copy(dataset_root, tmp_path)
+    stats = json.loads((root / "meta/stats.json").read_text())
+    stats[key][stat][1] = value  # json writes NaN / Infinity, as a buggy stats script would
+    (root / "meta/stats.json").write_text(json.dumps(stats))
+    line = _train_error(policy_dir, root, tmp_path, capsys)
+    assert re.fullmatch(rf"error: \S+/meta/stats\.json: '{key}' '{stat}' holds {word} \(at flat position 1\); "
+                        r"normalization would turn every batch into NaN: recompute the stats .+", line), line

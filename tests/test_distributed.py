@@ -136,7 +136,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(mode, runs, sin
     for key in saved:
         torch.testing.assert_close(saved[key], ref[key], **ADAPTER_TOL)
     state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
-    assert state == json.loads((single / "checkpoints/last/trainer_state.json").read_text())  # 32 samples, 8 batches
+    ref_state = json.loads((single / "checkpoints/last/trainer_state.json").read_text())
+    topology = {"distributed_type", "world_size", "zero_stage"}  # per run: the data position must not depend on them
+    assert {k: v for k, v in state.items() if k not in topology} == \
+        {k: v for k, v in ref_state.items() if k not in topology}  # 32 samples, 8 batches
+    assert (state["world_size"], ref_state["world_size"]) == (2, 1)
 
 
 def test_zero3_saves_the_gathered_adapter_and_it_loads_with_peft(runs, policy_dir):
@@ -355,3 +359,84 @@ def test_zero3_with_cpu_offload_trains_like_one_process(policy_dir, dataset_root
     assert proc.returncode == 0, proc.stderr[-4000:]
     for key, tensor in adapter(resumed).items():
         torch.testing.assert_close(tensor, saved[key], rtol=1e-6, atol=1e-8)
+
+
+# --- resuming with another number of processes ------------------------------------------------------------------
+
+
+def rewind_to_step_2(run_dir: Path, into: Path) -> Path:
+    """A copy of a finished 4-step run as it was when checkpoint 2 was its last one."""
+    shutil.copytree(run_dir, into, symlinks=True)
+    shutil.rmtree(into / "checkpoints/000004")
+    os.unlink(into / "checkpoints/last")
+    os.symlink("000002", into / "checkpoints/last")
+    shutil.rmtree(into / "debug", ignore_errors=True)
+    return into
+
+
+def assert_continues_like(out: Path, reference: Path) -> None:
+    ours, theirs = losses(out), losses(reference)
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], **LOSS_APPROX), (step, ours, theirs)
+    saved, ref = adapter(out), adapter(reference)
+    for key in ref:
+        torch.testing.assert_close(saved[key], ref[key], **ADAPTER_TOL)
+    assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["batches_seen"] == 2 * STEPS
+
+
+@pytest.mark.slow
+def test_ddp_run_resumes_on_one_process_with_the_global_batch_kept(runs, single, policy_dir, dataset_root, tmp_path,
+                                                                   capsys):
+    out = rewind_to_step_2(runs("ddp"), tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:  # 2 x 2 per micro-batch at save; 1 x 2 would halve it
+        train.main(run_args(policy_dir, dataset_root, out, STEPS, "--resume"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "global micro-batch: 2 x 2 process(es) = 4 at save, now 2 x 1 = 2 (pass --batch-size 4 to keep" in err
+    train.main(run_args(policy_dir, dataset_root, out, STEPS, "--batch-size", "4", "--resume"))
+    assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["world_size"] == 1
+    assert_continues_like(out, single)
+
+
+@pytest.mark.slow
+def test_one_process_run_resumes_on_two_ddp_ranks(single, policy_dir, dataset_root, tmp_path):
+    out = rewind_to_step_2(single, tmp_path / "run")
+    launch("ddp", policy_dir, dataset_root, out, STEPS, "--resume")  # micro-batch 2 per rank = 4 as saved
+    assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["world_size"] == 2
+    assert_continues_like(out, single)
+
+
+@pytest.mark.slow
+def test_zero2_checkpoint_is_not_resumed_as_ddp(runs, policy_dir, dataset_root, tmp_path, capsys):
+    out = rewind_to_step_2(runs("zero2"), tmp_path / "run")
+    with pytest.raises(SystemExit):
+        train.main(run_args(policy_dir, dataset_root, out, STEPS, "--batch-size", "4", "--resume"))
+    err = capsys.readouterr().err
+    assert "topology: saved under DEEPSPEED ZeRO-2, now NO; the optimizer state is stored differently" in err
+
+
+@pytest.mark.parametrize(("saved", "now", "message"), [
+    ({"world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}, fake_accelerator(
+        "DEEPSPEED", num_processes=1, ds_config={"zero_optimization": {"stage": 2}}),
+     "processes: 2 at save, now 1; the optimizer state is sharded by ZeRO over 2 ranks: resume with 2 processes"),
+    ({"world_size": 1, "distributed_type": "DEEPSPEED", "zero_stage": 2}, fake_accelerator(
+        "DEEPSPEED", num_processes=2, ds_config={"zero_optimization": {"stage": 3}}),
+     "topology: saved under DEEPSPEED ZeRO-2, now DEEPSPEED"),
+    ({"world_size": 2, "distributed_type": "MULTI_CPU", "zero_stage": None}, fake_accelerator(
+        "DEEPSPEED", num_processes=2, ds_config={"zero_optimization": {"stage": 2}}),
+     "topology: saved under MULTI_CPU, now DEEPSPEED"),
+])
+def test_resuming_a_sharded_state_on_another_topology_is_refused_up_front(saved, now, message):
+    cfg = TrainConfig(batch_size=4 // now.num_processes)
+    old = TrainConfig(batch_size=4 // saved["world_size"])
+    changes = train.topology_changes(old, saved, cfg, now)
+    assert any(message in c for c in changes), changes
+
+
+def test_ddp_world_size_change_with_the_global_batch_kept_is_accepted():
+    saved = {"world_size": 2, "distributed_type": "MULTI_CPU", "zero_stage": None}
+    assert train.topology_changes(TrainConfig(batch_size=2), saved, TrainConfig(batch_size=4), fake_accelerator()) == []
+    two = fake_accelerator("MULTI_CPU", num_processes=2)
+    one_saved = {"world_size": 1, "distributed_type": "NO", "zero_stage": None}
+    assert train.topology_changes(TrainConfig(batch_size=4), one_saved, TrainConfig(batch_size=2), two) == []

@@ -152,16 +152,114 @@ def test_eval_cli_writes_metrics_rollout_gifs_and_plot(checkpoint, lora_run, tmp
 
 def test_demo_ends_with_closed_loop_success_before_and_after(monkeypatch, lora_run, policy_dir, dataset_root,
                                                             tmp_path, capsys):
+    """The demo's own report (finetune.demo), with known policies: the base stands still (0%), the fine-tuned one is
+    the oracle (100%); the summary, closed_loop.json and the printed line must carry exactly those rates."""
     def prepare_demo(cfg, accelerator, run_training):
         return dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, path=str(policy_dir)),
                                    dataset=dataclasses.replace(cfg.dataset, root=str(dataset_root)))
 
+    still = OraclePredictor()
+    still.predict_batch = lambda obs, generator=None: np.zeros((len(obs), 10, 2), np.float32)
+    loaded = []
+
+    def from_checkpoint(checkpoint, base=None, use_trained_weights=True, **kwargs):
+        loaded.append((str(checkpoint), base, use_trained_weights))
+        return OraclePredictor() if use_trained_weights else still
+
     monkeypatch.setattr("finetune.demo.prepare_demo", prepare_demo)
     monkeypatch.setattr(train, "run_training", lambda cfg, acc: {"checkpoint": str(lora_run / "checkpoints/last")})
+    monkeypatch.setattr(Predictor, "from_checkpoint", from_checkpoint)
     out = tmp_path / "demo"
     summary = train.main(["demo", "--output-dir", str(out), "--demo.rollout-episodes", "3"])
-    assert 0 <= summary["success_before"] <= 1 and 0 <= summary["success_after"] <= 1
+    assert summary["success_before"] == 0.0 and summary["success_after"] == 1.0
+    assert sorted(w for *_, w in loaded) == [False, True] and {b for _, b, _ in loaded} == {str(policy_dir)}
     saved = json.loads((out / "eval" / "closed_loop.json").read_text())
     assert saved["colors"] == ["red", "green", "blue"] and saved["before"]["episodes"] == 3
+    assert saved["before"]["successes"] == 0 and saved["after"]["successes"] == 3
     assert (out / "eval" / "rollout_after.gif").is_file() and (out / "eval" / "rollout_before.gif").is_file()
-    assert "closed-loop success over 3 seeded episodes (red, green, blue): before" in capsys.readouterr().out
+    assert "closed-loop success over 3 seeded episodes (red, green, blue): before 0% -> after 100%" in \
+        capsys.readouterr().out
+
+
+def test_training_imports_no_evaluation_code():
+    import ast
+    from pathlib import Path
+
+    source = Path(train.__file__).read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"finetune.eval", "finetune.predict", "finetune.envs.rollout", ".eval", ".predict"}
+
+
+# --- closed loop in Meta-World --------------------------------------------------------------------------------------
+
+def tiny_metaworld_policy(folder, state_dim=4, action_dim=4, camera="observation.images.corner2"):
+    """A randomly initialized tiny SmolVLA (the demo's) with Meta-World's features and made-up stats."""
+    from finetune.demo import make_initial_policy
+    from finetune.processor import save_stats
+
+    features = {camera: {"shape": [64, 64, 3]}, "observation.state": {"shape": [state_dim]},
+                "action": {"shape": [action_dim]}}
+    make_initial_policy(folder, SimpleNamespace(features=features, camera_keys=[camera]), seed=0)
+    stats = {"observation.state": {"mean": np.zeros(state_dim), "std": np.ones(state_dim)},
+             "action": {"mean": np.zeros(action_dim), "std": np.full(action_dim, 0.5)}}
+    save_stats(stats, folder)
+    return folder
+
+
+def test_eval_metaworld_writes_table_json_plot_and_video(tmp_path, capsys):
+    pytest.importorskip("metaworld", reason="Meta-World not installed: pip install -e '.[sim]'")
+    from finetune.data import decode_video
+
+    policy = tiny_metaworld_policy(tmp_path / "policy")
+    out = tmp_path / "eval"
+    summary = evaluation.main(["--checkpoint", str(policy), "--env", "metaworld", "--tasks", "reach-v3",
+                               "--episodes", "2", "--max-steps", "8", "--output-dir", str(out), "--num-envs", "2"])
+    saved = json.loads((out / "sim_eval.json").read_text())
+    r = saved["per_task"]["reach-v3"]
+    assert r["episodes"] == 2 and r["steps"] == [8, 8] and r["seeds"] == [0, 1] and len(r["successes"]) == 2
+    assert saved["success_rate"] == summary["success_rate"] == r["success_rate"] == np.mean(r["successes"])
+    assert saved["n_action_steps"] == 5 and saved["env_options"]["state"] == "agent"  # from the policy's config
+    frames, _ = decode_video(out / saved["videos"]["reach-v3"])
+    assert frames.shape == (9, 64, 64, 3)  # one episode: the reset frame + 8 steps
+    with Image.open(out / "success.png") as png:
+        assert png.format == "PNG"
+    table = capsys.readouterr().out
+    assert "reach-v3" in table and f"{100 * r['success_rate']:.0f}%" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "mujoco", "--tasks", "push-v3"], "error: unknown env 'mujoco'; choose from reach, metaworld, libero"),
+    (["--env", "metaworld", "--tasks", "psuh-v3"], "error: unknown Meta-World task(s) ['psuh-v3']"),
+    (["--env", "metaworld", "--tasks", "push-v3", "--cameras", "topview"],
+     "error: the policy expects camera(s) ['observation.images.corner2'] but the env gives "
+     "['observation.images.topview']"),
+])
+def test_eval_sim_errors_are_one_line(args, message, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("metaworld", reason="Meta-World not installed: pip install -e '.[sim]'")
+    policy = tiny_metaworld_policy(tmp_path / "policy")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main(["--checkpoint", str(policy), "--episodes", "1", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(message), err
+
+
+def test_eval_refuses_a_policy_whose_action_or_state_size_differs(tmp_path, capsys):
+    pytest.importorskip("metaworld", reason="Meta-World not installed: pip install -e '.[sim]'")
+    wide = tiny_metaworld_policy(tmp_path / "wide", action_dim=7)
+    with pytest.raises(SystemExit):
+        evaluation.main(["--checkpoint", str(wide), "--env", "metaworld", "--tasks", "push-v3"])
+    assert "error: the policy outputs 7-dim actions but the env takes 4" in capsys.readouterr().err
+    odd = tiny_metaworld_policy(tmp_path / "odd", state_dim=6)
+    with pytest.raises(SystemExit):
+        evaluation.main(["--checkpoint", str(odd), "--env", "metaworld", "--tasks", "push-v3"])
+    assert "error: the policy expects a state of 6 values but the env gives 4" in capsys.readouterr().err
+
+
+def test_eval_names_the_missing_simulator_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "metaworld", None)
+    with pytest.raises(SystemExit):
+        evaluation.main(["--checkpoint", str(tmp_path / "none"), "--env", "metaworld", "--tasks", "push-v3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Meta-World is not installed" in err[0] and "pip install -e '.[sim]'" in err[0]

@@ -119,3 +119,54 @@ def test_every_shipped_config_loads_and_says_what_it_is_for(path):
         assert ds["offload_optimizer_device"] == "cpu" and ds["offload_param_device"] == "cpu"
     if path.name == "multinode_zero3.yaml":
         assert ds["deepspeed_multinode_launcher"] == "standard" and config.num_machines > 1
+
+
+# --- two nodes on one machine: launch.sh once per "node", each in its own working directory ----------------------
+
+
+def launch_two_nodes(tmp_path: Path, output_dir: str, policy_dir: Path, dataset_root: Path) -> list:
+    import socket
+    import sys
+
+    from helpers import train_args
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "GPUS_PER_NODE": "1", "FINETUNE_DIST_TIMEOUT_S": "120"}
+    procs = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        args = train_args(policy_dir, dataset_root, Path(output_dir), "--steps", "2")
+        procs.append(subprocess.Popen(["bash", str(LAUNCH), "--config", "cpu_ddp", *args], cwd=cwd,
+                                      env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return [(p.returncode, *p.communicate(timeout=400)) if p.wait(timeout=400) is not None else None for p in procs]
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_output_dir_are_refused_at_start(tmp_path, policy_dir, dataset_root):
+    """A relative --output-dir resolved in each node's own working directory: two folders, as without a shared
+    filesystem. Both nodes stop before training with the reason."""
+    results = launch_two_nodes(tmp_path, "run", policy_dir, dataset_root)
+    for node, (code, stdout, stderr) in enumerate(results):
+        assert code == 2, (node, stderr[-3000:])
+        assert stderr.count("error: --output-dir run is not shared by all processes: rank 1 on ") == 1, stderr
+        assert "Multi-node runs need an --output-dir on a filesystem every node mounts" in stderr
+    for node in (0, 1):
+        assert not (tmp_path / f"node{node}/run/checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_with_a_shared_output_dir_train_and_only_the_main_node_reports_files(tmp_path, policy_dir,
+                                                                                     dataset_root):
+    out = tmp_path / "shared_run"
+    (code0, out0, err0), (code1, out1, err1) = launch_two_nodes(tmp_path, str(out), policy_dir, dataset_root)
+    assert code0 == 0 and code1 == 0, (err0[-3000:], err1[-3000:])
+    assert "#   num_processes: 2" in (out / "checkpoints/000002/accelerate_config.yaml").read_text()
+    assert f"checkpoint: {out / 'checkpoints/000002'}" in out0 and "trained weights:" in out0
+    assert out1 == ""  # node 1 wrote no file the user needs: it prints nothing about files (or anything else)
+    assert not list(out.glob(".shared-check-*"))

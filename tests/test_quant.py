@@ -153,7 +153,9 @@ def test_quantized_base_is_allowed_where_it_works():
 
 def _fixed_batch_losses(run, steps: int) -> list[float]:
     """Train the run's adapter with its own optimizer on one held-out batch, fixed noise and time; the losses."""
-    batch = run.eval_batches[0]
+    from finetune.processor import images_to_float
+
+    batch = images_to_float(dict(run.eval_batches[0].batch))  # held-out batches keep uint8 images
     policy_cfg = base_policy(run.model).config
     generator = torch.Generator().manual_seed(123)
     noise = torch.randn(len(batch["action"]), policy_cfg.chunk_size, policy_cfg.max_action_dim, generator=generator)

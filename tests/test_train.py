@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,8 @@ def test_checkpoint_holds_only_the_adapter_and_what_resume_needs(four_steps, pol
     assert "optimizer.bin" in state_files and not any("model" in n for n in state_files)  # no copy of the base
     size = (last / "adapter_model.safetensors").stat().st_size
     assert size < 0.1 * (policy_dir / "model.safetensors").stat().st_size
-    assert json.loads((last / "trainer_state.json").read_text()) == {"step": 4, "samples_seen": 16, "batches_seen": 4}
+    assert json.loads((last / "trainer_state.json").read_text()) == {
+        "step": 4, "samples_seen": 16, "batches_seen": 4, "world_size": 1, "distributed_type": "NO", "zero_stage": None}
     assert json.loads((last / "config.json").read_text())["type"] == "smolvla"
     assert json.loads((last / "train_config.json").read_text())["steps"] == 4
     assert set(load_stats(last)) >= {"observation.state", "action"}
@@ -117,7 +119,7 @@ def test_gradient_accumulation_and_checkpointing_run(policy_dir, dataset_root, t
     summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "2", "--grad-accum-steps", "2",
                                     "--policy.gradient-checkpointing", "--dataset.eval-episodes", "0"))
     state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
-    assert state == {"step": 2, "samples_seen": 16, "batches_seen": 4}
+    assert (state["step"], state["samples_seen"], state["batches_seen"]) == (2, 16, 4)
     assert summary["trainable_params"] > 0
 
 
@@ -126,8 +128,195 @@ def test_accelerate_launch_runs_the_script(policy_dir, dataset_root, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "accelerate_configs/cpu.yaml"), str(REPO / "finetune/train.py"),
            *train_args(policy_dir, dataset_root, out, "--steps", "2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DS_ACCELERATOR")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters: trainable" in proc.stdout
+    # no notices a user cannot act on (bitsandbytes' optional kernels, Accelerate's thread default, DeepSpeed's
+    # accelerator detection): only our own lines and the progress bar
+    for notice in ("gemm_4bit_forward", "num_cpu_threads_per_process", "Setting accelerator to CPU", "WARNING"):
+        assert notice not in proc.stdout + proc.stderr, notice
     assert (out / "checkpoints/000002/adapter_model.safetensors").is_file()
     assert "distributed_type: NO" in (out / "checkpoints/000002/accelerate_config.yaml").read_text()
+
+
+# --- one run per folder, --resume auto, what resume checks, metrics after a resume ----------------------------------
+
+
+def test_a_new_run_into_a_used_folder_is_refused_and_leaves_it_untouched(four_steps, policy_dir, dataset_root,
+                                                                         tmp_path, capsys):
+    out = tmp_path / "used"
+    shutil.copytree(four_steps, out, symlinks=True)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(policy_dir, dataset_root, out, "--steps", "2"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output-dir {out} is not empty (checkpoints/, metrics.jsonl")
+    for choice in ("--resume (or --resume auto)", "a new --output-dir", "--overwrite"):
+        assert choice in err, choice
+    assert (out / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "000004", "last"]
+
+
+def test_overwrite_moves_the_old_run_aside_and_starts_clean(four_steps, policy_dir, dataset_root, tmp_path, capsys):
+    out = tmp_path / "runs" / "x"
+    shutil.copytree(four_steps, out, symlinks=True)
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "2", "--checkpoint.every", "1", "--overwrite"))
+    aside = [p for p in out.parent.iterdir() if p.name.startswith("x.old-")]
+    assert len(aside) == 1 and f"moved to {aside[0]}" in capsys.readouterr().out
+    assert (aside[0] / "metrics.jsonl").read_text() == (four_steps / "metrics.jsonl").read_text()  # kept whole
+    assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == ["000002", "000004", "last"]
+    assert sorted(losses(out)) == [1, 2]  # the new run's rows only
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "000002", "last"]
+
+
+def test_the_demo_folder_starts_over_and_says_so(tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from finetune.config import cli
+
+    out = tmp_path / "demo"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    old_previous = tmp_path / "demo.previous"
+    old_previous.mkdir()
+    cfg = cli(["demo", "--output-dir", str(out)])
+    train.claim_output_dir(cfg, Accelerator(cpu=True), auto=False)
+    said = capsys.readouterr().out
+    assert f"demo: starting over in {out}; the previous run there was moved to {old_previous}" in said
+    assert "replacing the older" in said
+    assert not out.exists() and (old_previous / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_resume_auto_starts_fresh_resumes_and_stops_at_steps(four_steps, policy_dir, dataset_root, tmp_path, capsys):
+    out = tmp_path / "auto"
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "2", "--resume", "auto"))
+    assert "--resume auto: no checkpoint in" in capsys.readouterr().out
+    finished = train.main(train_args(policy_dir, dataset_root, out, "--steps", "2", "--resume", "auto"))
+    assert finished == {"checkpoint": str(out / "checkpoints/000002"), "step": 2, "finished": True}
+    assert "already reached step 2 (--steps 2): nothing to train" in capsys.readouterr().out
+    assert sorted(losses(out)) == [1, 2]  # nothing retrained, nothing logged twice
+    strict = train.main(train_args(policy_dir, dataset_root, out, "--steps", "2", "--resume"))
+    assert strict["finished"] is True
+    # steps, logging and checkpoint intervals may change on resume; the trajectory does not
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", "--resume", "auto", "--log-every", "2",
+                          "--checkpoint.every", "1", "--checkpoint.keep-last", "5"))
+    straight, resumed = losses(four_steps), losses(out)
+    assert sorted(resumed) == [1, 2, 4]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "000003", "000004", "last"]
+
+
+def test_resume_refuses_every_change_that_shapes_training(four_steps, policy_dir, dataset_root, tmp_path, capsys):
+    out = tmp_path / "changed"
+    shutil.copytree(four_steps, out, symlinks=True)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(policy_dir, dataset_root, out, "--steps", "6", "--resume", "--seed", "8",
+                              "--grad-accum-steps", "2", "--peft.r", "8", "--optim.lr", "1e-4", "--batch-size", "2",
+                              "--dataset.eval-episodes", "3"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for change in ("--seed: 7 -> 8", "--grad-accum-steps: 1 -> 2", "--peft.r: 4 -> 8", "--optim.lr: 0.001 -> 0.0001",
+                   "--dataset.eval-episodes: 2 -> 3", "global micro-batch: 4 x 1 process(es) = 4 at save, now 2 x 1"):
+        assert change in err, (change, err)
+    assert "--steps" not in err
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_metrics_continue_from_the_checkpoint_without_duplicate_rows(four_steps, policy_dir, dataset_root, tmp_path):
+    """A run killed after logging step 4 but before checkpointing it: the resumed run logs steps 3 and 4 once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "crashed"
+    shutil.copytree(four_steps, out, symlinks=True)
+    shutil.rmtree(out / "checkpoints/000004")
+    os.unlink(out / "checkpoints/last")
+    os.symlink("000002", out / "checkpoints/last")
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", "--resume"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [(m["step"], "eval/action_mse" in m) for m in rows] == [
+        (0, True), (1, False), (2, False), (3, False), (4, False), (4, True)]
+    assert [m["step"] for m in rows if "train/loss" in m] == [1, 2, 3, 4]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/action_mse")] == [0, 4]
+    tb = {e.step: e.value for e in events.Scalars("train/loss")}
+    for step, value in losses(four_steps).items():
+        assert tb[step] == pytest.approx(value, rel=1e-6)
+
+
+# --- non-finite training -------------------------------------------------------------------------------------------
+
+# lr 1e30: step 1's update is finite but throws the adapter to ~1e29, so step 2's loss and gradients are not.
+EXPLODE = ("--optim.lr", "1e30", "--optim.decay-lr", "1e29", "--checkpoint.every", "1", "--checkpoint.keep-last", "5",
+           "--dataset.eval-episodes", "0")
+
+
+def test_a_non_finite_step_stops_the_run_naming_it_and_keeps_the_last_good_checkpoint(policy_dir, dataset_root,
+                                                                                      tmp_path, capsys):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", *EXPLODE))
+    assert exit_info.value.code == train.EXIT_NONFINITE == 3
+    err = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))
+    assert err.startswith("error: step 2: non-finite training (loss nan, gradient norm nan); the update was not "
+                          f"applied, and the last good checkpoint {out / 'checkpoints/000001'} is kept."), err
+    assert "--nonfinite skip" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "last"]
+    assert os.readlink(out / "checkpoints/last") == "000001"
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints/000001/adapter_model.safetensors"))
+               .values())
+    assert sorted(losses(out)) == [1]
+
+
+def test_nonfinite_skip_drops_those_updates_and_trains_on(policy_dir, dataset_root, tmp_path, capsys):
+    out = tmp_path / "skip"
+    summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", *EXPLODE, "--nonfinite", "skip"))
+    assert summary["skipped_updates"] == 3
+    assert "skipped updates (non-finite loss/gradient): 3" in capsys.readouterr().out
+    rows = [m for m in read_metrics(out / "metrics.jsonl") if "train/lr" in m]
+    assert [m.get("train/skipped_updates", 0) for m in rows] == [0, 1, 2, 3]
+    assert [("train/loss" in m) for m in rows] == [True, False, False, False]  # NaN losses are not written
+    first, last = (load_file(str(out / f"checkpoints/{s:06d}/adapter_model.safetensors")) for s in (1, 4))
+    for key in first:  # no update after step 1 reached the weights
+        assert torch.equal(first[key], last[key]), key
+    state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
+    assert (state["step"], state["batches_seen"]) == (4, 4)  # the data moved on
+
+
+# --- experiment trackers ---------------------------------------------------------------------------------------------
+
+
+def test_log_with_none_writes_only_metrics_jsonl(policy_dir, dataset_root, tmp_path):
+    out = tmp_path / "quiet"
+    train.main(train_args(policy_dir, dataset_root, out, "--steps", "1", "--log-with", "none",
+                          "--dataset.eval-episodes", "0"))
+    assert sorted(losses(out)) == [1]
+    assert not (out / "tensorboard").exists()
+
+
+def test_wandb_runs_offline_when_the_machine_is_and_needs_a_login_otherwise(monkeypatch, tmp_path):
+    from finetune.config import ConfigError
+    from finetune.metrics import _configure_wandb
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _configure_wandb()
+    assert os.environ["WANDB_MODE"] == "offline"  # logs locally, `wandb sync` later
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ConfigError, match="--log-with wandb: not logged in .*WANDB_MODE=offline"):
+        _configure_wandb()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    _configure_wandb()  # logged in: online
+    assert "WANDB_MODE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (tmp_path / "netrc").unlink()
+    _configure_wandb()  # the user's own mode is respected
+    assert os.environ["WANDB_MODE"] == "disabled"

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .stats import array_stats, image_stats, to_json
 from .video import DEFAULT_CODEC, codec_name, encode_video
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -45,7 +46,6 @@ CODEBASE_VERSION = "v3.0"
 CHUNKS_SIZE = 1000
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 
 
 def instruction(color: str) -> str:
@@ -180,35 +180,12 @@ def synthetic_episode(
 
 
 def _vector_stats(x: np.ndarray) -> dict[str, list]:
-    x = x.astype(np.float64)
-    stats = {"mean": x.mean(0), "std": x.std(0), "min": x.min(0), "max": x.max(0)}
-    stats.update({name: np.quantile(x, q, axis=0) for name, q in QUANTILES.items()})
-    out = {k: v.astype(np.float32).tolist() for k, v in stats.items()}
-    out["count"] = [len(x)]
-    return out
+    return to_json({"x": array_stats(x)})["x"]
 
 
 def _image_stats(frames: np.ndarray) -> dict[str, list]:
-    """Per-channel stats of uint8 frames scaled to [0, 1], shaped (3, 1, 1); exact, via 256-bin histograms."""
-    levels = np.arange(256, dtype=np.float64) / 255
-    stats: dict[str, list] = {k: [] for k in ("mean", "std", "min", "max", *QUANTILES)}
-    for ch in range(3):
-        hist = np.bincount(frames[..., ch].ravel(), minlength=256).astype(np.float64)
-        p = hist / hist.sum()
-        mean = float((p * levels).sum())
-        nonzero = np.nonzero(hist)[0]
-        cdf = np.cumsum(p)
-        values = {
-            "mean": mean,
-            "std": float(np.sqrt((p * (levels - mean) ** 2).sum())),
-            "min": levels[nonzero[0]],
-            "max": levels[nonzero[-1]],
-        }
-        values.update({name: levels[np.searchsorted(cdf, q)] for name, q in QUANTILES.items()})
-        for k, v in values.items():
-            stats[k].append([[float(v)]])
-    stats["count"] = [len(frames)]
-    return stats
+    """Per-channel stats of uint8 frames scaled to [0, 1], shaped (3, 1, 1) (finetune-stats' estimator)."""
+    return to_json({"x": image_stats(frames)})["x"]
 
 
 def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:

@@ -1,4 +1,4 @@
-"""MP4 encode/decode with PyAV: an encoder with codec fallback and a per-process frame reader."""
+"""MP4 encode/decode with PyAV: an encoder with codec fallback and a per-process frame reader with a frame cache."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import functools
 import io
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -95,114 +97,156 @@ def decode_video(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 _FORK_ORPHANS: list = []
 
 
+@dataclass
+class VideoInfo:
+    """What a file's header says: frame rate, frame count and the time of its last frame (seconds)."""
+
+    fps: float
+    frames: int
+    last_time: float
+    height: int
+    width: int
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Read an mp4's header (no decoding); av.FFmpegError when the file is truncated or not a video."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise av.error.InvalidDataError(0, "no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+        frames = int(stream.frames) or round(seconds * fps)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        last = start + (frames - 1) / fps if fps and frames else start + seconds
+        return VideoInfo(fps, frames, last, stream.height, stream.width)
+
+
+@dataclass
+class _OpenVideo:
+    container: av.container.InputContainer
+    stream: av.video.stream.VideoStream
+    frames: Iterator[av.VideoFrame] | None = None  # the decoder, positioned after frame `last`
+    last: int | None = None
+
+
 class VideoFrameReader:
     """Per-process frame lookup by time, for dataset `__getitem__`.
 
-    Whole files that fit `cache_bytes` are decoded once into uint8 arrays (LRU over files); larger ones are
-    read by seeking to the keyframe before the target and decoding forward. Containers are opened lazily
-    and never pickled, and a reader that finds itself in a forked child drops the parent's containers
-    (their file offsets are shared with the parent).
+    A frame not in the cache is reached by seeking to the keyframe at or before it and decoding forward (or, when it
+    lies just after the last frame decoded from that file, by decoding on); every frame decoded on the way is kept in
+    a byte-bounded LRU of single frames, so a sample costs at most one keyframe interval of decoding whatever the
+    file sizes, and a working set that fits the cache is decoded once. Containers are opened lazily and never
+    pickled, and a reader that finds itself in a forked child drops the parent's containers (their file offsets are
+    shared with the parent). `decoded_frames` counts the frames this process decoded.
     """
 
     max_open_containers = 8
+    decode_on_window = 8  # frames: a miss this close after the last decoded frame decodes on instead of seeking
 
-    def __init__(self, cache_bytes: int = 1 << 30):
+    def __init__(self, cache_bytes: int = 1 << 30, decoder_threads: int = 1):
         self.cache_bytes = int(cache_bytes)
+        self.decoder_threads = int(decoder_threads)
         self._reset()
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], tuple[float, np.ndarray]] = OrderedDict()
         self._cached_bytes = 0
-        self._containers: OrderedDict[str, av.container.InputContainer] = OrderedDict()
-        self._too_big: set[str] = set()
+        self._open: OrderedDict[str, _OpenVideo] = OrderedDict()
+        self._fps: dict[str, float] = {}
+        self.decoded_frames = 0
 
     def __getstate__(self) -> dict:
-        return {"cache_bytes": self.cache_bytes}
+        return {"cache_bytes": self.cache_bytes, "decoder_threads": self.decoder_threads}
 
     def __setstate__(self, state: dict) -> None:
         self.cache_bytes = state["cache_bytes"]
+        self.decoder_threads = state.get("decoder_threads", 1)
         self._reset()
 
     def close(self) -> None:
-        for container in self._containers.values():
-            container.close()
-        self._containers.clear()
+        for video in self._open.values():
+            video.container.close()
+        self._open.clear()
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_bytes
 
     def frame_at(self, path: str | Path, t: float, tolerance: float) -> np.ndarray:
         """The (H, W, 3) uint8 frame whose presentation time is nearest `t`, within `tolerance` seconds."""
         if os.getpid() != self._pid:
             # Containers inherited through fork share file offsets with the parent, and freeing a threaded
             # decoder whose threads did not survive the fork hangs: keep them referenced, never touch them.
-            _FORK_ORPHANS.append(self._containers)
-            self._containers = OrderedDict()
+            _FORK_ORPHANS.append(self._open)
+            self._open = OrderedDict()
             self._pid = os.getpid()
         key = str(path)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            frames, times = self._cache[key]
-        elif key not in self._too_big and self._fits(key):
-            frames, times = decode_video(key)
-            self._remember(key, frames, times)
-        else:
-            return self._seek_frame(key, t, tolerance)
-        j = int(np.clip(np.searchsorted(times, t), 1, len(times) - 1)) if len(times) > 1 else 0
-        if len(times) > 1 and abs(times[j - 1] - t) <= abs(times[j] - t):
-            j -= 1
-        self._check(key, t, float(times[j]), tolerance)
-        return frames[j]
+        fps = self._fps.get(key) or self._video(key) and self._fps[key]
+        hit = self._cache.get((key, round(t * fps))) if fps else None
+        if hit is not None and abs(hit[0] - t) <= tolerance + 1e-6:
+            self._cache.move_to_end((key, round(t * fps)))
+            return hit[1]
+        return self._decode(key, t, tolerance)
 
-    def _fits(self, key: str) -> bool:
-        container = self._container(key)
-        stream = container.streams.video[0]
-        n = stream.frames
-        if not n and stream.average_rate:
-            seconds = stream.duration * stream.time_base if stream.duration else (container.duration or 0) / 1e6
-            n = int(np.ceil(float(seconds) * float(stream.average_rate)))
-        # An unknown length counts as too big: seeking is slower but bounded in memory.
-        fits = 0 < n * stream.height * stream.width * 3 <= self.cache_bytes
-        if not fits:
-            self._too_big.add(key)
-        return fits
-
-    def _remember(self, key: str, frames: np.ndarray, times: np.ndarray) -> None:
-        self._cache[key] = (frames, times)
-        self._cached_bytes += frames.nbytes
-        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-            _, (old, _) = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes
-        # The file is now in memory; its container is no longer needed.
-        container = self._containers.pop(key, None)
-        if container is not None:
-            container.close()
-
-    def _container(self, key: str) -> av.container.InputContainer:
-        if key in self._containers:
-            self._containers.move_to_end(key)
-            return self._containers[key]
-        container = av.open(key)
-        # No decoder threads in containers kept open: cheaper per DataLoader worker, and safe to fork.
-        container.streams.video[0].thread_count = 1
-        self._containers[key] = container
-        while len(self._containers) > self.max_open_containers:
-            self._containers.popitem(last=False)[1].close()
-        return container
-
-    def _seek_frame(self, key: str, t: float, tolerance: float) -> np.ndarray:
-        container = self._container(key)
-        stream = container.streams.video[0]
-        # backward=True lands on the last keyframe at or before the target.
-        container.seek(max(int(t / stream.time_base), 0), stream=stream, backward=True, any_frame=False)
-        best, best_time = None, None
-        for frame in container.decode(stream):
-            if best is None or abs(frame.time - t) < abs(best_time - t):
-                best, best_time = frame, float(frame.time)
-            if frame.time > t + tolerance:
+    def _decode(self, key: str, t: float, tolerance: float) -> np.ndarray:
+        video = self._video(key)
+        fps, stream = self._fps[key], video.stream
+        target = round(t * fps) if fps else None
+        if not (video.frames is not None and video.last is not None and target is not None
+                and video.last < target <= video.last + self.decode_on_window):
+            # backward=True lands on the last keyframe at or before the target. Aim a quarter tolerance past t: t is
+            # a float32 timestamp that can sit a tick before its frame, and a target below a keyframe's pts would
+            # land on the keyframe before it (a whole interval decoded in vain).
+            target_pts = round((t + 0.25 * tolerance) / stream.time_base)
+            video.container.seek(max(target_pts, 0), stream=stream, backward=True, any_frame=False)
+            video.frames, video.last = video.container.decode(stream), None
+        best: tuple[float, np.ndarray] | None = None
+        for frame in video.frames:
+            time = float(frame.time)
+            image = frame.to_ndarray(format="rgb24")
+            self.decoded_frames += 1
+            video.last = round(time * fps) if fps else None
+            if fps:
+                self._remember((key, video.last), time, image)
+            if best is None or abs(time - t) < abs(best[0] - t):
+                best = (time, image)
+            if time >= t - tolerance - 1e-6:  # frames come in presentation order: this one is the nearest
                 break
+        else:
+            video.frames = None  # the file ended
         if best is None:
             raise RuntimeError(f"{key}: no frame decoded after seeking to t={t:.4f}s")
-        self._check(key, t, best_time, tolerance)
-        return best.to_ndarray(format="rgb24")
+        self._check(key, t, best[0], tolerance)
+        return best[1]
+
+    def _remember(self, key: tuple[str, int], time: float, image: np.ndarray) -> None:
+        if image.nbytes > self.cache_bytes:
+            return
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cached_bytes -= old[1].nbytes
+        self._cache[key] = (time, image)
+        self._cached_bytes += image.nbytes
+        while self._cached_bytes > self.cache_bytes:
+            _, (_, evicted) = self._cache.popitem(last=False)
+            self._cached_bytes -= evicted.nbytes
+
+    def _video(self, key: str) -> _OpenVideo:
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        container = av.open(key)
+        stream = container.streams.video[0]
+        # One decoder thread by default: DataLoader workers already use the cores, and frame threading would delay
+        # each frame after a seek.
+        stream.thread_count = self.decoder_threads
+        self._fps[key] = float(stream.average_rate or stream.guessed_rate or 0)
+        self._open[key] = _OpenVideo(container, stream)
+        while len(self._open) > self.max_open_containers:
+            self._open.popitem(last=False)[1].container.close()
+        return self._open[key]
 
     @staticmethod
     def _check(key: str, t: float, found: float, tolerance: float) -> None:

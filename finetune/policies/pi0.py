@@ -512,7 +512,7 @@ class PI0Policy(FlowMatchingPolicy):
         "model.time_mlp_",
     )
     # Fields LeRobot has that change what the policy computes and that this project does not implement.
-    unsupported_fields: ClassVar[dict[str, Any]] = {"use_relative_actions": False}
+    unsupported_fields: ClassVar[dict[str, Any]] = {}  # relative actions: finetune.relative_actions
 
     def __init__(self, config: PI0Config, backbone_config: dict[str, Any] | None = None):
         super().__init__()

@@ -15,8 +15,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .data import synthetic
-from .data.synthetic import COLORS, MAX_STEP, Scene
+from ..data import synthetic
+from ..data.synthetic import COLORS, MAX_STEP, Scene
 
 ENV_ID = "finetune/Reach-v0"
 DEFAULT_CAMERA = "observation.images.top"
@@ -65,6 +65,7 @@ class ReachEnv(gym.Env):
 
     def _info(self) -> dict[str, Any]:
         return {"task": self.task, "target_color": self.scene.target_color, "is_success": self.success,
+                "success": self.success,
                 "distance": float(np.linalg.norm(self.scene.target_position - self.agent))}
 
     @property

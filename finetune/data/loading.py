@@ -1,0 +1,57 @@
+"""DataLoader settings for a training process: worker and decoder-thread counts from the machine, and the rest."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+MAX_DEFAULT_WORKERS = 8  # beyond this a rank's loader rarely gets faster and every worker holds its own frame cache
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (the affinity mask, which containers and SLURM restrict), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_world_size(default: int = 1) -> int:
+    """Training processes on this machine: torchrun's (and so accelerate launch's) LOCAL_WORLD_SIZE, else `default`."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", default))
+
+
+def default_num_workers(cpus: int, local_ranks: int) -> int:
+    """Workers per rank: the rank's share of the cores less one for the training process itself, at most 8.
+
+    2 cores, 1 rank -> 1; 2 cores, 2 ranks -> 0 (decode in the training process); 32 cores, 4 ranks -> 7.
+    """
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus // max(1, local_ranks) - 1))
+
+
+def default_decoder_threads(cpus: int, local_ranks: int, workers: int) -> int:
+    """Video decoder threads per loading process, so that the ranks' training processes, their workers and the
+    decoders' threads together stay within the cores: 1 as soon as workers share them.
+
+    Each process decodes a frame or two per sample after a seek; more threads than that helps little, so at most 2.
+    """
+    processes = max(1, local_ranks) * (workers + 1 if workers else 1)
+    return max(1, min(2, cpus // processes))
+
+
+def resolve_num_workers(requested: int | None, local_ranks: int, cpus: int | None = None) -> int:
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--dataset.num-workers must be >= 0, got {requested}")
+        return requested
+    return default_num_workers(cpus or available_cpus(), local_ranks)
+
+
+def loader_kwargs(workers: int, device: torch.device, prefetch_factor: int = 2) -> dict[str, Any]:
+    """DataLoader keywords: persistent, prefetching workers when there are any; pinned memory when feeding CUDA."""
+    kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    return kwargs

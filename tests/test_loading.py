@@ -1,0 +1,105 @@
+"""Loader defaults (workers, decoder threads, pinning) and held-out batches kept as this rank's uint8 rows."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import train_args
+
+from finetune import train
+from finetune.data import LeRobotDataset, load_dataset_meta
+from finetune.data.loading import default_decoder_threads, default_num_workers, loader_kwargs, resolve_num_workers
+from finetune.hub import load_tokenizer
+from finetune.metrics import read_metrics
+from finetune.policies import load_policy
+from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
+from finetune.processor import PolicyProcessor, images_to_float
+
+CAM = "observation.images.top"
+
+
+@pytest.mark.parametrize(("cpus", "ranks", "workers", "threads"), [
+    (2, 1, 1, 1),    # this dev machine, one process: one worker beside the training process
+    (2, 2, 0, 1),    # two ranks on two cores: each decodes in its own process
+    (1, 1, 0, 1),
+    (16, 1, 8, 1),   # capped at 8 workers; 9 processes on 16 cores -> 1 decoder thread each
+    (16, 2, 7, 1),
+    (32, 4, 7, 1),
+    (96, 8, 8, 1),
+])
+def test_default_workers_and_threads_fit_the_cores(cpus, ranks, workers, threads):
+    assert default_num_workers(cpus, ranks) == workers
+    assert default_decoder_threads(cpus, ranks, workers) == threads
+    assert ranks * (workers + 1) <= max(cpus, ranks)  # never more loading processes than cores
+
+
+def test_explicit_workers_win_and_decoding_in_process_gets_threads():
+    assert resolve_num_workers(0, 1, cpus=64) == 0 and resolve_num_workers(3, 8, cpus=2) == 3
+    assert resolve_num_workers(None, 2, cpus=16) == 7
+    with pytest.raises(ValueError, match="num-workers must be >= 0"):
+        resolve_num_workers(-1, 1)
+    assert default_decoder_threads(16, 1, 0) == 2 and default_decoder_threads(2, 2, 0) == 1
+
+
+def test_loader_kwargs():
+    assert loader_kwargs(0, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
+    assert loader_kwargs(3, torch.device("cuda", 1), 4) == {"num_workers": 3, "pin_memory": True,
+                                                            "persistent_workers": True, "prefetch_factor": 4}
+
+
+def test_eval_batches_hold_only_this_ranks_rows_as_uint8(policy_dir, dataset_root):
+    policy = load_policy(policy_dir)
+    meta = load_dataset_meta(dataset_root)
+    processor = PolicyProcessor(policy.config, load_tokenizer(policy_dir, None, policy.config.tokenizer_name),
+                                meta.stats)
+    keys = [CAM, OBS_STATE, ACTION]
+    as_uint8 = LeRobotDataset(dataset_root, 5, episodes=[8, 9], keys=keys, uint8_images=True)
+    as_float = LeRobotDataset(dataset_root, 5, episodes=[8, 9], keys=keys)
+    reference = train.fixed_eval_batches(as_float, processor, 5, 2)  # one process: all rows, float
+    ranks = [train.fixed_eval_batches(as_uint8, processor, 5, 2, SimpleNamespace(process_index=r, num_processes=2))
+             for r in range(2)]
+    for b, ref in enumerate(reference):
+        assert ref.size == 5 and ref.rows == list(range(5))
+        assert [ranks[r][b].rows for r in range(2)] == [[0, 2, 4], [1, 3]]
+        for r in range(2):
+            held = ranks[r][b]
+            assert held.size == 5 and len(held.batch[OBS_STATE]) == len(held.rows)  # only this rank's rows
+            assert held.batch[CAM].dtype == torch.uint8
+            floats = images_to_float(dict(held.batch))[CAM]
+            torch.testing.assert_close(floats, ref.batch[CAM][held.rows], rtol=0, atol=0)
+            torch.testing.assert_close(held.batch[ACTION], ref.batch[ACTION][held.rows], rtol=0, atol=0)
+
+
+def test_held_out_mse_matches_a_float_reference(lora_run, policy_dir, dataset_root):
+    """The run's step-0 figure (the untrained adapter is the identity) recomputed here from float frames, by the
+    metric's definition: masked squared error of normalized actions, noise from a generator seeded 0."""
+    logged = [m["eval/action_mse"] for m in read_metrics(lora_run / "metrics.jsonl")
+              if "eval/action_mse" in m and m["step"] == 0]
+    policy = load_policy(policy_dir).eval()
+    meta = load_dataset_meta(dataset_root)
+    processor = PolicyProcessor(policy.config, load_tokenizer(policy_dir, None, policy.config.tokenizer_name),
+                                meta.stats)
+    cfg = policy.config
+    ds = LeRobotDataset(dataset_root, cfg.chunk_size, episodes=[8, 9], keys=[CAM, OBS_STATE, ACTION])
+    indices = torch.linspace(0, len(ds) - 1, 4).round().long().tolist()  # train_args: batch 4, 1 eval batch
+    batch = processor([ds[i] for i in indices])
+    noise = torch.randn(4, cfg.chunk_size, cfg.max_action_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred = policy.predict_action_chunk(batch, noise=noise)
+    valid = (~batch[ACTION_IS_PAD]).unsqueeze(-1).float()
+    expected = float((((pred - batch[ACTION]) ** 2) * valid).sum() / (valid.sum() * pred.shape[-1]))
+    assert logged == [pytest.approx(expected, rel=1e-5)]
+
+
+def test_training_resolves_its_loader_defaults(policy_dir, dataset_root, tmp_path, monkeypatch):
+    monkeypatch.setattr("finetune.data.loading.available_cpus", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # as if a second rank shared the two cores
+    summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "two", "--steps", "1",
+                                    "--dataset.eval-episodes", "0"))
+    assert (summary["data_workers"], summary["decoder_threads"]) == (0, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "one", "--steps", "1",
+                                    "--dataset.eval-episodes", "0", "--dataset.decoder-threads", "2"))
+    assert (summary["data_workers"], summary["decoder_threads"]) == (1, 2)
