@@ -334,6 +334,15 @@ class _Translator:
         raise LeRobotFlagError(f"--{opt.name}: features always come from the dataset here; pass null (or drop the "
                                "flag) and rename dataset keys with --rename_map / --dataset.rename_map")
 
+    def _resume(self, opt: _Option) -> list[str]:
+        """Ours: bare `--resume` (strict) or `--resume auto`; LeRobot's `--resume=true|false` means the same."""
+        if not opt.values:
+            return ["--resume"]
+        value = self.one_value(opt).lower()
+        if value == "auto":
+            return ["--resume", "auto"]
+        return ["--resume", "true" if _bool(opt.name, value) else "false"]
+
     def _policy__push_to_hub(self, opt: _Option) -> list[str]:
         self.push_to_hub = _bool(opt.name, opt.values[0]) if opt.values else True
         why = ("--policy.repo_id is pushed at the end" if self.push_to_hub else

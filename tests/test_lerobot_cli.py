@@ -67,7 +67,9 @@ def test_the_guides_command_parses_to_lerobots_meaning(capsys):
     assert "lerobot --peft.method_type=LORA -> --peft.method=LORA" in out
     assert "lerobot --policy.optimizer_lr=1e-3 -> --optim.lr=1e-3" in out
     assert "--peft.full-training-modules state_proj" in out
-    assert "LeRobot's SmolVLA preset decays over 30000 steps" in out  # the one schedule difference, said out loud
+    # the preset already decays over LeRobot's 30000 steps, then holds decay_lr: no schedule difference to announce
+    assert cfg.optim.decay_steps == 30000 and cfg.optim.warmup_steps == 1000
+    assert "lerobot schedule" not in out
 
 
 def test_notices_print_once_on_the_main_process_only(capsys):
