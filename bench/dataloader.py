@@ -238,7 +238,7 @@ def interleaved(root: Path, samples: int, cache_mb: int, batch: int) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/tmp/finetune_bench_video")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2, 3])
     parser.add_argument("--samples", type=int, default=160)
     parser.add_argument("--old-samples", type=int, default=8)
     parser.add_argument("--cache-mb", type=int, default=700)
@@ -261,6 +261,7 @@ def main() -> None:
                 print(runs[reader][-1], flush=True)
         rows += [max(r, key=lambda m: m["samples_s"]) for r in runs.values()]
     paired = interleaved(root, args.samples * 2, args.cache_mb, args.batch)
+    print(paired, flush=True)
     if args.old_samples:
         rows.append(measure(root, "old", 0, args.old_samples, args.cache_mb, args.batch))
         print(rows[-1], flush=True)
@@ -272,7 +273,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['reader']:<10} {r['workers']:>7} {r['samples']:>7} {r['samples_s']:>10.1f} {r['per_worker']:>10.1f} "
               f"{r['cpu_ms']:>13.1f} {1000 / r['cpu_ms']:>11.1f} {r['decoded_per_sample']:>14.2f} "
-              f"{r['samples_s'] / base[r['workers']]:>11.2f}x")
+              + (f"{r['samples_s'] / base[r['workers']]:>11.2f}x" if r["workers"] in base else f"{'-':>12}"))
     print(f"\nin one process, the same {args.samples * 2} samples read alternately batch by batch: cache-off "
           f"{paired['cache-off']:.1f} samples/s, default {paired['default']:.1f} samples/s "
           f"({paired['default'] / paired['cache-off']:.2f}x)")

@@ -56,8 +56,8 @@ class PolicyOptions:
     LeRobot's --policy.repo_id). Needs network and a login, checked before training starts."""
     merged_repo_id: str | None = None
     """Also merge the adapter into the base at the end and push that full LeRobot-format policy to this repo."""
-    use_relative_actions: bool | None = None
-    """Train on actions minus the chunk's first state, as LeRobot's pi0 / pi0.5 (None keeps the checkpoint's value);
+    use_relative_actions: bool = False
+    """Train on actions minus the chunk's first state, as LeRobot's pi0 / pi0.5 (off keeps the checkpoint's setting);
     action stats are then computed on the relative actions and predictions are made absolute again."""
     relative_exclude_joints: tuple[str, ...] | None = None
     """Action joints kept absolute with relative actions, by name or part of a name (None: the checkpoint's value,

@@ -424,15 +424,16 @@ def sim_env_kwargs(cfg: SimEvalConfig, predictor: Predictor) -> tuple[dict[str, 
     keys = [inverse.get(c, c) for c in predictor.cameras]
     shape = predictor.config.input_features[predictor.cameras[0]]["shape"] if predictor.cameras else [3, 128, 128]
     image_size = cfg.image_size or int(shape[-1])
+    limit = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
     if cfg.env != "metaworld":
-        return {}, image_size
+        return limit, image_size
     from .envs.metaworld import CAMERAS, DEFAULT_CAMERAS, STATE_KINDS
 
     named = [k.removeprefix("observation.images.") for k in keys]
     cameras = cfg.cameras or tuple(c for c in named if c in CAMERAS) or DEFAULT_CAMERAS
     by_size = {n: kind for kind, n in STATE_KINDS.items()}
     state = cfg.state or by_size.get(predictor.config.state_dim, "agent")
-    return {"cameras": cameras, "state": state, **({"max_steps": cfg.max_steps} if cfg.max_steps else {})}, image_size
+    return {"cameras": cameras, "state": state, **limit}, image_size
 
 
 def check_policy_on_env(predictor: Predictor, env_type: str, task: str, image_size: int, env_kwargs: dict) -> None:

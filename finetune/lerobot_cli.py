@@ -94,6 +94,7 @@ RENAMED = {
     "policy.scheduler_warmup_steps": "optim.warmup_steps",
     "policy.scheduler_decay_lr": "optim.decay_lr",
     "num_workers": "dataset.num_workers",
+    "prefetch_factor": "dataset.prefetch_factor",
     "log_freq": "log_every",
     "eval_freq": "env.eval_every",  # LeRobot <= 0.4: simulator evaluation every N steps
     "env_eval_freq": "env.eval_every",  # LeRobot >= 0.5
@@ -124,28 +125,32 @@ REFUSED = {
                        "--checkpoint.every and bound them with --checkpoint.keep_last",
     "save_checkpoint_to_hub": "only the last checkpoint is pushed, at the end, with --policy.repo_id",
     "cudnn_deterministic": "not exposed here; set torch.backends.cudnn.deterministic in your own launcher",
-    "prefetch_factor": "the DataLoader keeps PyTorch's default; use --num_workers (--dataset.num_workers)",
     "persistent_workers": "workers persist whenever --num_workers > 0",
     "dataloader_multiprocessing_context": "the DataLoader uses the platform's default start method",
     "tolerance_s": "frames are read by index here, not by timestamp: no tolerance is needed",
     "max_eval_samples": "the held-out evaluation uses --eval_batches batches of --batch_size frames",
-    "dataset.episodes": "training uses every episode except the last --dataset.eval_episodes (held out); "
-                        "write a dataset with the episodes you want",
     "dataset.eval_split": "hold out the last N episodes with --dataset.eval_episodes N",
     "dataset.revision": "give a local folder with --dataset.root, or the Hub id's default revision is used",
     "dataset.streaming": "datasets are read from a local folder (--dataset.root) or the Hub cache",
     "dataset.repo_type": "datasets are read from a local folder (--dataset.root) or a Hub dataset repo",
     "dataset.video_backend": "videos are decoded with PyAV; drop the flag",
     "dataset.use_imagenet_stats": "images are scaled to [-1, 1] as the policy expects; drop the flag",
-    "dataset.return_uint8": "drop the flag (frames are decoded to float in the workers)",
+    "dataset.return_uint8": "drop the flag (frames travel as uint8 through the loader and become float on the "
+                            "training device)",
     "dataset.depth_output_unit": "depth cameras are not supported",
-    "dataset.image_transforms.*": "no image augmentation here; drop the flag",
-    "wandb.*": "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl and output_dir/tensorboard",
+    "dataset.image_transforms.*": "augmentation is set by --dataset.image_transforms.enable / .max_num_transforms / "
+                                  ".brightness / .contrast / .saturation / .hue / .sharpness (ranges), "
+                                  ".affine_degrees / .affine_translate and .weights",
+    "wandb.project": "the wandb project is named after the run folder (--output_dir)",
+    "wandb.entity": "set the WANDB_ENTITY environment variable",
+    "wandb.mode": "set the WANDB_MODE environment variable (offline: also automatic when HF_HUB_OFFLINE=1)",
+    "wandb.*": "wandb is an Accelerate tracker here (--wandb.enable=true or --log_with tensorboard wandb); its "
+               "other settings come from WANDB_* environment variables",
     "job.*": "training runs where it is launched: `accelerate launch` or launch.sh (SLURM / multi-node)",
     "sample_weighting.*": "no sample weighting (RA-BC) here",
     "use_rabc": "no sample weighting (RA-BC) here",
     "reward_model.*": "reward-model training is not supported here",
-    "ema.*": "no EMA of the weights here",
+    "ema.*": "the EMA here has a constant decay: --ema.decay (e.g. 0.999), 0 turns it off",
     "eval_steps": "the held-out action MSE runs every --eval_every steps",
     "env.*": ENV_HINT,
     "eval.*": ENV_HINT,
@@ -254,12 +259,19 @@ class _Translator:
     def ours(self, target: str, opt: _Option, values: list[str] | None = None) -> list[str]:
         values = opt.values if values is None else values
         kind = self.kinds[target]
+        if kind.kind == "bool" and kind.optional:  # tyro takes `bool | None` as a value: True, False or None
+            if len(values) != 1:
+                raise LeRobotFlagError(f"{opt.shown}: expected one value: true, false or null")
+            value = "None" if _is_null(values[0]) else str(_bool(opt.name, values[0]))
+            return [f"{_flag(target)}={value}"]
         if kind.kind == "bool":
             if not values:
                 return [_flag(target)]
             if len(values) != 1:
                 raise LeRobotFlagError(f"{opt.shown}: expected one true/false value")
             return [_flag(target) if _bool(opt.name, values[0]) else _negated(target)]
+        if not values:
+            return [_flag(target)]  # a flag of ours that takes no value (e.g. --resume); tyro judges it
         if len(values) == 1 and _is_null(values[0]):
             if kind.optional:
                 return [f"{_flag(target)}=None"]
@@ -369,6 +381,34 @@ class _Translator:
         out = self.ours("peft.lora_alpha", opt)
         return self.note(opt, out) if opt.from_file else out
 
+    def _dataset__image_transforms(self, opt: _Option) -> list[str]:
+        """A config file's whole image_transforms section (LeRobot's torchvision-named ops) onto ours."""
+        section = json.loads(opt.values[0]) or {}
+        out = [f"--dataset.image-transforms.{'enable' if section.get('enable') else 'no-enable'}"]
+        if "max_num_transforms" in section:
+            out.append(f"--dataset.image-transforms.max-num-transforms={section['max_num_transforms']}")
+        names = ("brightness", "contrast", "saturation", "hue", "sharpness", "affine")
+        tfs = section.get("tfs") or {}
+        unknown = [name for name in tfs if name not in names]
+        if unknown and section.get("enable"):
+            raise LeRobotFlagError(f"--config_path: dataset.image_transforms.tfs {unknown} have no equivalent: "
+                                   f"{REFUSED['dataset.image_transforms.*']}")
+        for name in names[:5]:
+            if name in tfs and name in (tfs[name].get("kwargs") or {}):
+                low, high = tfs[name]["kwargs"][name]
+                out += [f"--dataset.image-transforms.{name}", str(low), str(high)]
+        affine = (tfs.get("affine") or {}).get("kwargs") or {}
+        if "degrees" in affine:
+            degrees = affine["degrees"]  # (-d, d) or d, as torchvision's RandomAffine
+            degrees = max(abs(d) for d in degrees) if isinstance(degrees, list) else degrees
+            out.append(f"--dataset.image-transforms.affine-degrees={degrees}")
+        if "translate" in affine:
+            out.append(f"--dataset.image-transforms.affine-translate={affine['translate'][0]}")
+        if tfs:
+            weights = [str((tfs.get(name) or {}).get("weight", 0.0)) for name in names]
+            out += ["--dataset.image-transforms.weights", *weights]
+        return self.note(opt, out)
+
     def _save_freq(self, opt: _Option) -> list[str]:
         value = self.one_value(opt)
         if value.lstrip("-").isdigit() and int(value) <= 0:
@@ -390,10 +430,15 @@ class _Translator:
 
     def _wandb__enable(self, opt: _Option) -> list[str]:
         if opt.values and not _bool(opt.name, opt.values[0]):
-            return self.note(opt, [], "no wandb here either; metrics go to metrics.jsonl and tensorboard/")
-        if opt.from_file:
-            return self.note(opt, [], "not used: " + REFUSED["wandb.*"])
-        raise LeRobotFlagError(f"--{opt.name} (lerobot-train) has no equivalent: {REFUSED['wandb.*']}")
+            return self.note(opt, [], "no wandb (metrics.jsonl and the --log_with trackers)")
+        self.adjustments.append(_log_with_wandb)
+        return self.note(opt, [], "wandb added to --log_with (Accelerate's tracker; project = the run folder's name)")
+
+    def _ema__enable(self, opt: _Option) -> list[str]:
+        if opt.values and not _bool(opt.name, opt.values[0]):
+            return self.note(opt, ["--ema.decay=0"], "no EMA")
+        self.adjustments.append(_needs_ema_decay)
+        return self.note(opt, [], "the EMA is on when --ema.decay is set (a constant decay, no warmup schedule)")
 
 
 def _only_final_checkpoint(cfg: Any) -> tuple[Any, str | None]:
@@ -403,7 +448,11 @@ def _only_final_checkpoint(cfg: Any) -> tuple[Any, str | None]:
 def _lerobot_schedule(cfg: Any) -> tuple[Any, str | None]:
     """LeRobot's cosine schedule shrinks warmup and decay in proportion when the run is shorter than the decay."""
     o = cfg.optim
-    if o.decay_steps is None or cfg.steps >= o.decay_steps:
+    if o.decay_steps is None:
+        return cfg, (f"lerobot schedule: this preset decays the lr over all --steps ({cfg.steps}); LeRobot's SmolVLA "
+                     "preset decays over 30000 steps (shorter runs: over --steps), then holds decay_lr: add "
+                     "--policy.scheduler_decay_steps=30000 for exactly that")
+    if cfg.steps >= o.decay_steps:
         return cfg, None
     warmup = int(o.warmup_steps * cfg.steps / o.decay_steps)
     notice = (f"lerobot schedule: --steps {cfg.steps} < decay steps {o.decay_steps}: warmup {o.warmup_steps} -> "
@@ -502,8 +551,6 @@ def _config_file_options(data: dict, options: list[_Option], policy_given: bool)
 _POLICY_FILE_KEYS = {"pretrained_path", "repo_id", "push_to_hub", "use_amp", "chunk_size", "num_steps", "dtype",
                      "gradient_checkpointing", "input_features", "output_features"}
 _FILE_REFUSED_WHEN: dict[str, Callable[[str], bool]] = {
-    "dataset.episodes": lambda v: not _is_null(v),
-    "dataset.image_transforms": lambda v: bool((json.loads(v) or {}).get("enable")),
     "sample_weighting.type": lambda v: not _is_null(v),
     "use_rabc": lambda v: v == "true",
     "ema.enable": lambda v: v == "true",
@@ -564,19 +611,21 @@ def translate_args(args: Sequence[str], kinds: dict[str, FieldKind], presets: Se
         out.append("--policy.repo-id=None")
     elif tr.push_to_hub:
         tr.adjustments.append(_needs_repo_id)
-    if tr.lerobot_schedule:
+    if tr.lerobot_schedule or tr.lerobot_optim:  # the schedule was set LeRobot's way: it behaves as LeRobot's
         tr.adjustments.append(_lerobot_schedule)
-    elif tr.lerobot_optim:
-        tr.adjustments.append(_decay_length_notice)
     return Translation(out, tr.notices, tr.adjustments)
 
 
-def _decay_length_notice(cfg: Any) -> tuple[Any, str | None]:
-    if cfg.optim.decay_steps is not None:
-        return cfg, None
-    return cfg, (f"lerobot schedule: this preset decays the lr over all --steps ({cfg.steps}); LeRobot's SmolVLA "
-                 "preset decays over 30000 steps (shorter runs: over --steps), then holds decay_lr: add "
-                 "--policy.scheduler_decay_steps=30000 for exactly that")
+def _log_with_wandb(cfg: Any) -> tuple[Any, str | None]:
+    trackers = tuple(t for t in cfg.log_with if t != "none")
+    return dataclasses.replace(cfg, log_with=trackers + ("wandb",) if "wandb" not in trackers else trackers), None
+
+
+def _needs_ema_decay(cfg: Any) -> tuple[Any, str | None]:
+    if not cfg.ema.decay:
+        raise LeRobotFlagError("--ema.enable=true: LeRobot's warmup EMA schedule is not available here; give a "
+                               "constant --ema.decay (e.g. 0.999), as LeRobot's --ema.decay")
+    return cfg, None
 
 
 def _needs_repo_id(cfg: Any) -> tuple[Any, str | None]:

@@ -224,7 +224,8 @@ def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
         raise ConfigError(f"the dataset's action has {outputs[ACTION]['shape'][0]} dims, more than the policy's "
                           f"max_action_dim {pcfg.max_action_dim}")
     pcfg.input_features, pcfg.output_features = inputs, outputs  # as LeRobot: features come from the dataset
-    error = configure_relative_actions(pcfg, cfg.policy.use_relative_actions, cfg.policy.relative_exclude_joints,
+    use_relative = cfg.policy.use_relative_actions or None  # off: the checkpoint's own setting
+    error = configure_relative_actions(pcfg, use_relative, cfg.policy.relative_exclude_joints,
                                        action_names(meta.features[ACTION]))
     if error:
         raise ConfigError(error)
@@ -276,9 +277,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
     meta = mix.merged_meta()
     # Missing stats: stop now, before any model is built, and say which command adds them.
+    check_policy_folder(cfg, policy_dir, cfg.batch_size)  # a readable config.json first
     needed = needed_stats(load_policy_config(policy_dir).normalization_mapping)
-    if cfg.policy.use_relative_actions or (cfg.policy.use_relative_actions is None
-                                           and uses_relative_actions(load_policy_config(policy_dir))):
+    if cfg.policy.use_relative_actions or uses_relative_actions(load_policy_config(policy_dir)):
         needed.pop(ACTION)  # computed below on the relative actions
     for source in mix.sources:
         check_stats({cfg.dataset.rename_map.get(k, k): v for k, v in source.view.stats.items()}, needed, source.root)

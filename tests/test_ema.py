@@ -124,3 +124,13 @@ def test_asking_for_missing_ema_weights_is_a_one_line_error(lora_run, dataset_ro
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "has no EMA weights" in err
+
+
+def test_merging_missing_ema_weights_is_a_one_line_error(lora_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        merge.main(["--checkpoint", str(lora_run / "checkpoints/last"), "--output-dir", str(tmp_path / "m"),
+                    "--use-ema", "True"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "has no EMA weights" in err
+    assert not (tmp_path / "m").exists()

@@ -67,8 +67,8 @@ def test_the_guides_command_parses_to_lerobots_meaning(capsys):
     assert "lerobot --peft.method_type=LORA -> --peft.method=LORA" in out
     assert "lerobot --policy.optimizer_lr=1e-3 -> --optim.lr=1e-3" in out
     assert "--peft.full-training-modules state_proj" in out
-    # the preset already decays over LeRobot's 30000 steps, then holds decay_lr: no schedule difference to announce
-    assert cfg.optim.decay_steps == 30000 and cfg.optim.warmup_steps == 1000
+    # the preset already decays over LeRobot's 30000 steps (SmolVLAConfig's schedule): no difference to announce
+    assert (cfg.optim.warmup_steps, cfg.optim.decay_steps) == (1000, 30000)
     assert "lerobot schedule" not in out
 
 
@@ -94,6 +94,7 @@ def test_the_guides_command_trains(policy_dir, dataset_root, tmp_path, capsys):
     assert json.loads((last / "adapter_config.json").read_text())["modules_to_save"] == ["model.state_proj"]
     saved = json.loads((last / "train_config.json").read_text())
     assert saved["optim"]["lr"] == 1e-3 and saved["optim"]["decay_lr"] == 1e-4 and saved["batch_size"] == 32
+    assert (saved["optim"]["warmup_steps"], saved["optim"]["decay_steps"]) == (0, 2)  # LeRobot's shrunk schedule
     assert saved["peft"]["full_training_modules"] == ["state_proj"] and saved["policy"]["repo_id"] is None
     assert summary["trainable_params"] > 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -132,7 +133,8 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--policy.gradient_checkpointing=true"], "policy.gradient_checkpointing", True),
     (["--policy.chunk_size=10"], "policy.chunk_size", 10),
     (["--dataset.repo_id=org/data"], "dataset.repo_id", "org/data"),
-    (["--dataset.root", "/data/x"], "dataset.root", "/data/x"),
+    (["--dataset.root", "/data/x"], "dataset.root", ("/data/x",)),
+    (["--dataset.root=[/data/x,/data/y]"], "dataset.root", ("/data/x", "/data/y")),
     (['--rename_map={"observation.images.image": "observation.images.top"}'], "dataset.rename_map",
      {"observation.images.image": "observation.images.top"}),
     (["--env.type=reach", "--env.task=red"], "env.type", "reach"),
@@ -146,12 +148,19 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--output_dir=outputs/train/x"], "output_dir", "outputs/train/x"),
     (["--seed=7"], "seed", 7),
     (["--num_workers=6"], "dataset.num_workers", 6),
+    (["--prefetch_factor=4"], "dataset.prefetch_factor", 4),
+    (["--dataset.image_transforms.enable=true"], "dataset.image_transforms.enable", True),
+    (["--dataset.image_transforms.max_num_transforms=2"], "dataset.image_transforms.max_num_transforms", 2),
     (["--save_freq=500"], "checkpoint.every", 500),
     (["--save_freq=0", "--steps=1234"], "checkpoint.every", 1234),  # LeRobot: only the final checkpoint
     (["--log_freq=25"], "log_every", 25),
     (["--resume=true"], "resume", True),
     (["--resume=false"], "resume", False),
-    (["--wandb.enable=false"], "steps", 20000),  # accepted, nothing to set
+    (["--wandb.enable=false"], "log_with", ("tensorboard",)),  # accepted, nothing to set
+    (["--wandb.enable=true"], "log_with", ("tensorboard", "wandb")),
+    (["--ema.enable=true", "--ema.decay=0.99"], "ema.decay", 0.99),
+    (["--ema.enable=false"], "ema.decay", 0.0),
+    (["--dataset.episodes=[0,1,2]"], "dataset.episodes", ("0", "1", "2")),
     (["--peft.lora_alpha=null"], "peft.lora_alpha", 8),  # PEFT's default, as LeRobot's null
     (["--peft.lora_alpha=32"], "peft.lora_alpha", 32),
     (["--peft.target_modules=null"], "peft.target_modules", None),
@@ -162,13 +171,23 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
      ("state_proj", "action_out_proj")),
     (["--peft.full-training-modules", "state_proj", "action_out_proj"], "peft.full_training_modules",
      ("state_proj", "action_out_proj")),  # ours, unchanged
-    (["--optim.lr", "5e-4", "--no-resume"], "optim.lr", 5e-4),  # ours, unchanged
+    (["--optim.lr", "5e-4", "--policy.no-gradient-checkpointing"], "optim.lr", 5e-4),  # ours, unchanged
+    (["--resume"], "resume", True),  # ours, unchanged
+    (["--resume", "auto"], "resume", "auto"),
+    (["--policy.use-relative-actions", "True"], "policy.use_relative_actions", True),  # ours: bool | None
+    (["--policy.use_relative_actions=false"], "policy.use_relative_actions", False),
 ])
 def test_mapped_flag_takes_lerobots_meaning(flags, field, expected, capsys):
     value = cli(["smolvla_lora", *flags], console_outputs=False)
     for part in field.split("."):
         value = getattr(value, part)
     assert value == expected
+
+
+def test_lerobot_schedule_without_decay_steps_says_how_it_differs(capsys):
+    cfg = cli(["smolvla_lora", "--optim.decay_steps=None", "--policy.optimizer_lr=1e-3", "--steps=1000"])
+    assert cfg.optim.decay_steps is None and cfg.optim.warmup_steps == 1000
+    assert "LeRobot's SmolVLA preset decays over 30000 steps" in capsys.readouterr().out
 
 
 def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
@@ -184,25 +203,28 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--job_name=libero", "--job_name (lerobot-train) has no equivalent: runs are not named here"),
     ("--policy.device=cuda", "the device comes from Accelerate"),
     ("--policy.type=smolvla", "give its folder or Hub id with --policy.path"),
-    ("--wandb.enable=true", "no Weights & Biases logging here: metrics go to output_dir/metrics.jsonl"),
-    ("--wandb.project=lerobot", "--wandb.project (lerobot-train) has no equivalent: no Weights & Biases"),
+    ("--wandb.project=lerobot", "--wandb.project (lerobot-train) has no equivalent: the wandb project is named "
+                                "after the run folder (--output_dir)"),
+    ("--wandb.entity=me", "set the WANDB_ENTITY environment variable"),
+    ("--wandb.notes=hello", "its other settings come from WANDB_* environment variables"),
+    ("--ema.enable=true", "give a constant --ema.decay (e.g. 0.999)"),
+    ("--ema.power=0.75", "the EMA here has a constant decay: --ema.decay"),
     ("--save_checkpoint=false", "checkpoints are always saved"),
     ("--optimizer.lr=1e-4", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--scheduler.num_warmup_steps=10", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--use_policy_training_preset=false", "the optimizer is always AdamW"),
-    ("--dataset.episodes=[0,1]", "training uses every episode except the last --dataset.eval_episodes"),
     ("--dataset.eval_split=0.1", "hold out the last N episodes with --dataset.eval_episodes N"),
     ("--dataset.video_backend=torchcodec", "videos are decoded with PyAV"),
-    ("--dataset.image_transforms.enable=true", "no image augmentation here"),
+    ("--dataset.image_transforms.random_order=true", "augmentation is set by --dataset.image_transforms.enable"),
     ("--policy.freeze_vision_encoder=false", "the policy folder's config.json (--policy.path) holds it"),
     ("--policy.input_features={\"a\": 1}", "features always come from the dataset here"),
     ("--env.fps=30", "--env.fps (lerobot-train) has no equivalent: the simulator wrappers"),
     ("--job.target=a10g-small", "training runs where it is launched"),
     ("--save_checkpoint_to_hub=true", "only the last checkpoint is pushed"),
     ("--cudnn_deterministic=true", "--cudnn_deterministic (lerobot-train) has no equivalent"),
-    ("--prefetch_factor=2", "the DataLoader keeps PyTorch's default"),
     ("--policy.push_to_hub=true", "--policy.push_to_hub=true needs --policy.repo_id"),
     ("--resume=maybe", "--resume=maybe: expected true or false"),
+    ("--policy.gradient_checkpointing=maybe", "--policy.gradient_checkpointing=maybe: expected true or false"),
     ("--foo.bar=1", "unknown flag --foo.bar: neither an option of this suite (see --help) nor a lerobot-train flag"),
 ])
 def test_refused_lerobot_flag_names_what_to_use(flag, message, capsys):
@@ -272,11 +294,26 @@ def test_config_path_loads_a_lerobot_training_config(tmp_path, capsys):
     assert (o.lr, o.betas, o.decay_lr, o.warmup_steps, o.decay_steps) == (1e-3, (0.9, 0.95), 1e-4, 1000, 30000)
     assert (cfg.steps, cfg.batch_size, cfg.seed, cfg.log_every, cfg.checkpoint.every) == (100000, 32, 1000, 200, 20000)
     assert cfg.dataset.num_workers == 4 and cfg.output_dir == "outputs/train/libero_smolvla"
+    assert cfg.dataset.image_transforms.enable is False
     assert (cfg.env.type, cfg.env.task, cfg.env.max_steps, cfg.env.episodes, cfg.env.eval_every) == (
         "libero", "libero_spatial", 520, 50, 20000)
     out = capsys.readouterr().out
     assert "config policy.optimizer_lr=0.001 -> --optim.lr=0.001" in out
     assert "not used here" in out and "dataset.video_backend" in out and "wandb.project" in out
+
+
+def test_config_path_reads_lerobot_06_field_names(tmp_path, capsys):
+    config = lerobot_train_config()
+    del config["eval_freq"]
+    config.update(env_eval_freq=5000, eval_steps=0, prefetch_factor=4, persistent_workers=True, reward_model=None,
+                  save_checkpoint_to_hub=False, sample_weighting=None, job={"target": None, "tags": []},
+                  ema={"enable": False, "decay": None, "update_after_step": 0, "power": 0.75})
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(config))
+    cfg = cli(["smolvla_lora", f"--config_path={path}", "--policy.push_to_hub=false"])
+    assert (cfg.env.eval_every, cfg.dataset.eval_episodes, cfg.dataset.prefetch_factor, cfg.ema.decay) == (
+        5000, 0, 4, 0.0)  # eval_steps 0: no held-out split, as LeRobot's default
+    assert "persistent_workers" in capsys.readouterr().out  # listed as not used
 
 
 def test_command_line_overrides_the_config_file_and_picks_the_preset(tmp_path, capsys):
@@ -287,6 +324,22 @@ def test_command_line_overrides_the_config_file_and_picks_the_preset(tmp_path, c
     assert cfg.policy.repo_id == "me/other"
     assert (cfg.optim.warmup_steps, cfg.optim.decay_steps) == (100, 3000)  # LeRobot shortens its schedule
     assert "preset smolvla_lora (policy type smolvla)" in capsys.readouterr().out
+
+
+def test_config_path_maps_lerobots_image_transforms(tmp_path, capsys):
+    tfs = {"brightness": {"weight": 2.0, "type": "ColorJitter", "kwargs": {"brightness": [0.7, 1.3]}},
+           "hue": {"weight": 1.0, "type": "ColorJitter", "kwargs": {"hue": [-0.1, 0.1]}},
+           "affine": {"weight": 0.5, "type": "RandomAffine", "kwargs": {"degrees": [-10.0, 10.0],
+                                                                        "translate": [0.1, 0.1]}}}
+    path = write_config(tmp_path, dataset__image_transforms={"enable": True, "max_num_transforms": 2,
+                                                             "random_order": False, "tfs": tfs})
+    t = cli(["smolvla_lora", f"--config_path={path}", "--policy.push_to_hub=false"]).dataset.image_transforms
+    assert (t.enable, t.max_num_transforms, t.brightness, t.hue) == (True, 2, (0.7, 1.3), (-0.1, 0.1))
+    assert (t.affine_degrees, t.affine_translate) == (10.0, 0.1)
+    assert t.weights == (2.0, 0.0, 0.0, 1.0, 0.0, 0.5)  # ops absent from LeRobot's tfs are never picked
+    tfs["crop"] = {"weight": 1.0, "type": "RandomCrop", "kwargs": {"size": 10}}
+    path = write_config(tmp_path, dataset__image_transforms={"enable": True, "tfs": tfs})
+    assert "tfs ['crop'] have no equivalent" in refused(["smolvla_lora", f"--config_path={path}"], capsys)
 
 
 def test_config_path_without_the_policy_preset_uses_its_optimizer_sections(tmp_path, capsys):
@@ -303,7 +356,7 @@ def test_config_path_without_the_policy_preset_uses_its_optimizer_sections(tmp_p
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"dataset__episodes": [0, 1, 2]}, "dataset.episodes = [0, 1, 2] changes what is trained"),
+    ({"sample_weighting": {"type": "rabc"}}, "sample_weighting.type = rabc changes what is trained"),
     ({"policy__pretrained_path": None}, "no policy.pretrained_path (a run from scratch)"),
     ({"use_policy_training_preset": False, "optimizer": {"type": "sgd", "lr": 0.1}}, "optimizer.type 'sgd'"),
 ])

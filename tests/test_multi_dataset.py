@@ -258,3 +258,21 @@ def test_default_weights_follow_frames_and_resume(policy_dir, two_datasets, tmp_
     summary = train.main([*args[: args.index("--steps")], "--steps", "2", *args[args.index("--steps") + 2 :],
                           "--resume"])
     assert summary["checkpoint"].endswith("000002")
+
+
+def test_lerobot_spellings_of_the_new_flags_translate(tmp_path):
+    from test_lerobot_cli import write_config
+
+    from finetune.config import cli
+
+    cfg = cli(["smolvla_lora", "--dataset.episodes=[0,1,5]", "--dataset.root=[a,b]", "--dataset.weights=[0.7,0.3]",
+               "--policy.use_relative_actions=true", '--policy.relative_exclude_joints=["gripper"]',
+               "--ema.decay=0.99"])
+    assert cfg.dataset.episodes == ("0", "1", "5") and cfg.dataset.root == ("a", "b")
+    assert cfg.dataset.weights == (0.7, 0.3) and cfg.ema.decay == 0.99
+    assert cfg.policy.use_relative_actions is True and cfg.policy.relative_exclude_joints == ("gripper",)
+    assert parse_episodes(cfg.dataset.episodes) == [[0, 1, 5]]
+    # a LeRobot train_config.json's episode list carries over too
+    path = write_config(tmp_path, dataset__episodes=[0, 1, 2])
+    assert cli(["smolvla_lora", f"--config_path={path}", "--policy.push_to_hub=false"]).dataset.episodes == (
+        "0", "1", "2")

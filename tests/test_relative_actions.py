@@ -68,7 +68,7 @@ def _args(pi0_dir, dataset_root, out, *extra):
 @pytest.fixture(scope="module")
 def relative_run(pi0_dir, dataset_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("rel_run") / "run"
-    train.main(_args(pi0_dir, dataset_root, out, "--policy.use-relative-actions", "True",
+    train.main(_args(pi0_dir, dataset_root, out, "--policy.use-relative-actions",
                      "--policy.relative-exclude-joints", "dx"))
     return out
 
@@ -80,7 +80,7 @@ def test_training_on_relative_actions_round_trips_through_the_checkpoint(relativ
     assert config.action_feature_names == ["dx", "dy"]
     assert PI0Config.from_dict(json.loads(json.dumps(config.to_dict()))).to_dict() == config.to_dict()
     train_cfg = from_dict(json.loads((last / "train_config.json").read_text()))
-    assert train_cfg.policy.use_relative_actions and train_cfg.policy.relative_exclude_joints == ("dx",)
+    assert train_cfg.policy.use_relative_actions is True and train_cfg.policy.relative_exclude_joints == ("dx",)
     # the saved action stats are those of the relative actions (dy minus its state), not the dataset's absolute ones
     saved = load_stats(last)["action"]
     expected = relative_action_stats(dataset_root, config.chunk_size, [False, True])
@@ -112,7 +112,7 @@ def test_predictions_are_absolute_actions(relative_run, dataset_root):
 
 def test_unknown_excluded_joint_is_a_one_line_error(pi0_dir, dataset_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(_args(pi0_dir, dataset_root, tmp_path / "out", "--policy.use-relative-actions", "True",
+        train.main(_args(pi0_dir, dataset_root, tmp_path / "out", "--policy.use-relative-actions",
                          "--policy.relative-exclude-joints", "gripper"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
@@ -123,7 +123,7 @@ def test_unknown_excluded_joint_is_a_one_line_error(pi0_dir, dataset_root, tmp_p
 def test_smolvla_refuses_relative_actions(policy_dir, dataset_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(train_args(policy_dir, dataset_root, tmp_path / "out", "--steps", "1",
-                              "--policy.use-relative-actions", "True"))
+                              "--policy.use-relative-actions"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "smolvla policy has no relative actions" in err

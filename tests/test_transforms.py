@@ -138,7 +138,7 @@ def test_resume_with_augmentation_equals_one_go(lora_run, policy_dir, dataset_ro
     train.main(train_args(policy_dir, dataset_root, straight, "--steps", "4", *aug))
     resumed = tmp_path / "resumed"
     train.main(train_args(policy_dir, dataset_root, resumed, "--steps", "2", *aug))
-    train.main(train_args(policy_dir, dataset_root, resumed, "--steps", "4", "--resume", *aug))
+    train.main(train_args(policy_dir, dataset_root, resumed, "--steps", "4", *aug, "--resume", "auto"))
     a, b = _losses(straight), _losses(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:

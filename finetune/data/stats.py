@@ -195,11 +195,11 @@ def _data_files(root: Path) -> list[Path]:
     return files
 
 
-def _column_batches(root: Path, keys: Sequence[str], desc: str, episodes: set[int] | None = None
-                    ) -> Iterable[dict[str, np.ndarray]]:
+def _column_batches(root: Path, keys: Sequence[str], desc: str, episodes: set[int] | None = None,
+                    progress: bool = True) -> Iterable[dict[str, np.ndarray]]:
     """Per record batch of each data file: {key: (n, D) float64}, filtered to `episodes` when given."""
     columns = [*keys, "episode_index"]
-    for path in tqdm(_data_files(root), desc=desc, unit="file", leave=False):
+    for path in tqdm(_data_files(root), desc=desc, unit="file", leave=False, disable=not progress):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=columns):
             keep = None
             if episodes is not None:
@@ -246,7 +246,8 @@ def compute_dataset_stats(root: str | Path, keys: Sequence[str] | None = None, p
     cameras = [k for k in wanted if k in meta.camera_keys]
     out: dict[str, dict[str, np.ndarray]] = {}
     for key in vectors:
-        out[key] = vector_stats(lambda key=key: (b[key] for b in _column_batches(meta.root, [key], f"stats {key}")))
+        out[key] = vector_stats(lambda key=key: (b[key] for b in _column_batches(meta.root, [key], f"stats {key}",
+                                                                                 progress=progress)))
     if cameras:
         reader = LeRobotDataset(meta.root, 1, keys=cameras)
         accs = {k: ImageStats() for k in cameras}
