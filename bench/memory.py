@@ -4,7 +4,8 @@
     .venv/bin/python bench/memory.py --modes bf16_lora nf4_lora --batch-size 4
 
 Each (mode, checkpointing) pair runs in its own process so peak memory is its own: CUDA peak allocated on a GPU,
-peak RSS (ru_maxrss) on the CPU. Weights are random (same shapes as lerobot/smolvla_base); the numbers that matter -
+peak resident memory sampled from /proc/self/statm every 5 ms during the step on the CPU (not ru_maxrss, which would
+include building the model). Weights are random (same shapes as lerobot/smolvla_base); the numbers that matter -
 bytes and peaks - do not depend on their values. Prints a table and each mode's ratio to bf16 + LoRA.
 """
 
