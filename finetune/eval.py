@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import tyro
 
+from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from .data import COLORS, LeRobotDataset, load_dataset_meta
 from .data.multi import parse_episodes, split_selection
 from .envs import ReachEnv

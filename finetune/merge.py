@@ -27,6 +27,7 @@ import tyro
 from safetensors import safe_open
 from torch import nn
 
+from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from .adapters import (  # noqa: F401  (check_adapter_fits re-exported: merge's name before adapters had it)
     ADAPTER_CONFIG,
     AdapterMismatchError,

@@ -25,6 +25,7 @@ import torch
 import tyro
 from torch import Tensor, nn
 
+from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from .hub import load_tokenizer, resolve_repo
 from .lerobot_processor import read_processor_stats
 from .loading import load_trained_policy

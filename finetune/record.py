@@ -18,6 +18,7 @@ import numpy as np
 import tyro
 from tqdm.auto import tqdm
 
+from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from .data.writer import DatasetWriter, Episode
 from .envs import EnvUnavailable, make_env
 from .envs.metaworld import DEFAULT_CAMERAS, DEFAULT_MAX_STEPS, STATE_KINDS, expand_tasks
