@@ -108,6 +108,13 @@ def build_peft_config(opts: PeftOptions, targets: list[str], full_training: list
     }
     if opts.init_type is not None:
         wanted["init_lora_weights" if "init_lora_weights" in fields else "init_weights"] = opts.init_type
+    asked = {"use_dora": opts.use_dora, "use_rslora": opts.use_rslora, "rank_pattern": dict(opts.rank_pattern),
+             "alpha_pattern": dict(opts.alpha_pattern)}
+    for name, value in asked.items():
+        if value and name not in fields:
+            raise ConfigError(f"--peft.{name.replace('_', '-')} is an option of LORA, not of --peft.method {method}; "
+                              "drop it or use --peft.method LORA")
+    wanted.update({k: v for k, v in asked.items() if v})
     if "target_modules" not in fields:
         raise ConfigError(f"--peft.method {method} does not adapt linear layers (it tunes prompts or tokens); "
                           "choose e.g. LORA, LOHA, LOKR, IA3, VERA or OFT")

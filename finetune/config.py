@@ -85,6 +85,14 @@ class PeftOptions:
     None uses the policy's defaults (LeRobot's)."""
     full_training_modules: tuple[str, ...] = ()
     """Modules trained in full beside the adapter (PEFT's modules_to_save), e.g. action_out_proj."""
+    use_dora: bool = False
+    """LORA: weight-decomposed LoRA (DoRA): a trained magnitude per output feature beside the low-rank direction."""
+    use_rslora: bool = False
+    """LORA: rank-stabilized scaling lora_alpha / sqrt(r) instead of lora_alpha / r."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks overriding --peft.r: module-name regex (or suffix) -> rank, e.g. `lm_expert.*q_proj 16`."""
+    alpha_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module alphas overriding --peft.lora-alpha, keyed like --peft.rank-pattern."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +330,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
         (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
+        (all(v > 0 for v in cfg.peft.rank_pattern.values()),
+         f"--peft.rank-pattern ranks must be > 0, got {dict(cfg.peft.rank_pattern)}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -163,3 +163,26 @@ def test_compiled_policy_gives_the_eager_loss(policy_dir):
     eager = load_policy(policy_dir)(batch, noise=noise, time=time)[0]
     compiled = load_policy(policy_dir, compile_model=True, compile_mode="default")(batch, noise=noise, time=time)[0]
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_rslora_and_per_module_ranks_reach_peft(policy_dir):
+    opts = PeftOptions(r=4, lora_alpha=8, use_dora=True, use_rslora=True,
+                       rank_pattern={r"model\.action_out_proj": 2}, alpha_pattern={r"model\.action_out_proj": 2})
+    model = apply_adapter(load_policy(policy_dir), opts)
+    modules = dict(model.named_modules())
+    out_proj = modules["base_model.model.model.action_out_proj"]
+    q_proj = modules["base_model.model.model.vlm_with_expert.lm_expert.layers.0.self_attn.q_proj"]
+    assert out_proj.r["default"] == 2 and q_proj.r["default"] == 4  # the pattern's rank, --peft.r elsewhere
+    assert q_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rsLoRA: alpha / sqrt(r)
+    assert out_proj.scaling["default"] == pytest.approx(2 / 2 ** 0.5)
+    magnitudes = [n for n, p in model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    assert len(magnitudes) == len(lora_wrapped(model))  # DoRA: one trained magnitude vector per adapted layer
+    plain = apply_adapter(load_policy(policy_dir), PeftOptions(r=4, lora_alpha=8))
+    plain_q = dict(plain.named_modules())["base_model.model.model.vlm_with_expert.lm_expert.layers.0.self_attn.q_proj"]
+    assert plain_q.scaling["default"] == pytest.approx(2.0)
+    assert not any("lora_magnitude_vector" in n for n, _ in plain.named_parameters())
+
+
+def test_lora_only_options_are_refused_for_other_methods(policy_dir):
+    with pytest.raises(ConfigError, match=r"--peft.use-dora is an option of LORA, not of --peft.method IA3"):
+        apply_adapter(load_policy(policy_dir), PeftOptions(method="IA3", use_dora=True))
