@@ -110,18 +110,26 @@ def trainable_prefixes(model) -> dict[str, bool]:
 
 @pytest.mark.parametrize(("freeze_vision", "expert_only", "train_state_proj", "expected_frozen"), [
     (True, True, True, {"vision", "connector", "text_layer_0", "text_layer_last", "text_norm", "lm_head"}),
-    (True, False, True, {"vision", "text_layer_last", "text_norm", "lm_head"}),
-    (False, False, False, {"text_layer_last", "text_norm", "lm_head", "state_proj"}),
+    (True, False, True, {"vision", "text_norm", "lm_head"}),
+    (False, False, False, {"text_norm", "lm_head", "state_proj"}),
 ])
 def test_full_training_follows_lerobots_smolvla_freezing(policy_dir, freeze_vision, expert_only, train_state_proj,
                                                         expected_frozen):
     """--peft.method FULL trains what LeRobot's SmolVLA trains: by default (freeze_vision_encoder, train_expert_only)
-    the expert and the projections; the VLM parts nothing reads (last layer, final norm, lm_head) never train."""
+    the expert and the projections; the VLM parts nothing reads (final norm, lm_head, the last layer's
+    query/output/MLP) never train."""
     policy = load_policy(policy_dir, freeze_vision_encoder=freeze_vision, train_expert_only=expert_only,
                          train_state_proj=train_state_proj)
     model = apply_adapter(policy, PeftOptions(method="FULL"))
     trains = trainable_prefixes(model)
     assert {part for part, on in trains.items() if not on} == expected_frozen
+    last = "model.vlm_with_expert.vlm.model.text_model.layers.3."
+    last_trained = sorted(n.removeprefix(last) for n, p in model.named_parameters() if p.requires_grad
+                          and n.startswith(last))
+    # the expert attends to the last VLM layer's keys and values: those train unless the whole VLM is frozen
+    expected_last = [] if expert_only else ["input_layernorm.weight", "self_attn.k_proj.weight",
+                                            "self_attn.v_proj.weight"]
+    assert last_trained == expected_last
     model.train()
     vision = model.model.vlm_with_expert.vlm.model.vision_model
     assert vision.training is (not freeze_vision and not expert_only)  # frozen parts stay in eval mode, as LeRobot

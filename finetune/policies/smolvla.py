@@ -508,9 +508,10 @@ class SmolVLAPolicy(FlowMatchingPolicy):
 
     def frozen_in_full_training(self) -> list[nn.Module]:
         """LeRobot's SmolVLA rules: freeze_vision_encoder freezes SigLIP (not the connector); train_expert_only freezes
-        the whole VLM; otherwise the VLM parts whose outputs nothing reads stay frozen (lm_head, the final text norm,
-        the last layer(s) - LeRobot's intent; its name patterns only catch lm_head under transformers 5); state_proj
-        trains only with train_state_proj."""
+        the whole VLM; otherwise the VLM parts whose outputs nothing reads stay frozen: lm_head, the final text norm,
+        and in the last layer(s) the query/output projections, post-attention norm and MLP (LeRobot's intent; its name
+        patterns only catch lm_head under transformers 5). The last layer's input norm and key/value projections train:
+        the expert attends to their outputs. state_proj trains only with train_state_proj."""
         vlm_with_expert = self.model.vlm_with_expert
         vlm = vlm_with_expert.vlm
         frozen: list[nn.Module] = []
@@ -524,7 +525,9 @@ class SmolVLAPolicy(FlowMatchingPolicy):
             n_vlm, n_expert = vlm_with_expert.num_vlm_layers, vlm_with_expert.num_expert_layers
             if n_vlm != n_expert and n_vlm % n_expert == 0:
                 last.append(n_vlm - 2)
-            frozen += [vlm.lm_head, text.norm] + [text.layers[i] for i in last]
+            frozen += [vlm.lm_head, text.norm]
+            for layer in (text.layers[i] for i in last):
+                frozen += [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.post_attention_layernorm, layer.mlp]
         if not self.config.train_state_proj:
             frozen.append(self.model.state_proj)
         return frozen
