@@ -23,12 +23,14 @@ def test_flags_override_the_preset():
                "--resume", "--policy.path", "/p", "--dataset.root", "/d", "--dataset.repo-id", "org/ds",
                "--peft.method", "LOHA", "--peft.r", "8", "--peft.lora-alpha", "16", "--peft.target-modules", "q_proj",
                "v_proj", "--peft.full-training-modules", "action_out_proj", "--peft.init-type", "gaussian",
-               "--dataset.rename-map", "observation.images.front", "observation.images.top"])
+               "--dataset.rename-map", "observation.images.front", "observation.images.top",
+               "--peft.use-rslora", "True", "--peft.rank-pattern", "q_proj", "4"])
     assert (cfg.output_dir, cfg.steps, cfg.batch_size, cfg.seed, cfg.resume) == ("runs/x", 7, 3, 5, True)
     assert (cfg.policy.path, cfg.dataset.root, cfg.dataset.repo_id) == ("/p", ("/d",), "org/ds")
     assert dataclasses.asdict(cfg.peft) == {
         "method": "LOHA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "init_type": "gaussian",
-        "target_modules": ("q_proj", "v_proj"), "full_training_modules": ("action_out_proj",)}
+        "target_modules": ("q_proj", "v_proj"), "full_training_modules": ("action_out_proj",), "use_dora": False,
+        "use_rslora": True, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {}}
     assert cfg.dataset.rename_map == {"observation.images.front": "observation.images.top"}
     # the preset keeps LeRobot's SmolVLA LoRA recipe where not overridden
     assert (cfg.optim.lr, cfg.optim.decay_lr, cfg.optim.betas, cfg.optim.grad_clip_norm) == (1e-3, 1e-4, (0.9, 0.95),
