@@ -1,7 +1,8 @@
 """Time of one real-size LoRA training step per attention kernel and precision, against today's eager path.
 
-    .venv/bin/python bench/step.py                                  # CPU: SmolVLA, batch 2 and 8, fp32/bf16, main/sdpa
-    .venv/bin/python bench/step.py --batch-sizes 2 --steps 2 --attn main eager sdpa
+    .venv/bin/python bench/step.py                                  # CPU: SmolVLA, batch 2 and 8, fp32/bf16, main/sdpa,
+                                                                    #      aten/oneDNN linears
+    .venv/bin/python bench/step.py --batch-sizes 2 --steps 2 --attn main eager sdpa --linears aten
     .venv/bin/python bench/step.py --gpu                            # CUDA: SmolVLA and pi0 on 8/4-bit bases, batch 8/32
 
 CPU rows: the 450M SmolVLA in LeRobot's layout (random weights, fp32 storage), one 256x256 camera resized to 512 as
@@ -9,9 +10,13 @@ the policy does, 48 tokens, chunk 50, LoRA r 64 on LeRobot's default targets, Ad
 optimizer step. `precision` bf16 runs the step under bf16 autocast (weights stay fp32). Attention kernels:
 
 - `main`: the code before SDPA landed: LeRobot's eager float32-softmax joint attention, SigLIP through transformers'
-  SDPA (already its default) - the baseline every ratio is taken against, at the same batch size;
+  SDPA (already its default), with torch's own linears - the baseline every ratio is taken against, per batch size;
 - `eager`: eager attention everywhere (`--policy.attn-implementation eager`);
 - `sdpa`: torch's scaled_dot_product_attention in the joint layers and SigLIP (the default).
+
+Linear kernels (`linear`): `aten` is torch's own (MKL's sgemm on CPU, the baseline's), `onednn` the float32 linears
+through oneDNN (`--policy.cpu-linear onednn`, the default; finetune/policies/cpu_linear.py). Under bf16 autocast both
+are torch's bf16 kernel, so bf16 rows run `aten` only.
 
 The rows of one batch size run in one process, interleaved step by step (a busy neighbour slows every row alike);
 each row's time is the median of `--steps` timed steps after `--warmup` untimed rounds. AdamW runs with lr 0 (its
@@ -96,6 +101,13 @@ def make_batch(config, batch_size: int, image: int, device):
     return {k: v.to(device) for k, v in batch.items()}, noise.to(device), time_.to(device)
 
 
+def set_kernels(policy, model, attn: str, linear: str) -> None:
+    from finetune.policies.cpu_linear import use_cpu_linear
+
+    set_attention(policy, attn)
+    use_cpu_linear(model, linear)
+
+
 def set_attention(policy, attn: str) -> None:
     from finetune.policies.common import set_vision_attn_implementation
 
@@ -153,11 +165,12 @@ def cpu_worker(spec: dict) -> list[dict]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, foreach=True)
     batch, noise, time_ = make_batch(config, spec["batch"], 256, device)
     model.train()
-    rows = {(precision, attn): {"batch": spec["batch"], "precision": precision, "attn": attn, "times": [],
-                                "peaks": [], "loss": None} for precision, attn in spec["rows"]}
+    rows = {(precision, attn, linear): {"batch": spec["batch"], "precision": precision, "attn": attn,
+                                        "linear": linear, "times": [], "peaks": [], "loss": None}
+            for precision, attn, linear in spec["rows"]}
     for step in range(spec["warmup"] + spec["steps"]):
-        for (precision, attn), row in rows.items():
-            set_attention(policy, attn)
+        for (precision, attn, linear), row in rows.items():
+            set_kernels(policy, model, attn, linear)
             reset_peak_rss()
             loss, seconds = one_step(model, optimizer, batch, noise, time_, device,
                                      torch.bfloat16 if precision == "bf16" else None)
@@ -214,13 +227,14 @@ def run_worker(spec: dict):
 
 
 def cpu_table(rows: list[dict]) -> str:
-    base = {r["batch"]: r for r in rows if r["attn"] == "main" and r["precision"] == "fp32"}
-    lines = ["| batch | precision | attention | s/step | x main fp32 | peak RSS GiB | first loss |",
-             "|-------|-----------|-----------|--------|-------------|--------------|------------|"]
+    base = {r["batch"]: r for r in rows if (r["precision"], r["attn"], r["linear"]) == ("fp32", "main", "aten")}
+    lines = ["| batch | precision | attention | linear | s/step | x main fp32 | peak RSS GiB | first loss |",
+             "|-------|-----------|-----------|--------|--------|-------------|--------------|------------|"]
     for r in rows:
         ref = base.get(r["batch"])
         ratio = f"{r['s_per_step'] / ref['s_per_step']:.2f}" if ref else "-"
-        lines.append(f"| {r['batch']} | {r['precision']} | {r['attn']} | {r['s_per_step']:.2f} | {ratio} | "
+        lines.append(f"| {r['batch']} | {r['precision']} | {r['attn']} | {r['linear']} | {r['s_per_step']:.2f} | "
+                     f"{ratio} | "
                      f"{r['peak_bytes'] / 2**30:.2f} | {r['loss']:.6f} |")
     return "\n".join(lines)
 
@@ -240,6 +254,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--attn", nargs="+", default=["main", "sdpa"], choices=["main", "eager", "sdpa"])
+    parser.add_argument("--linears", nargs="+", default=["aten", "onednn"], choices=["aten", "onednn"],
+                        help="CPU float32 linear kernels (bf16 rows always run aten)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row before timing")
     parser.add_argument("--gpu", action="store_true", help="the CUDA rows (SmolVLA and pi0 on 8/4-bit bases)")
@@ -267,7 +283,9 @@ def main() -> None:
         print(gpu_table(rows))
         return
     # the baseline first, then the rest; each batch size in its own process
-    order = [("fp32", "main")] + [(p, a) for p in args.precisions for a in args.attn if (p, a) != ("fp32", "main")]
+    baseline = ("fp32", "main", "aten")
+    order = [baseline] + [(p, a, lin) for p in args.precisions for a in args.attn
+                          for lin in (args.linears if p == "fp32" else ["aten"]) if (p, a, lin) != baseline]
     for batch in args.batch_sizes or [2, 8]:
         spec = {"batch": batch, "rows": order, "steps": args.steps, "warmup": args.warmup}
         for row in run_worker(spec):

@@ -65,6 +65,9 @@ class PolicyOptions:
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel in the joint VLM/expert layers and the vision tower: torch's fused scaled_dot_product_attention
     (same loss as eager to float32 rounding) or LeRobot's eager float32-softmax path. Not written to config.json."""
+    cpu_linear: Literal["onednn", "aten"] = "onednn"
+    """Kernel of float32 linear layers on CPU: oneDNN's GEMM (AVX-512 wherever the CPU has it; about 2x MKL's on AMD
+    CPUs, same float32 math) or torch's default (MKL). CUDA, bf16 and autocast always use torch's. Not under ZeRO-3."""
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,7 @@ RESUMABLE_CHANGES = frozenset({
     "checkpoint.every", "checkpoint.keep_last", "dataset.num_workers", "dataset.video_cache_mb",
     "policy.repo_id", "policy.merged_repo_id", "demo.rollout_episodes", "demo.assets_dir", "nonfinite",
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",
+    "policy.cpu_linear",
     "env.type", "env.task", "env.episodes", "env.eval_every", "env.max_steps", "env.image_size",
 })
 

@@ -18,6 +18,7 @@ from .hub import resolve_repo
 from .model_card import read_train_config
 from .policies import load_policy, load_policy_config
 from .policies.base import PolicyConfig
+from .policies.cpu_linear import use_cpu_linear
 
 
 def checkpoint_kind(checkpoint: Path) -> str:
@@ -95,11 +96,16 @@ def load_trained_policy(checkpoint: Path, base: str | None, device: torch.device
         base_dir = resolve_base(checkpoint, base)
         policy = load_base_for_checkpoint(checkpoint, base_dir, dtype)
         if not use_trained_weights:
+            use_cpu_linear(policy, "onednn")
             return policy, base_dir
         train_cfg = read_train_config(checkpoint)
         quant = train_cfg.quant if train_cfg is not None else QuantOptions()
         peft = train_cfg.peft if train_cfg is not None else PeftOptions()
         model = quantize_and_attach(policy, quant, peft, device, adapter_dir=weights_folder(checkpoint, use_ema),
                                     trainable=False)
-        return (model if quant.enabled else model.merge_and_unload()), base_dir
-    return load_policy(weights_folder(checkpoint, use_ema), dtype=dtype), checkpoint
+        model = model if quant.enabled else model.merge_and_unload()
+        use_cpu_linear(model, "onednn")  # float32 CPU inference on oneDNN's GEMM; other cases are untouched
+        return model, base_dir
+    model = load_policy(weights_folder(checkpoint, use_ema), dtype=dtype)
+    use_cpu_linear(model, "onednn")
+    return model, checkpoint

@@ -55,6 +55,7 @@ from finetune.metrics import MetricsLogger, check_trackers, read_metrics
 from finetune.policies import POLICIES, load_policy, load_policy_config, save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE, TASK
 from finetune.policies.common import DTYPES
+from finetune.policies.cpu_linear import use_cpu_linear
 from finetune.preemption import STOP, Preempted, StopRequest, report_preempted, write_status
 from finetune.processor import PolicyProcessor, image_keys, images_to_float, save_stats
 from finetune.publish import check_push_access, push_repo_ids, push_run
@@ -307,6 +308,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     for p in model.parameters():  # trained parameters in float32 whatever the base's storage dtype
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    # ZeRO-3 gathers and frees weights around each module and handles torch's linear only
+    use_cpu_linear(model, "aten" if dist.zero_stage(accelerator) == 3 else cfg.policy.cpu_linear)
 
     splits = mix.splits(cfg.dataset.episodes, cfg.dataset.eval_episodes)
     chunk = policy.config.chunk_size

@@ -1,0 +1,137 @@
+"""float32 linear layers through oneDNN on CPU: the same products and gradients as torch's, in the policies too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import set_up_run, tiny_batch, train_args
+from torch import nn
+
+from finetune.adapters import apply_adapter
+from finetune.config import PeftOptions
+from finetune.loading import load_trained_policy
+from finetune.policies import load_policy
+from finetune.policies.cpu_linear import OneDNNLinear, onednn_available, use_cpu_linear
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear")
+
+
+def grads_of(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(upstream)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["3d", "transposed"])
+def test_onednn_linear_matches_float64_products_and_gradients(bias, layout):
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 80, bias=bias)
+    x = torch.randn(2, 37, 96) if layout == "3d" else torch.randn(96, 37).t()  # a strided input view
+    upstream = torch.randn(*x.shape[:-1], 80)
+    fast = nn.Linear(96, 80, bias=bias)
+    fast.load_state_dict(dense.state_dict())
+    assert use_cpu_linear(fast, "onednn") == 1 and type(fast) is OneDNNLinear
+    exact = nn.Linear(96, 80, bias=bias).double()
+    exact.load_state_dict({k: v.double() for k, v in dense.state_dict().items()})
+
+    y, gx, gp = grads_of(fast, x, upstream)
+    y64, gx64, gp64 = grads_of(exact, x.double(), upstream.double())
+    y32, gx32, _ = grads_of(dense, x, upstream)
+    # float32 rounding against float64, no worse than torch's own kernel's error (a wrong product is off by O(1))
+    for ours, ref, torch32 in ((y, y64, y32), (gx, gx64, gx32)):
+        err, torch_err = (ours.double() - ref).abs().max().item(), (torch32.double() - ref).abs().max().item()
+        assert err < max(4 * torch_err, 1e-5), (err, torch_err)
+    assert set(gp) == ({"weight", "bias"} if bias else {"weight"})
+    for name, grad in gp.items():
+        torch.testing.assert_close(grad.double(), gp64[name], rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weight_saves_no_input_and_gets_no_gradient():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    layer.weight.requires_grad_(False)
+    use_cpu_linear(layer, "onednn")
+    x = torch.randn(5, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is not None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(5, 16))  # d(sum(xW^T+b))/dx = column sums of W
+
+
+def test_other_dtypes_and_autocast_take_torchs_linear():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 8)
+    ref = nn.Linear(32, 8)
+    ref.load_state_dict(layer.state_dict())
+    use_cpu_linear(layer, "onednn")
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = layer(x), ref(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)  # the very same kernel as torch's under autocast
+    layer.bfloat16(), ref.bfloat16()
+    assert torch.equal(layer(x.bfloat16()), ref(x.bfloat16()))
+
+
+def test_switch_is_reversible_keeps_state_dict_and_leaves_subclasses_alone():
+    class Quantized(nn.Linear):  # stands for bitsandbytes' layers, nn.Linear subclasses with their own forward
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Quantized(4, 4), nn.Sequential(nn.Linear(4, 2)))
+    keys = list(model.state_dict())
+    assert use_cpu_linear(model, "onednn") == 2
+    assert [type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)] == \
+        ["OneDNNLinear", "Quantized", "OneDNNLinear"]
+    assert list(model.state_dict()) == keys
+    assert use_cpu_linear(model, "onednn") == 0  # already switched
+    assert use_cpu_linear(model, "aten") == 2
+    assert [type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)] == \
+        ["Linear", "Quantized", "Linear"]
+    with pytest.raises(ValueError, match="unknown CPU linear kernel 'mkl'"):
+        use_cpu_linear(model, "mkl")
+
+
+def lora_loss_and_grads(model, batch, kind: str, checkpointing: bool = False):
+    use_cpu_linear(model, kind)
+    model.base_model.model.set_gradient_checkpointing(checkpointing)
+    model.zero_grad(set_to_none=True)
+    noise = torch.randn(3, model.base_model.model.config.chunk_size, 32, generator=torch.Generator().manual_seed(1))
+    loss = model.train()(batch, noise=noise, time=torch.full((3,), 0.6))[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_smolvla_lora_step_on_onednn_equals_torchs(policy_dir, checkpointing):
+    torch.manual_seed(0)
+    model = apply_adapter(load_policy(policy_dir), PeftOptions(r=8))
+    for name, p in model.named_parameters():  # LoRA B starts at zero; random B makes every A gradient non-zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = tiny_batch(model.base_model.model)
+    loss_aten, grads_aten = lora_loss_and_grads(model, batch, "aten", checkpointing)
+    loss_fast, grads_fast = lora_loss_and_grads(model, batch, "onednn", checkpointing)
+    switched = [n for n, m in model.named_modules() if type(m) is OneDNNLinear]
+    assert any(n.endswith("q_proj.base_layer") for n in switched) and any("lora_A" in n for n in switched)
+    assert any("vision_model" in n for n in switched)
+    torch.testing.assert_close(loss_fast, loss_aten, rtol=1e-5, atol=1e-6)
+    assert set(grads_fast) == set(grads_aten) and len(grads_aten) > 0
+    for name, grad in grads_aten.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_and_inference_use_the_configured_kernel(policy_dir, dataset_root, lora_run, tmp_path):
+    run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "a"))
+    assert sum(type(m) is OneDNNLinear for m in run.model.modules()) > 100
+    run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "b", "--policy.cpu-linear", "aten"))
+    assert not any(type(m) is OneDNNLinear for m in run.model.modules())
+
+    model, _ = load_trained_policy(lora_run / "checkpoints" / "last", None, torch.device("cpu"), torch.float32)
+    assert any(type(m) is OneDNNLinear for m in model.modules())
+    batch = tiny_batch(model)
+    noise = torch.randn(3, model.config.chunk_size, 32, generator=torch.Generator().manual_seed(2))
+    fast = model.eval().predict_action_chunk(batch, noise=noise)
+    use_cpu_linear(model, "aten")
+    torch.testing.assert_close(fast, model.predict_action_chunk(batch, noise=noise), rtol=1e-5, atol=1e-5)
