@@ -8,7 +8,11 @@ precision. The policy then says it is loaded in 8/4-bit, which is what makes PEF
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, QuantOptions
@@ -46,15 +50,12 @@ def _quantized_linear(linear: nn.Linear, opts: QuantOptions) -> nn.Module:
         layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
     else:
         storage = DTYPES[opts.storage_dtype]
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                  compute_dtype=DTYPES[opts.compute_dtype], quant_type=opts.quant_type,
-                                  quant_storage=storage, device="meta")
+        layer = linear4bit_class()(linear.in_features, linear.out_features, bias=has_bias,
+                                   compute_dtype=DTYPES[opts.compute_dtype], quant_type=opts.quant_type,
+                                   quant_storage=storage, device="meta")
         layer.weight = bnb.nn.Params4bit(weight.to(DTYPES[opts.compute_dtype]), requires_grad=False,
                                          quant_type=opts.quant_type, compress_statistics=opts.double_quant,
                                          quant_storage=storage)
-        # bitsandbytes' CPU inference path repacks the weight in place and needs in_features divisible by the block
-        # size (the 720-wide SmolVLA expert is not); the plain path works for every shape, in training and eval.
-        layer.support_avx512bf16_for_cpu = False
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     return layer
@@ -92,18 +93,78 @@ def enable_input_require_grads(policy: nn.Module) -> None:
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
+    return any(cls.__name__ in ("Linear8bitLt", "Linear4bit") for cls in type(module).__mro__)
+
+
+def is_4bit_layer(module: nn.Module) -> bool:
+    return any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__)
+
+
+def dequantize_4bit(weight) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (Params4bit) back in its compute dtype, in torch: the packed codes (two per byte,
+    the first in the high nibble) looked up in the quant state's 16 levels and scaled by their block's absmax (itself
+    8-bit quantized under double quantization), over the row-major flattened weight.
+
+    bitsandbytes 0.50's native CPU kernel gets this wrong for many widths that are not a multiple of the block size
+    (e.g. 48, 80, 96, 720: values scaled by another block's absmax); its CUDA kernel and generic torch path are right,
+    and this equals them (tests/test_quant.py, tests/test_merge.py)."""
+    state = weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    packed = weight.data.view(torch.uint8).reshape(-1)
+    n = math.prod(state.shape)
+    codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)[:n].long()
+    values = state.code.to(device=absmax.device, dtype=torch.float32)[codes]
+    values = F.pad(values, (0, (-n) % state.blocksize)).view(-1, state.blocksize) * absmax.float()[:, None]
+    return values.reshape(-1)[:n].view(state.shape).to(state.dtype)
+
+
+class _Dequantized4bitLinear(torch.autograd.Function):
+    """x @ W^T + b with W dequantized on the fly in the forward and again in the backward (no dense copy kept)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight
+        return F.linear(x, dequantize_4bit(weight).to(x.dtype), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad @ dequantize_4bit(ctx.weight).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+@functools.cache
+def linear4bit_class() -> type[nn.Module]:
+    """bitsandbytes' Linear4bit, with CPU inputs routed through `dequantize_4bit` instead of its native CPU kernel
+    (wrong for many widths, see there); CUDA inputs take bitsandbytes' own path. Built on first use: bitsandbytes
+    loads lazily."""
+    bnb = _bnb()
+
+    class Linear4bit(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type != "cpu":
+                return super().forward(x)
+            compute = self.compute_dtype or x.dtype
+            bias = None if self.bias is None else self.bias.to(compute)
+            if bias is not None and bias.requires_grad:
+                raise RuntimeError("a trainable bias on a 4-bit layer is not supported; train it as a full module")
+            return _Dequantized4bitLinear.apply(x.to(compute), self.weight, bias).to(x.dtype)
+
+    Linear4bit.__qualname__ = "Linear4bit"
+    Linear4bit.__module__ = __name__
+    return Linear4bit
 
 
 def dequantize_policy(policy: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every bitsandbytes layer by an nn.Linear holding its dequantized weight (e.g. before a merge)."""
-    bnb = _bnb()
     for name, module in list(policy.named_modules()):
         if not is_quantized_layer(module):
             continue
         weight = module.weight
-        if type(module).__name__ == "Linear4bit":
-            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        if is_4bit_layer(module):
+            dense = dequantize_4bit(weight)
         else:
             # the row scales move from the parameter to the layer state after the first forward
             scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB

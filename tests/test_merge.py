@@ -128,7 +128,7 @@ def test_merge_refuses_missing_stats_and_a_full_checkpoint(trained, tmp_path, ca
         merge.merge_checkpoint(base, tmp_path / "m")
 
 
-# The frozen linears an 8-bit base stores in LLM.int8 (finetune.quant's scopes, written out here): SigLIP, the
+# The frozen linears a quantized base stores in 8 or 4 bits (finetune.quant's scopes, written out here): SigLIP, the
 # connector, the VLM's text layers, the expert's layers and the LM head.
 INT8_SCOPES = ("model.vlm_with_expert.vlm.model.vision_model.", "model.vlm_with_expert.vlm.model.connector.",
                "model.vlm_with_expert.vlm.model.text_model.layers.", "model.vlm_with_expert.lm_expert.layers.",
@@ -148,26 +148,63 @@ def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
     return torch.round(w16 * (127 / scale)) * scale / 127
 
 
-@pytest.mark.parametrize("quant_base", ["dequantized", "original"])
-def test_adapter_trained_on_an_8bit_base_merges_into_a_full_precision_base(
-        policy_dir, dataset_root, tmp_path_factory, tmp_path, capsys, quant_base):
-    """Every merged tensor equals the base weight (int8 round trip for the quantized linears when merging into the
-    dequantized base) plus the LoRA update B @ A * alpha / r, computed here from the files."""
-    pytest.importorskip("bitsandbytes")
+# NF4's 16 levels (QLoRA, Dettmers et al. 2023, appendix E): quantiles of N(0, 1) scaled to [-1, 1], exact zero.
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                           -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                           0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
 
-    run = tmp_path_factory.getbasetemp() / "merge_q8_run"
-    if not (run / "checkpoints" / "last").exists():  # one quantized run for both parametrizations
-        train.main(train_args(policy_dir, dataset_root, run, "--steps", "2", "--quant.load-in-8bit",
-                              "--dataset.eval-episodes", "0"))
+
+def nf4_round_trip(weight: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """NF4 storage undone, written from the QLoRA paper, not from bitsandbytes: the row-major weight cut in blocks of
+    64 values, each divided by its absmax, snapped to the nearest NF4 level, multiplied back (absmax kept in float32:
+    no double quantization)."""
+    flat = weight.float().flatten()
+    pad = (-flat.numel()) % block
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    levels = (blocks / absmax).unsqueeze(-1).sub(NF4_LEVELS).abs().argmin(dim=-1)
+    return (NF4_LEVELS[levels] * absmax).flatten()[: flat.numel()].view_as(weight)
+
+
+QUANT_MODES = {  # mode -> (training flags, merge_info label, the storage round trip written in this file)
+    "8bit": (("--quant.load-in-8bit",), "8-bit", int8_round_trip),
+    "4bit": (("--quant.load-in-4bit", "--quant.compute-dtype", "float32", "--quant.no-double-quant"), "4-bit nf4",
+             nf4_round_trip),
+}
+
+
+def test_nf4_round_trip_reference_itself():
+    """The test's own NF4 on two blocks of 4: levels hit exactly, each block's absmax kept, values snapped to the
+    nearest level (0.5 lies nearer 0.4407 than 0.5626)."""
+    w = torch.tensor([[0.5, -1.0, 0.2, 0.0], [0.3, 0.1, -0.05, 0.09]])
+    expected = torch.tensor([[0.44070982933044434, -1.0, 0.16093020141124725, 0.0],
+                             [0.3, 0.3 * 0.33791524171829224, -0.3 * 0.18477343022823334, 0.3 * 0.33791524171829224]])
+    torch.testing.assert_close(nf4_round_trip(w, block=4), expected)
+
+
+@pytest.mark.parametrize(("mode", "quant_base"), [("8bit", "dequantized"), ("8bit", "original"),
+                                                  ("4bit", "dequantized")])
+def test_adapter_trained_on_a_quantized_base_merges_into_a_full_precision_base(
+        policy_dir, dataset_root, tmp_path_factory, tmp_path, capsys, mode, quant_base):
+    """Every merged tensor equals the base weight (the int8 or NF4 round trip, written independently in this file, for
+    the quantized linears when merging into the dequantized base) plus the LoRA update B @ A * alpha / r, computed
+    here from the files."""
+    pytest.importorskip("bitsandbytes")
+    flags, label, round_trip = QUANT_MODES[mode]
+
+    run = tmp_path_factory.getbasetemp() / f"merge_{mode}_run"
+    if not (run / "checkpoints" / "last").exists():  # one quantized run per mode for every parametrization
+        train.main(train_args(policy_dir, dataset_root, run, "--steps", "2", *flags, "--dataset.eval-episodes", "0"))
     ckpt = run / "checkpoints" / "last"
     out = merge.merge_checkpoint(ckpt, tmp_path / "merged", quant_base=quant_base)
     err = capsys.readouterr().err
-    assert "trained on a 8-bit base" in err
+    assert f"trained on a {label} base" in err
     assert ("dequantizing it before merging" in err) == (quant_base == "dequantized")
     info = json.loads((out / "merge_info.json").read_text())
-    assert info["quantized_base"] == "8-bit" and info["quant_base"] == quant_base
+    assert info["quantized_base"] == label and info["quant_base"] == quant_base
     assert file_layout(out) == file_layout(policy_dir)
-    assert all(type(m).__name__ != "Linear8bitLt" for m in load_policy(out).modules())
+    assert all(type(m).__name__ not in ("Linear8bitLt", "Linear4bit") for m in load_policy(out).modules())
 
     original = load_file(str(policy_dir / "model.safetensors"))
     merged = load_file(str(out / "model.safetensors"))
@@ -182,13 +219,13 @@ def test_adapter_trained_on_an_8bit_base_merges_into_a_full_precision_base(
         module = key.rsplit(".", 1)[0]
         expected = weight
         if quant_base == "dequantized" and key.endswith(".weight") and module in linears and in_int8_scope(module):
-            expected = int8_round_trip(weight)
+            expected = round_trip(weight)
             round_tripped += 1
         if module in adapted and key.endswith(".weight"):
             lora_a = adapter[f"base_model.model.{module}.lora_A.weight"]
             lora_b = adapter[f"base_model.model.{module}.lora_B.weight"]
             expected = expected + (lora_b @ lora_a) * scaling
-        torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6, msg=key)
     assert round_tripped == (0 if quant_base == "original" else len([n for n in linears if in_int8_scope(n)]))
     key = "model.vlm_with_expert.lm_expert.layers.0.mlp.down_proj.weight"  # quantized, not adapted
     assert torch.equal(merged[key], original[key]) == (quant_base == "original")

@@ -3,6 +3,7 @@ and LoRA training through the script (checkpoint, resume, reload)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -407,31 +408,38 @@ def test_bf16_storage_keeps_lerobots_float32_parts(pi_dir):
     assert policy.eval().predict_action_chunk(batch, noise=noise).dtype == torch.float32
 
 
-def lora_train_step(policy_type: str, device: str, batch_size: int, backbone=None) -> float:
-    """One LoRA step (default targets, r 64, bf16 base, gradient checkpointing) on random weights; returns the loss."""
+def bf16_lora_model(policy_type: str, device: str, backbone=None, checkpointing: bool = True, seed: int = 0):
+    """(LoRA model, config, image size): default targets, r 64, bf16 base built in bf16 directly (no float32 copy of
+    the 3B base), LeRobot's float32 parts kept, trained parameters in float32."""
     image = 224 if backbone is None else 32
     config = CONFIGS[policy_type](
         input_features={"observation.images.base_0_rgb": {"type": "VISUAL", "shape": [3, image, image]},
                         "observation.images.left_wrist_0_rgb": {"type": "VISUAL", "shape": [3, image, image]},
                         "observation.state": {"type": "STATE", "shape": [8]}},
-        output_features={"action": {"type": "ACTION", "shape": [7]}}, gradient_checkpointing=True,
+        output_features={"action": {"type": "ACTION", "shape": [7]}}, gradient_checkpointing=checkpointing,
         **({} if backbone is None else {"image_resolution": (32, 32), "paligemma_variant": "tiny",
                                         "action_expert_variant": "tiny"}))
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no float32 copy of the 3B base
+    torch.manual_seed(seed)
+    torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
             policy = make_policy(config, backbone)
     finally:
         torch.set_default_dtype(torch.float32)
     for name, param in policy.named_parameters():
+        if name.endswith("norm.dense.weight"):  # pi0.5's adaRMS starts as the identity (no time gradient); not so
+            torch.nn.init.normal_(param, std=0.05)  # once pretrained
         if any(s in name for s in policy.keep_in_float32):
             param.data = param.data.float()
     policy.apply_storage_dtype(torch.bfloat16)
     model = apply_adapter(policy, PeftOptions(r=64, lora_alpha=64))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=2.5e-4)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, config, image
+
+
+def lora_batch(config, image: int, batch_size: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     batch = {key: torch.rand(batch_size, 3, image, image, generator=g) for key in config.image_features}
     batch["observation.state"] = torch.rand(batch_size, 8, generator=g) * 2 - 1
@@ -439,21 +447,59 @@ def lora_train_step(policy_type: str, device: str, batch_size: int, backbone=Non
     batch["observation.language.attention_mask"] = torch.ones(batch_size, config.tokenizer_max_length, dtype=torch.bool)
     batch["action"] = torch.randn(batch_size, config.chunk_size, 7, generator=g)
     batch["action_is_pad"] = torch.zeros(batch_size, config.chunk_size, dtype=torch.bool)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def lora_train_step(policy_type: str, device: str, batch_size: int) -> float:
+    """One real-size LoRA step (bf16 base, gradient checkpointing) on random weights; returns the loss."""
+    model, config, image = bf16_lora_model(policy_type, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2.5e-4)
     model.train()
-    loss, _ = model(batch)
+    loss, _ = model(lora_batch(config, image, batch_size, device))
     loss.backward()
     optimizer.step()
     assert all(p.grad is not None for p in params)
     return loss.item()
 
 
-def test_lora_step_on_a_bf16_base_with_checkpointing_runs():
-    """The real-size GPU check below, on the tiny backbone on CPU (same code path)."""
+@pytest.mark.parametrize("policy_type", POLICY_TYPES)
+def test_lora_step_on_a_bf16_base_with_checkpointing(policy_type):
+    """The real-size GPU check below, on the tiny backbone on CPU (same code path): checkpointing recomputes the very
+    same bf16 forward (same loss and gradients as without it), the bf16 loss is the float32 loss of the same weights
+    to bf16 rounding, and the step moves every adapter matrix and nothing of the base."""
     from helpers import TINY_PI_BACKBONE
 
-    for policy_type in POLICY_TYPES:
-        assert torch.isfinite(torch.tensor(lora_train_step(policy_type, "cpu", 2, TINY_PI_BACKBONE)))
+    runs = {}
+    for checkpointing in (True, False):
+        model, config, image = bf16_lora_model(policy_type, "cpu", TINY_PI_BACKBONE, checkpointing)
+        for name, p in model.named_parameters():  # LoRA B starts at zero; random B gives every A a gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        batch = lora_batch(config, image, 2, "cpu")
+        noise = torch.randn(2, config.chunk_size, config.max_action_dim, generator=torch.Generator().manual_seed(3))
+        time = torch.tensor([0.3, 0.8])
+        loss = model.train()(batch, noise=noise, time=time)[0]
+        loss.backward()
+        runs[checkpointing] = (model, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (model, loss, grads), (_, plain_loss, plain_grads) = runs[True], runs[False]
+    assert loss == plain_loss
+    assert set(grads) == set(plain_grads)
+    assert any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    reference = copy.deepcopy(model).float()  # the same (bf16-rounded) weights, computed in float32
+    float_loss = reference.train()(batch, noise=noise, time=time)[0].item()
+    assert loss == pytest.approx(float_loss, rel=0.03) and loss != float_loss
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(grads) and all("lora_" in n for n in moved)
+    base_bf16 = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+    assert base_bf16 and not moved & set(base_bf16)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,14 @@ from finetune.adapters import apply_adapter, base_policy
 from finetune.config import ConfigError, PeftOptions, QuantOptions
 from finetune.metrics import read_metrics
 from finetune.policies import load_policy
-from finetune.quant import dequantize_policy, enable_input_require_grads, quantize_policy, weight_bytes
+from finetune.quant import (
+    _quantized_linear,
+    dequantize_4bit,
+    dequantize_policy,
+    enable_input_require_grads,
+    quantize_policy,
+    weight_bytes,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 MODES = {"8bit": QuantOptions(load_in_8bit=True), "4bit": QuantOptions(load_in_4bit=True, compute_dtype="float32")}
@@ -22,6 +29,33 @@ MODES = {"8bit": QuantOptions(load_in_8bit=True), "4bit": QuantOptions(load_in_4
 
 def quantized(policy_dir, opts, keep=()):
     return quantize_policy(load_policy(policy_dir), opts, torch.device("cpu"), list(keep))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [(48, 720), (96, 80), (64, 128)])
+def test_4bit_layer_on_cpu_computes_with_the_nf4_weight(shape, double_quant):
+    """The 4-bit weight, dequantized, is the NF4 round trip written independently in tests/test_merge.py, and the
+    layer's CPU forward and input gradient use exactly it. Widths 720 and 80 are ones bitsandbytes 0.50's native CPU
+    kernel dequantizes wrongly (other blocks' scales), which a 4-bit run on CPU used to train against."""
+    from test_merge import nf4_round_trip
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(shape[1], shape[0])
+    layer = _quantized_linear(linear, QuantOptions(load_in_4bit=True, compute_dtype="float32",
+                                                   double_quant=double_quant)).to("cpu")
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    dense = dequantize_4bit(layer.weight)
+    expected = nf4_round_trip(linear.weight.detach())
+    if double_quant:  # the block scales are themselves 8-bit: each value off by at most ~1% of its block's scale
+        torch.testing.assert_close(dense, expected, rtol=0.02, atol=1e-4)
+    else:
+        torch.testing.assert_close(dense, expected, rtol=1e-6, atol=1e-7)
+    x = torch.randn(5, shape[1], requires_grad=True)
+    upstream = torch.randn(5, shape[0])
+    out = layer(x)
+    torch.testing.assert_close(out, x @ dense.T + linear.bias.detach(), rtol=1e-5, atol=1e-5)
+    out.backward(upstream)
+    torch.testing.assert_close(x.grad, upstream @ dense, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

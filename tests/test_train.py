@@ -120,7 +120,8 @@ def test_gradient_accumulation_and_checkpointing_run(policy_dir, dataset_root, t
                                     "--policy.gradient-checkpointing", "--dataset.eval-episodes", "0"))
     state = json.loads((out / "checkpoints/last/trainer_state.json").read_text())
     assert (state["step"], state["samples_seen"], state["batches_seen"]) == (2, 16, 4)
-    assert summary["trainable_params"] > 0
+    adapter = load_file(str(out / "checkpoints/last/adapter_model.safetensors"))
+    assert summary["trainable_params"] == sum(t.numel() for t in adapter.values()) > 0
 
 
 def test_accelerate_launch_runs_the_script(policy_dir, dataset_root, tmp_path):
