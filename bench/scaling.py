@@ -27,6 +27,15 @@ CONFIGS = REPO / "accelerate_configs"
 sys.path.insert(0, str(REPO))
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,7 +109,7 @@ def main() -> None:
         results = [(*row, {key: statistics.median(m[key] for m in runs) for key in runs[0]})
                    for row, runs in zip(rows, measured, strict=True)]
 
-    device = torch.cuda.get_device_name(0) if gpu else f"CPU, {cores} cores ({platform.processor() or 'unknown'})"
+    device = torch.cuda.get_device_name(0) if gpu else f"CPU, {cores} cores ({cpu_name()})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\ntiny SmolVLA LoRA, micro-batch {args.batch_size} per process, {args.steps} steps "
           f"(median after {args.warmup}), median of {args.repeats} run(s); {device}; torch {torch.__version__}; "
