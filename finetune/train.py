@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -113,9 +114,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cpu_ranks = not torch.cuda.is_available() and dist.launched_world_size() > 1
     if cpu_ranks:
         kwargs["backend"] = "gloo"  # CPU ranks: without it DeepSpeed ranks silently run alone
+    mixed_precision = _mixed_precision(cfg)
+    # Another run earlier in this process (a notebook, the tests) may have used another precision: Accelerate keeps
+    # one process-wide state and refuses the change, so that part starts over (the process group is kept).
+    wanted = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # None: the launch config's
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and held != wanted and not dist.wants_deepspeed():  # DeepSpeed records "no" and casts itself
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        mixed_precision=_mixed_precision(cfg),
+        mixed_precision=mixed_precision,
         cpu=cpu_ranks and not dist.wants_deepspeed(),  # CPU DDP (MULTI_CPU); cpu=True would switch DeepSpeed off
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )

@@ -343,3 +343,19 @@ def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(policy
     with pytest.raises(SystemExit) as exit_info:  # leftovers of a different run: not ours to drop
         train.main(train_args(policy_dir, dataset_root, other, "--steps", "2", "--resume", "auto"))
     assert exit_info.value.code == 2 and f"--output-dir {other} is not empty" in capsys.readouterr().err
+
+
+def test_runs_in_one_process_each_get_their_own_precision(policy_dir, dataset_root, tmp_path):
+    """Accelerate keeps one process-wide state; a second run (a notebook, these tests) with another precision must
+    neither be refused nor inherit the first run's autocast."""
+    from finetune.config import cli
+
+    bf16 = train.make_accelerator(cli(train_args(policy_dir, dataset_root, tmp_path / "a", "--policy.dtype",
+                                                 "bfloat16")))
+    assert bf16.mixed_precision == "bf16"
+    fp32 = train.make_accelerator(cli(train_args(policy_dir, dataset_root, tmp_path / "b")))
+    assert fp32.mixed_precision == "no"
+    again = train.make_accelerator(cli(train_args(policy_dir, dataset_root, tmp_path / "c", "--mixed-precision",
+                                                  "bf16")))
+    assert again.mixed_precision == "bf16"
+    assert train.make_accelerator(cli(train_args(policy_dir, dataset_root, tmp_path / "d"))).mixed_precision == "no"

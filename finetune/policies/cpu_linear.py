@@ -3,14 +3,15 @@
 torch's CPU `linear`/`mm` calls MKL's sgemm. On CPUs that MKL does not give its AVX-512 kernels (AMD EPYC among
 them) that runs at about half the core's float32 peak, while oneDNN (bundled with torch as MKL-DNN) JITs AVX-512
 kernels for whatever CPU it finds: on this project's AMD EPYC dev machine 400-470 GFLOP/s against MKL's 170-210 on
-the same two cores, forward and both backward products (`bench/step.py`). The math is the same float32
-multiply-accumulate in another order: outputs agree with MKL's to float32 rounding (tested against float64).
+the same two cores, forward and both backward products (`bench/linear.py`; the whole step: `bench/step.py`). The
+math is the same float32 multiply-accumulate in another order: outputs agree with MKL's to float32 rounding (tested
+against float64).
 
 `use_cpu_linear(model, "onednn")` turns every plain `nn.Linear` (base layers, LoRA's A/B, heads) into a
 `OneDNNLinear`, a subclass with the same parameters and state dict, so PEFT wrappers, saving and merging see no
-difference. It takes the oneDNN path only for float32 CPU inputs outside autocast; anything else (CUDA, bf16, half
-storage, autocast) goes through `F.linear` as before. Quantized layers (bitsandbytes) are not plain `nn.Linear`s and
-are left alone.
+difference. It takes the oneDNN path only for float32 CPU inputs outside autocast and torch.compile; anything else
+(CUDA, bf16, half storage, autocast, compiled graphs) goes through `F.linear` as before. Quantized layers
+(bitsandbytes) are not plain `nn.Linear`s and are left alone.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class OneDNNLinear(nn.Linear):
     """An `nn.Linear` whose float32 CPU products run on oneDNN; every other case is `F.linear`."""
 
     def forward(self, x: Tensor) -> Tensor:
+        # under torch.compile (compile_model) inductor plans the GEMMs itself and cannot lower this op's inputs
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.numel() > 0 and not torch.is_autocast_enabled("cpu")):
+                and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return _OneDNNLinearFn.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
