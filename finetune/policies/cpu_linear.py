@@ -2,7 +2,7 @@
 
 torch's CPU `linear`/`mm` calls MKL's sgemm. On CPUs that MKL does not give its AVX-512 kernels (AMD EPYC among
 them) that runs at about half the core's float32 peak, while oneDNN (bundled with torch as MKL-DNN) JITs AVX-512
-kernels for whatever CPU it finds: on this project's AMD EPYC dev machine 400-470 GFLOP/s against MKL's 170-210 on
+kernels for whatever CPU it finds: on this project's AMD EPYC dev machine 310-470 GFLOP/s against MKL's 180-220 on
 the same two cores, forward and both backward products (`bench/linear.py`; the whole step: `bench/step.py`). The
 math is the same float32 multiply-accumulate in another order: outputs agree with MKL's to float32 rounding (tested
 against float64).
