@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import set_up_run, tiny_batch, train_args
+from test_policies import randomize_lora_b
 from torch import nn
 
 from finetune.adapters import apply_adapter
@@ -106,9 +107,7 @@ def lora_loss_and_grads(model, batch, kind: str, checkpointing: bool = False):
 def test_smolvla_lora_step_on_onednn_equals_torchs(policy_dir, checkpointing):
     torch.manual_seed(0)
     model = apply_adapter(load_policy(policy_dir), PeftOptions(r=8))
-    for name, p in model.named_parameters():  # LoRA B starts at zero; random B makes every A gradient non-zero
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+    randomize_lora_b(model)  # LoRA B starts at zero; random B makes every A gradient non-zero
     batch = tiny_batch(model.base_model.model)
     loss_aten, grads_aten = lora_loss_and_grads(model, batch, "aten", checkpointing)
     loss_fast, grads_fast = lora_loss_and_grads(model, batch, "onednn", checkpointing)

@@ -469,13 +469,12 @@ def test_lora_step_on_a_bf16_base_with_checkpointing(policy_type):
     same bf16 forward (same loss and gradients as without it), the bf16 loss is the float32 loss of the same weights
     to bf16 rounding, and the step moves every adapter matrix and nothing of the base."""
     from helpers import TINY_PI_BACKBONE
+    from test_policies import randomize_lora_b
 
     runs = {}
     for checkpointing in (True, False):
         model, config, image = bf16_lora_model(policy_type, "cpu", TINY_PI_BACKBONE, checkpointing)
-        for name, p in model.named_parameters():  # LoRA B starts at zero; random B gives every A a gradient
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        randomize_lora_b(model)  # LoRA B starts at zero; random B gives every A a gradient
         batch = lora_batch(config, image, 2, "cpu")
         noise = torch.randn(2, config.chunk_size, config.max_action_dim, generator=torch.Generator().manual_seed(3))
         time = torch.tensor([0.3, 0.8])
