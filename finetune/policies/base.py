@@ -1,17 +1,29 @@
-"""What every policy shares: the LeRobot-style config base and the batch keys."""
+"""What every policy shares: the LeRobot-style config base, the batch keys, and the flow-matching policy and model
+bases that SmolVLA, pi0 and pi0.5 build on (each names only its own modules and embeddings)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import masked_action_loss, pad_last_dim
+from .common import (
+    check_attn_implementation,
+    euler_sample,
+    flow_matching_targets,
+    make_att_2d_masks,
+    masked_action_loss,
+    pad_last_dim,
+    sample_flow_time,
+    set_vision_attn_implementation,
+)
 
 OBS_STATE = "observation.state"
 OBS_IMAGES_PREFIX = "observation.images."
@@ -104,21 +116,137 @@ class PolicyConfig:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-class FlowMatchingPolicy(nn.Module):
-    """The batch-level front end every policy shares: camera selection, state/action padding, loss reduction.
+class FlowMatchingModel(nn.Module):
+    """A policy's `model`: the flow-matching loss and Euler sampling around a joint VLM + action expert transformer.
 
-    Subclasses set `config` and `model` (whose forward gives per-element flow-matching losses) and define
+    SmolVLA, pi0 and pi0.5 differ only in how they embed the prefix (images, text, maybe the state) and the suffix
+    (the noisy actions, maybe the state) and in the action head, so subclasses provide `joint` (the transformer run
+    over [prefix, suffix] with LeRobot's signature), `_prefix`, `_suffix` and, when it differs, `_velocity`.
+    """
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def joint(self) -> nn.Module:
+        """The VLM and action expert run layer by layer (LeRobot's vlm_with_expert / paligemma_with_expert)."""
+        raise NotImplementedError
+
+    def _prefix(self, images, img_masks, lang_tokens, lang_masks, state) -> tuple[Tensor, Tensor, Tensor]:
+        """Prefix embeddings, pad mask and block flags (see make_att_2d_masks)."""
+        raise NotImplementedError
+
+    def _suffix(self, state: Tensor, noisy_actions: Tensor, time: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """Suffix embeddings as the expert takes them, pad mask, block flags, and extra keyword arguments of `joint`."""
+        raise NotImplementedError
+
+    def _velocity(self, suffix_out: Tensor) -> Tensor:
+        """The predicted velocity: action_out_proj on the chunk's suffix outputs, in float32."""
+        return self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
+
+    def forward(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None) -> Tensor:
+        """Per-element flow-matching loss, shape (B, chunk_size, max_action_dim)."""
+        if noise is None:
+            noise = torch.randn(actions.shape, dtype=torch.float32, device=actions.device)
+        if time is None:
+            time = sample_flow_time(actions.shape[0], actions.device)
+        x_t, u_t = flow_matching_targets(actions, noise, time)
+        prefix = self._prefix(images, img_masks, lang_tokens, lang_masks, state)
+        return F.mse_loss(u_t, self._denoise_full(state, *prefix, x_t, time), reduction="none")
+
+    def _sample(self, images, img_masks, lang_tokens, lang_masks, state, noise: Tensor | None,
+                use_cache: bool) -> Tensor:
+        """Euler-integrate the flow from noise. With `use_cache` the prefix goes through the VLM once, into a KV cache
+        (as LeRobot); without, every step recomputes the whole sequence. Subclasses' sample_actions call this."""
+        if noise is None:
+            shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
+            noise = torch.randn(shape, dtype=torch.float32, device=state.device)
+        prefix, prefix_pad, prefix_att = self._prefix(images, img_masks, lang_tokens, lang_masks, state)
+        if use_cache:
+            prefix_2d = make_att_2d_masks(prefix_pad, prefix_att)
+            _, kv_cache = self.joint(prefix_2d, torch.cumsum(prefix_pad, dim=1) - 1, [prefix, None], fill_kv_cache=True)
+            denoise = partial(self._denoise_cached, state, prefix_pad, kv_cache)
+        else:
+            denoise = partial(self._denoise_full, state, prefix, prefix_pad, prefix_att)
+        return euler_sample(denoise, noise, self.config.num_steps)
+
+    def _denoise_cached(self, state, prefix_pad, kv_cache, x_t, time) -> Tensor:
+        """The velocity at (x_t, time), the suffix attending to the cached prefix keys/values and to itself."""
+        suffix, suffix_pad, suffix_att, joint_kwargs = self._suffix(state, x_t, time)
+        batch, suffix_len = suffix_pad.shape
+        prefix_2d = prefix_pad[:, None, :].expand(batch, suffix_len, prefix_pad.shape[1])
+        mask = torch.cat([prefix_2d, make_att_2d_masks(suffix_pad, suffix_att)], dim=2)
+        position_ids = prefix_pad.sum(dim=-1)[:, None] + torch.cumsum(suffix_pad, dim=1) - 1
+        (_, suffix_out), _ = self.joint(mask, position_ids, [None, suffix], kv_cache=kv_cache, **joint_kwargs)
+        return self._velocity(suffix_out)
+
+    def _denoise_full(self, state, prefix, prefix_pad, prefix_att, x_t, time) -> Tensor:
+        """The velocity at (x_t, time) from one pass over prefix and suffix (the training forward's too)."""
+        suffix, suffix_pad, suffix_att, joint_kwargs = self._suffix(state, x_t, time)
+        pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
+        att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
+        (_, suffix_out), _ = self.joint(att_2d, torch.cumsum(pad_masks, dim=1) - 1, [prefix, suffix], **joint_kwargs)
+        return self._velocity(suffix_out)
+
+
+class FlowMatchingPolicy(nn.Module):
+    """What every policy shares: camera selection, state/action padding, loss reduction, sampling, LeRobot's freezing
+    rules and the attention/checkpointing switches of the joint transformer.
+
+    Subclasses set `config` and `model` (a FlowMatchingModel), call `_finish_init()` at the end of `__init__`, name
+    their VLM parts (`_vlm`, `_vision_tower`, `_text_model`) and define
     `prepare_image(batch, key, image) -> (image in [-1, 1] at the model's size, (B,) bool mask)`.
     """
 
     config: PolicyConfig
-    model: nn.Module
+    model: FlowMatchingModel
     # Modules kept in eval mode while training because a FULL run freezes them (set by set_full_training_grads).
     _frozen_modules: tuple[nn.Module, ...] = ()
 
+    def _finish_init(self) -> None:
+        """LeRobot's settings for what the weights do not hold: activation checkpointing from the config (pi0 has the
+        field, SmolVLA none: off), sdpa attention, and compile_model."""
+        self.set_gradient_checkpointing(getattr(self.config, "gradient_checkpointing", False))
+        self.set_attn_implementation("sdpa")
+        self.compile_if_configured()
+
+    # --- the VLM parts each policy names --------------------------------------------------------------------------
+    def _vlm(self) -> nn.Module:
+        """The whole VLM (train_expert_only freezes it)."""
+        raise NotImplementedError
+
+    def _vision_tower(self) -> nn.Module:
+        """The VLM's vision encoder, without the projector (freeze_vision_encoder freezes it)."""
+        raise NotImplementedError
+
+    def _text_model(self) -> nn.Module:
+        """The VLM's text tower, whose token embeddings feed the joint layers."""
+        raise NotImplementedError
+
+    # --- training switches ----------------------------------------------------------------------------------------
     def frozen_in_full_training(self) -> list[nn.Module]:
-        """Modules a FULL fine-tune leaves frozen (LeRobot's freeze_vision_encoder / train_expert_only rules)."""
-        return []
+        """Modules a FULL fine-tune leaves frozen, by LeRobot's rules: freeze_vision_encoder freezes the vision
+        encoder (not the projector), train_expert_only the whole VLM."""
+        frozen: list[nn.Module] = []
+        if self.config.freeze_vision_encoder:
+            frozen.append(self._vision_tower())
+        if self.config.train_expert_only:
+            frozen.append(self._vlm())
+        return frozen
+
+    def set_attn_implementation(self, name: str) -> None:
+        """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and in the vision tower."""
+        self.model.joint.attn_implementation = check_attn_implementation(name)
+        set_vision_attn_implementation(self._vision_tower(), name)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each joint decoder layer (both towers) in the backward pass."""
+        self.model.joint.gradient_checkpointing = enabled
+
+    def input_embeddings_module(self) -> nn.Module:
+        """Where inputs enter the checkpointed layers (k-bit training makes its output require grad)."""
+        return self._text_model().get_input_embeddings()
 
     def set_full_training_grads(self) -> list[str]:
         """A FULL fine-tune as LeRobot's: every parameter trains except those the config's freeze_vision_encoder and
@@ -181,3 +309,13 @@ class FlowMatchingPolicy(nn.Module):
         losses = self.model(*self._inputs(batch), actions, noise, time)
         loss = masked_action_loss(losses, batch[ACTION].shape[-1], batch.get(ACTION_IS_PAD))
         return loss, {"loss": loss.detach().item()}
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """Normalized action chunk (B, chunk_size, action_dim)."""
+        return self._action_chunk(batch, noise=noise)
+
+    def _action_chunk(self, batch: dict[str, Tensor], **sample_kwargs: Any) -> Tensor:
+        """The model's sampled actions cut to the real action dims (sample_kwargs: what its sample_actions takes)."""
+        actions = self.model.sample_actions(*self._inputs(batch), **sample_kwargs)
+        return actions[:, :, : self.config.action_dim]

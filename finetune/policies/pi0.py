@@ -21,18 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GemmaConfig, GemmaModel, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding, apply_rotary_pos_emb, eager_attention_forward
 
-from .base import FlowMatchingPolicy, PolicyConfig
-from .common import (
-    check_attn_implementation,
-    compute_dtype,
-    euler_sample,
-    flow_matching_targets,
-    make_att_2d_masks,
-    sample_flow_time,
-    sdpa_attention,
-    set_vision_attn_implementation,
-    sinusoidal_time_embedding,
-)
+from .base import FlowMatchingModel, FlowMatchingPolicy, PolicyConfig
+from .common import compute_dtype, sdpa_attention, sinusoidal_time_embedding
 
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"  # the tokenizer LeRobot's pi0/pi0.5 processors load
 PALIGEMMA_VOCAB_SIZE = 257152
@@ -340,21 +330,24 @@ class PaliGemmaWithExpertModel(nn.Module):
 # --- flow matching ----------------------------------------------------------------------------------------------------
 
 
-class PI0FlowMatching(nn.Module):
+class PI0FlowMatching(FlowMatchingModel):
     """LeRobot's `PI0Pytorch` (the policy's `model`): prefix/suffix embedding, the joint transformer, the flow head."""
 
     use_adarms: ClassVar[bool] = False  # pi0.5 conditions the expert's norms on the time instead
     state_token: ClassVar[bool] = True  # pi0.5 has the state in the prompt instead
 
     def __init__(self, config: PI0Config, backbone_spec: dict[str, Any]):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         vlm_config, expert_config = make_backbone_configs(backbone_spec, config.image_resolution[0])
         self.paligemma_with_expert = PaliGemmaWithExpertModel(vlm_config, expert_config, self.use_adarms)
         self.expert_width = expert_config.hidden_size
         self.action_in_proj = nn.Linear(config.max_action_dim, self.expert_width)
         self.action_out_proj = nn.Linear(self.expert_width, config.max_action_dim)
         self._init_time_layers()
+
+    @property
+    def joint(self) -> PaliGemmaWithExpertModel:
+        return self.paligemma_with_expert
 
     def _init_time_layers(self) -> None:
         width = self.expert_width
@@ -405,68 +398,24 @@ class PI0FlowMatching(nn.Module):
         att = torch.tensor(flags, dtype=torch.bool, device=embs.device)[None, :].expand(batch, -1)
         return embs, pad_masks, att, adarms_cond
 
-    def _suffix_inputs(self, embs: Tensor) -> Tensor:
-        return embs.to(compute_dtype(self.paligemma_with_expert.gemma_expert.model.layers[0].self_attn.q_proj, embs))
+    def _prefix(self, images, img_masks, lang_tokens, lang_masks, state) -> tuple[Tensor, Tensor, Tensor]:
+        return self.embed_prefix(images, img_masks, lang_tokens, lang_masks)  # the state is in the suffix or prompt
+
+    def _suffix(self, state: Tensor, noisy_actions: Tensor, time: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """embed_suffix, cast to the expert's compute dtype, with pi0.5's adaRMS condition for the expert."""
+        embs, pad_masks, att, adarms_cond = self.embed_suffix(state, noisy_actions, time)
+        embs = embs.to(compute_dtype(self.paligemma_with_expert.gemma_expert.model.layers[0].self_attn.q_proj, embs))
+        return embs, pad_masks, att, {"adarms_cond": [None, adarms_cond]}
 
     def _velocity(self, suffix_out: Tensor) -> Tensor:
         return self._linear(self.action_out_proj, suffix_out[:, -self.config.chunk_size :].float()).float()
-
-    def forward(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None) -> Tensor:
-        """Per-element flow-matching loss, shape (B, chunk_size, max_action_dim)."""
-        if noise is None:
-            noise = torch.randn(actions.shape, dtype=torch.float32, device=actions.device)
-        if time is None:
-            time = sample_flow_time(actions.shape[0], actions.device)
-        x_t, u_t = flow_matching_targets(actions, noise, time)
-        prefix, prefix_pad, prefix_att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
-        suffix, suffix_pad, suffix_att, cond = self.embed_suffix(state, x_t, time)
-        pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
-        att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
-        position_ids = torch.cumsum(pad_masks, dim=1) - 1
-        (_, suffix_out), _ = self.paligemma_with_expert(att_2d, position_ids, [prefix, self._suffix_inputs(suffix)],
-                                                        adarms_cond=[None, cond])
-        return F.mse_loss(u_t, self._velocity(suffix_out), reduction="none")
 
     @torch.no_grad()
     def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None,
                        use_cache: bool = True) -> Tensor:
         """Euler-integrate the flow from noise; the prefix goes through the VLM once, into a KV cache (as LeRobot),
         unless `use_cache` is off, which recomputes the whole sequence every step."""
-        if noise is None:
-            shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
-            noise = torch.randn(shape, dtype=torch.float32, device=state.device)
-        prefix, prefix_pad, prefix_att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
-        if use_cache:
-            prefix_2d = make_att_2d_masks(prefix_pad, prefix_att)
-            _, kv_cache = self.paligemma_with_expert(prefix_2d, torch.cumsum(prefix_pad, dim=1) - 1, [prefix, None],
-                                                     fill_kv_cache=True)
-
-            def denoise(x_t: Tensor, time: Tensor) -> Tensor:
-                return self._denoise_cached(state, prefix_pad, kv_cache, x_t, time)
-        else:
-
-            def denoise(x_t: Tensor, time: Tensor) -> Tensor:
-                return self._denoise_full(state, prefix, prefix_pad, prefix_att, x_t, time)
-
-        return euler_sample(denoise, noise, self.config.num_inference_steps)
-
-    def _denoise_cached(self, state, prefix_pad, kv_cache, x_t, time) -> Tensor:
-        suffix, suffix_pad, suffix_att, cond = self.embed_suffix(state, x_t, time)
-        batch, suffix_len = suffix_pad.shape
-        prefix_2d = prefix_pad[:, None, :].expand(batch, suffix_len, prefix_pad.shape[1])
-        mask = torch.cat([prefix_2d, make_att_2d_masks(suffix_pad, suffix_att)], dim=2)
-        position_ids = prefix_pad.sum(dim=-1)[:, None] + torch.cumsum(suffix_pad, dim=1) - 1
-        (_, suffix_out), _ = self.paligemma_with_expert(mask, position_ids, [None, self._suffix_inputs(suffix)],
-                                                        adarms_cond=[None, cond], kv_cache=kv_cache)
-        return self._velocity(suffix_out)
-
-    def _denoise_full(self, state, prefix, prefix_pad, prefix_att, x_t, time) -> Tensor:
-        suffix, suffix_pad, suffix_att, cond = self.embed_suffix(state, x_t, time)
-        pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
-        att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
-        (_, suffix_out), _ = self.paligemma_with_expert(att_2d, torch.cumsum(pad_masks, dim=1) - 1,
-                                                        [prefix, self._suffix_inputs(suffix)], adarms_cond=[None, cond])
-        return self._velocity(suffix_out)
+        return self._sample(images, img_masks, lang_tokens, lang_masks, state, noise, use_cache)
 
 
 # --- the policy -------------------------------------------------------------------------------------------------------
@@ -520,9 +469,7 @@ class PI0Policy(FlowMatchingPolicy):
         self.config = config
         self.backbone_spec = resolve_backbone_spec(config, backbone_config)
         self.model = self.flow_matching_class(config, self.backbone_spec)
-        self.set_gradient_checkpointing(config.gradient_checkpointing)
-        self.set_attn_implementation("sdpa")
-        self.compile_if_configured()
+        self._finish_init()
 
     def _check_supported(self, config: PI0Config) -> None:
         values = {**config.extra, **{k: getattr(config, k) for k in self.unsupported_fields if hasattr(config, k)}}
@@ -579,31 +526,21 @@ class PI0Policy(FlowMatchingPolicy):
             scopes += (f"{prefix}paligemma.model.vision_tower.", f"{prefix}paligemma.model.multi_modal_projector.")
         return scopes
 
-    def frozen_in_full_training(self) -> list[nn.Module]:
-        """LeRobot's pi0/pi0.5 rules: freeze_vision_encoder freezes SigLIP (not the projector), train_expert_only
-        the whole PaliGemma."""
-        paligemma = self.model.paligemma_with_expert.paligemma
-        frozen: list[nn.Module] = []
-        if self.config.freeze_vision_encoder:
-            frozen.append(paligemma.model.vision_tower)
-        if self.config.train_expert_only:
-            frozen.append(paligemma)
-        return frozen
+    # LeRobot's pi0/pi0.5 freezing rules are the shared ones: freeze_vision_encoder freezes SigLIP (not the
+    # projector), train_expert_only the whole PaliGemma.
+    def _vlm(self) -> nn.Module:
+        return self.model.paligemma_with_expert.paligemma
 
-    def set_attn_implementation(self, name: str) -> None:
-        """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and in SigLIP."""
-        pwe = self.model.paligemma_with_expert
-        pwe.attn_implementation = check_attn_implementation(name)
-        set_vision_attn_implementation(pwe.paligemma.model.vision_tower, name)
+    def _vision_tower(self) -> nn.Module:
+        return self._vlm().model.vision_tower
+
+    def _text_model(self) -> nn.Module:
+        return self._vlm().model.language_model
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each joint decoder layer (both towers) in the backward pass."""
-        self.model.paligemma_with_expert.gradient_checkpointing = enabled
+        """As every policy, and kept in the config's gradient_checkpointing (LeRobot's pi0 field)."""
+        super().set_gradient_checkpointing(enabled)
         self.config.gradient_checkpointing = enabled
-
-    def input_embeddings_module(self) -> nn.Module:
-        """Where inputs enter the checkpointed layers (k-bit training makes its output require grad)."""
-        return self.model.paligemma_with_expert.language_model.get_input_embeddings()
 
     def prepare_image(self, batch: dict[str, Tensor], key: str, image: Tensor) -> tuple[Tensor, Tensor]:
         """Resized with centered padding to image_resolution, scaled to [-1, 1] (SigLIP's range)."""
@@ -613,6 +550,5 @@ class PI0Policy(FlowMatchingPolicy):
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None,
                              use_cache: bool = True) -> Tensor:
-        """Normalized action chunk (B, chunk_size, action_dim)."""
-        actions = self.model.sample_actions(*self._inputs(batch), noise=noise, use_cache=use_cache)
-        return actions[:, :, : self.config.action_dim]
+        """Normalized action chunk (B, chunk_size, action_dim); use_cache=False recomputes the prefix every step."""
+        return self._action_chunk(batch, noise=noise, use_cache=use_cache)

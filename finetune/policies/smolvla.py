@@ -20,19 +20,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, SmolVLMConfig, SmolVLMForConditionalGeneration
 
-from .base import FlowMatchingPolicy, PolicyConfig
-from .common import (
-    check_attn_implementation,
-    compute_dtype,
-    euler_sample,
-    flow_matching_targets,
-    make_att_2d_masks,
-    resize_with_pad,
-    sample_flow_time,
-    sdpa_attention,
-    set_vision_attn_implementation,
-    sinusoidal_time_embedding,
-)
+from .base import FlowMatchingModel, FlowMatchingPolicy, PolicyConfig
+from .common import compute_dtype, resize_with_pad, sdpa_attention, sinusoidal_time_embedding
 
 SMOLVLM2_500M = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 
@@ -351,12 +340,11 @@ class SmolVLMWithExpertModel(nn.Module):
         return att_outputs
 
 
-class VLAFlowMatching(nn.Module):
+class VLAFlowMatching(FlowMatchingModel):
     """LeRobot's `model`: prefix/suffix embedding, the joint transformer and the flow-matching head."""
 
     def __init__(self, config: SmolVLAConfig, vlm_config: SmolVLMConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.vlm_with_expert = SmolVLMWithExpertModel(config, vlm_config)
         vlm_width = vlm_config.text_config.hidden_size
         expert_width = self.vlm_with_expert.expert_hidden_size
@@ -367,6 +355,10 @@ class VLAFlowMatching(nn.Module):
         self.action_time_mlp_out = nn.Linear(expert_width, expert_width)
         # Token ids of <fake_token_around_image> and <global-img>; set from the tokenizer when the config asks for them.
         self.image_special_token_ids: tuple[int, int] | None = None
+
+    @property
+    def joint(self) -> SmolVLMWithExpertModel:
+        return self.vlm_with_expert
 
     def embed_prefix(self, images, img_masks, lang_tokens, lang_masks, state) -> tuple[Tensor, Tensor, Tensor]:
         embs, pad_masks, att_flags = [], [], []
@@ -427,60 +419,16 @@ class VLAFlowMatching(nn.Module):
         att = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)  # actions attend causally
         return hidden, pad_masks, att
 
-    def forward(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None) -> Tensor:
-        """Per-element flow-matching loss, shape (B, chunk_size, max_action_dim)."""
-        if noise is None:
-            noise = torch.randn(actions.shape, dtype=torch.float32, device=actions.device)
-        if time is None:
-            time = sample_flow_time(actions.shape[0], actions.device)
-        x_t, u_t = flow_matching_targets(actions, noise, time)
-        prefix, prefix_pad, prefix_att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state)
-        suffix, suffix_pad, suffix_att = self.embed_suffix(x_t, time)
-        pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
-        att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
-        position_ids = torch.cumsum(pad_masks, dim=1) - 1
-        (_, suffix_out), _ = self.vlm_with_expert(att_2d, position_ids, [prefix, suffix])
-        v_t = self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
-        return F.mse_loss(u_t, v_t, reduction="none")
+    def _prefix(self, images, img_masks, lang_tokens, lang_masks, state) -> tuple[Tensor, Tensor, Tensor]:
+        return self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state)  # the state is a prefix token
+
+    def _suffix(self, state: Tensor, noisy_actions: Tensor, time: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
+        return *self.embed_suffix(noisy_actions, time), {}
 
     @torch.no_grad()
     def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None) -> Tensor:
         """Euler-integrate the flow from noise; the prefix is encoded once into a KV cache when use_cache is set."""
-        batch = state.shape[0]
-        if noise is None:
-            shape = (batch, self.config.chunk_size, self.config.max_action_dim)
-            noise = torch.randn(shape, dtype=torch.float32, device=state.device)
-        prefix, prefix_pad, prefix_att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state)
-        if self.config.use_cache:
-            prefix_2d = make_att_2d_masks(prefix_pad, prefix_att)
-            _, kv_cache = self.vlm_with_expert(
-                prefix_2d, torch.cumsum(prefix_pad, dim=1) - 1, [prefix, None], fill_kv_cache=True
-            )
-
-            def denoise(x_t: Tensor, time: Tensor) -> Tensor:
-                return self._denoise_cached(prefix_pad, kv_cache, x_t, time)
-        else:
-
-            def denoise(x_t: Tensor, time: Tensor) -> Tensor:
-                return self._denoise_full(prefix, prefix_pad, prefix_att, x_t, time)
-
-        return euler_sample(denoise, noise, self.config.num_steps)
-
-    def _denoise_cached(self, prefix_pad, kv_cache, x_t, time) -> Tensor:
-        suffix, suffix_pad, suffix_att = self.embed_suffix(x_t, time)
-        batch, suffix_len = suffix_pad.shape
-        prefix_2d = prefix_pad[:, None, :].expand(batch, suffix_len, prefix_pad.shape[1])
-        mask = torch.cat([prefix_2d, make_att_2d_masks(suffix_pad, suffix_att)], dim=2)
-        position_ids = prefix_pad.sum(dim=-1)[:, None] + torch.cumsum(suffix_pad, dim=1) - 1
-        (_, suffix_out), _ = self.vlm_with_expert(mask, position_ids, [None, suffix], kv_cache=kv_cache)
-        return self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
-
-    def _denoise_full(self, prefix, prefix_pad, prefix_att, x_t, time) -> Tensor:
-        suffix, suffix_pad, suffix_att = self.embed_suffix(x_t, time)
-        pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
-        att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
-        (_, suffix_out), _ = self.vlm_with_expert(att_2d, torch.cumsum(pad_masks, dim=1) - 1, [prefix, suffix])
-        return self.action_out_proj(suffix_out[:, -self.config.chunk_size :].float())
+        return self._sample(images, img_masks, lang_tokens, lang_masks, state, noise, self.config.use_cache)
 
 
 class SmolVLAPolicy(FlowMatchingPolicy):
@@ -503,24 +451,27 @@ class SmolVLAPolicy(FlowMatchingPolicy):
         self.config = config
         self.vlm_config = vlm_config or make_vlm_config(config.vlm_model_name)
         self.model = VLAFlowMatching(config, self.vlm_config)
-        self.set_attn_implementation("sdpa")
-        self.compile_if_configured()
+        self._finish_init()
+
+    def _vlm(self) -> nn.Module:
+        return self.model.vlm_with_expert.vlm
+
+    def _vision_tower(self) -> nn.Module:
+        return self._vlm().model.vision_model
+
+    def _text_model(self) -> nn.Module:
+        return self._vlm().model.text_model
 
     def frozen_in_full_training(self) -> list[nn.Module]:
-        """LeRobot's SmolVLA rules: freeze_vision_encoder freezes SigLIP (not the connector); train_expert_only freezes
-        the whole VLM; otherwise the VLM parts whose outputs nothing reads stay frozen: lm_head, the final text norm,
-        and in the last layer(s) the query/output projections, post-attention norm and MLP (LeRobot's intent; its name
-        patterns only catch lm_head under transformers 5). The last layer's input norm and key/value projections train:
-        the expert attends to their outputs. state_proj trains only with train_state_proj."""
-        vlm_with_expert = self.model.vlm_with_expert
-        vlm = vlm_with_expert.vlm
-        frozen: list[nn.Module] = []
-        if self.config.freeze_vision_encoder:
-            frozen.append(vlm.model.vision_model)
-        if self.config.train_expert_only:
-            frozen.append(vlm)
-        else:
-            text = vlm.model.text_model
+        """LeRobot's SmolVLA rules: the shared ones (SigLIP without the connector; with train_expert_only the whole
+        VLM); otherwise the VLM parts whose outputs nothing reads stay frozen: lm_head, the final text norm, and in the
+        last layer(s) the query/output projections, post-attention norm and MLP (LeRobot's intent; its name patterns
+        only catch lm_head under transformers 5). The last layer's input norm and key/value projections train: the
+        expert attends to their outputs. state_proj trains only with train_state_proj."""
+        vlm_with_expert, vlm = self.model.vlm_with_expert, self._vlm()
+        frozen = super().frozen_in_full_training()
+        if not self.config.train_expert_only:
+            text = self._text_model()
             last = [vlm_with_expert.num_vlm_layers - 1]
             n_vlm, n_expert = vlm_with_expert.num_vlm_layers, vlm_with_expert.num_expert_layers
             if n_vlm != n_expert and n_vlm % n_expert == 0:
@@ -532,25 +483,12 @@ class SmolVLAPolicy(FlowMatchingPolicy):
             frozen.append(self.model.state_proj)
         return frozen
 
-    def set_attn_implementation(self, name: str) -> None:
-        """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and the vision tower."""
-        vlm_with_expert = self.model.vlm_with_expert
-        vlm_with_expert.attn_implementation = check_attn_implementation(name)
-        set_vision_attn_implementation(vlm_with_expert.vlm.model.vision_model, name)
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        self.model.vlm_with_expert.gradient_checkpointing = enabled
-
     def quantization_scopes(self, include_vision: bool) -> tuple[str, ...]:
         """Module-name prefixes whose linear layers a quantized base stores in 8/4-bit (the big frozen matrices;
         lm_head is unused by the policy but part of LeRobot's checkpoint)."""
         vlm = "model.vlm_with_expert.vlm."
         scopes = (f"{vlm}model.text_model.layers.", "model.vlm_with_expert.lm_expert.layers.", f"{vlm}lm_head")
         return scopes + ((f"{vlm}model.vision_model.", f"{vlm}model.connector.") if include_vision else ())
-
-    def input_embeddings_module(self) -> nn.Module:
-        """Where inputs enter the checkpointed layers (k-bit training makes its output require grad)."""
-        return self.model.vlm_with_expert.text_model.get_input_embeddings()
 
     def prepare_image(self, batch: dict[str, Tensor], key: str, image: Tensor) -> tuple[Tensor, Tensor]:
         """Resized with padding on the left and top (LeRobot's SmolVLA), scaled to [-1, 1] for SigLIP."""
@@ -560,9 +498,3 @@ class SmolVLAPolicy(FlowMatchingPolicy):
         mask = batch[pad_key].bool() if pad_key in batch else torch.ones(image.shape[0], dtype=torch.bool,
                                                                             device=image.device)
         return image * 2.0 - 1.0, mask
-
-    @torch.no_grad()
-    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """Normalized action chunk (B, chunk_size, action_dim)."""
-        actions = self.model.sample_actions(*self._inputs(batch), noise=noise)
-        return actions[:, :, : self.config.action_dim]
