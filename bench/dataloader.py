@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.data import LeRobotDataset, decode_video, encode_video  # noqa: E402
-from finetune.sampling import ResumableBatchSampler  # noqa: E402
+from finetune.training.sampling import ResumableBatchSampler  # noqa: E402
 
 CAMERAS = ("observation.images.front", "observation.images.wrist")
 H, W, FPS = 480, 640, 30

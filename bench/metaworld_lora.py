@@ -43,11 +43,14 @@ from finetune.config import (  # noqa: E402
 from finetune.data import load_dataset_meta  # noqa: E402
 from finetune.demo import TINY_VLM, export_base, tiny_smolvla_config, train_tokenizer  # noqa: E402
 from finetune.envs.metaworld import INSTRUCTIONS  # noqa: E402
+from finetune.envs.record import (
+    RecordConfig,  # noqa: E402
+    record,  # noqa: E402
+)
 from finetune.envs.rollout import run_closed_loop  # noqa: E402
 from finetune.eval import predictor_policy  # noqa: E402
+from finetune.inference.predict import Predictor  # noqa: E402
 from finetune.policies import make_policy, save_policy  # noqa: E402
-from finetune.predict import Predictor  # noqa: E402
-from finetune.record import RecordConfig, record  # noqa: E402
 
 PRETRAIN_TASKS = ("reach-v3", "push-v3", "button-press-topdown-v3", "drawer-open-v3", "window-open-v3",
                   "door-open-v3")

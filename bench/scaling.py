@@ -70,7 +70,7 @@ def run(config: str, processes: int, threads: int, policy: Path, data: Path, out
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
-    from finetune.metrics import read_metrics
+    from finetune.training.metrics import read_metrics
 
     ran = (out / "checkpoints/last/accelerate_config.yaml").read_text()
     assert f"#   num_processes: {processes}" in ran, ran  # the run really had that many ranks

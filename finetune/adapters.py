@@ -17,7 +17,7 @@ from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
 
-from .config import PEFT_METHOD_FULL, ConfigError, PeftOptions, QuantOptions
+from finetune.config import PEFT_METHOD_FULL, ConfigError, PeftOptions, QuantOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -201,7 +201,7 @@ def quantize_base(policy: nn.Module, quant: QuantOptions, peft: PeftOptions, dev
     full stay full precision); for training, the embeddings' outputs require grad (checkpointing, peft #137)."""
     if not quant.enabled:
         return policy
-    from .quant import enable_input_require_grads, quantize_policy
+    from finetune.quant import enable_input_require_grads, quantize_policy
 
     keep = resolve_full_training_modules(policy, peft.full_training_modules)
     policy = quantize_policy(policy, quant, device, keep)

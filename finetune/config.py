@@ -215,32 +215,6 @@ class CheckpointOptions:
 
 
 @dataclass(frozen=True)
-class DemoOptions:
-    enabled: bool = False
-    """Build the demo's base policy and synthetic datasets first (once; reused when present)."""
-    assets_dir: str = "runs/demo_assets"
-    """Where the demo's base policy and datasets are written."""
-    pretrain_steps: int = 4000
-    """Full-training steps of the tiny base policy on the pretraining robot."""
-    pretrain_batch_size: int = 16
-    """Batch size of the base's pretraining (more, smaller steps learned faster per CPU second than batch 32)."""
-    pretrain_colors: tuple[str, ...] = ("red", "green", "blue")
-    """Target colors of the pretraining dataset."""
-    finetune_colors: tuple[str, ...] = ("red", "green", "blue")
-    """Target colors of the fine-tuning dataset (and of the closed-loop rollouts)."""
-    finetune_action_sign: float = -1.0
-    """The fine-tuning robot's command sign: -1 is a robot whose motor axes are wired inverted (a new embodiment
-    the base has never driven), +1 the pretraining robot."""
-    pretrain_episodes: int = 1000
-    """Episodes in the pretraining dataset (scene variety is what teaches the base to find the named ball)."""
-    finetune_episodes: int = 200
-    """Episodes in the fine-tuning dataset."""
-    rollout_episodes: int = 50
-    """Seeded closed-loop episodes in the simulated task, run with the base and the fine-tuned policy at the end
-    (success rate before/after, a GIF and a plot in output_dir/eval); 0 skips it."""
-
-
-@dataclass(frozen=True)
 class EnvOptions:
     type: str | None = None
     """Simulator for closed-loop evaluation of the policy being trained (LeRobot's --env.type): reach, metaworld or
@@ -274,7 +248,6 @@ class TrainConfig:
     dataset: DataOptions = DataOptions()
     optim: OptimOptions = OptimOptions()
     checkpoint: CheckpointOptions = CheckpointOptions()
-    demo: DemoOptions = DemoOptions()
     env: EnvOptions = EnvOptions()
     ema: EmaOptions = EmaOptions()
     output_dir: str = "runs/train"
@@ -308,6 +281,11 @@ class TrainConfig:
     @property
     def checkpoints_dir(self) -> Path:
         return Path(self.output_dir) / "checkpoints"
+
+    @property
+    def push_repo_ids(self) -> list[str]:
+        """The Hub repos pushed to at the end of the run (--policy.repo-id, --policy.merged-repo-id)."""
+        return [r for r in (self.policy.repo_id, self.policy.merged_repo_id) if r]
 
 
 class ConfigError(ValueError):
@@ -348,11 +326,10 @@ def validate(cfg: TrainConfig) -> None:
     methods = sorted(t.value for t in PeftType)
     if method != PEFT_METHOD_FULL and method not in methods:
         raise ConfigError(f"unknown --peft.method {cfg.peft.method!r}; choose one of {methods} or FULL")
-    if not cfg.demo.enabled:
-        if cfg.policy.path is None:
-            raise ConfigError("--policy.path is required: a LeRobot-format policy folder or a Hub id")
-        if not cfg.dataset.roots and cfg.dataset.repo_id is None:
-            raise ConfigError("give the dataset with --dataset.root (a local folder) or --dataset.repo-id (Hub id)")
+    if cfg.policy.path is None:
+        raise ConfigError("--policy.path is required: a LeRobot-format policy folder or a Hub id")
+    if not cfg.dataset.roots and cfg.dataset.repo_id is None:
+        raise ConfigError("give the dataset with --dataset.root (a local folder) or --dataset.repo-id (Hub id)")
     from finetune.data.multi import check_data_options
 
     check_data_options(cfg.dataset)  # --dataset.root entries, episodes, weights, renames
@@ -378,7 +355,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
     "checkpoint.every", "checkpoint.keep_last", "dataset.num_workers", "dataset.video_cache_mb",
-    "policy.repo_id", "policy.merged_repo_id", "demo.rollout_episodes", "demo.assets_dir", "nonfinite",
+    "policy.repo_id", "policy.merged_repo_id", "nonfinite",
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",
     "policy.cpu_linear",
     "env.type", "env.task", "env.episodes", "env.eval_every", "env.max_steps", "env.image_size",
@@ -452,24 +429,7 @@ PI05_LORA = dataclasses.replace(PI0_LORA, policy=dataclasses.replace(PI0_LORA.po
 PI0_QLORA8 = dataclasses.replace(PI0_LORA, quant=QuantOptions(load_in_8bit=True), output_dir="runs/pi0_qlora8")
 PI0_QLORA4 = dataclasses.replace(PI0_LORA, quant=QuantOptions(load_in_4bit=True), output_dir="runs/pi0_qlora4")
 
-DEMO = TrainConfig(
-    peft=PeftOptions(method="LORA", r=16, lora_alpha=32, full_training_modules=()),
-    dataset=DataOptions(eval_episodes=8),
-    optim=OptimOptions(lr=3e-3, decay_lr=3e-4, warmup_steps=20, grad_clip_norm=10.0),
-    checkpoint=CheckpointOptions(every=100, keep_last=2),
-    demo=DemoOptions(enabled=True),
-    output_dir="runs/demo",
-    steps=600,
-    batch_size=32,
-    seed=0,
-    log_every=10,
-    eval_every=100,
-    eval_batches=2,
-)
-
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
-    "demo": ("Tiny SmolVLA on the synthetic reach task, CPU, minutes: pretrain a base in full on one robot, "
-             "then LoRA onto a robot with inverted motor axes.", DEMO),
     "smolvla_lora": ("SmolVLA (450M) with LeRobot's LoRA recipe; give --policy.path and --dataset.root.", SMOLVLA_LORA),
     "smolvla_qlora8": ("smolvla_lora on an 8-bit frozen base, gradient checkpointing on.", SMOLVLA_QLORA8),
     "smolvla_qlora4": ("smolvla_lora on a 4-bit NF4 frozen base, gradient checkpointing on.", SMOLVLA_QLORA4),
@@ -524,3 +484,11 @@ def from_dict(data: dict) -> TrainConfig:
         return cls(**kwargs)
 
     return build(TrainConfig, data)
+
+
+def read_train_config(folder: str | Path) -> TrainConfig | None:
+    """The train_config.json a run or checkpoint folder holds, None when it has none."""
+    import json
+
+    path = Path(folder) / "train_config.json"
+    return from_dict(json.loads(path.read_text())) if path.is_file() else None

@@ -5,21 +5,33 @@ v3.0 folders (videos encoded with a real codec) of the "move to the <color> ball
 pretraining robot and one on a robot whose motor axes are wired inverted, and a tiny SmolVLA (same code and module
 names as the 450M one) trained in full on the first and saved in LeRobot's format. The fine-tune then starts from
 that folder like any user's run. Assets are reused while the demo options that made them are unchanged.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml finetune/demo.py [--rollout-episodes 50] [--train.*]
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `finetune` importable and keep finetune/ off the path
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+import tyro
+from accelerate import PartialState
 
-from .config import (
+from finetune import (
+    _quiet,  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
+    train,
+)
+from finetune.config import (
     PEFT_METHOD_FULL,
     CheckpointOptions,
     DataOptions,
@@ -28,9 +40,9 @@ from .config import (
     PolicyOptions,
     TrainConfig,
 )
-from .data import COLORS, instruction, load_dataset_meta, make_synthetic_dataset
-from .policies import make_policy, save_policy
-from .policies.smolvla import SmolVLAConfig
+from finetune.data import COLORS, instruction, load_dataset_meta, make_synthetic_dataset
+from finetune.policies import make_policy, save_policy
+from finetune.policies.smolvla import SmolVLAConfig
 
 IMAGE_SIZE = 64
 CHUNK_SIZE = 10
@@ -103,56 +115,134 @@ def make_initial_policy(folder: Path, meta, seed: int) -> Path:
     return folder
 
 
-def prepare_demo(cfg: TrainConfig, accelerator: Accelerator, run_training) -> TrainConfig:
-    """Make (or reuse) the demo's datasets and base policy; return the fine-tuning config pointing at them."""
-    assets = Path(cfg.demo.assets_dir)
+# The LoRA fine-tune onto the inverted robot: r 16 on SmolVLA's default targets, a short high-lr schedule.
+FINETUNE = TrainConfig(
+    peft=PeftOptions(method="LORA", r=16, lora_alpha=32, full_training_modules=()),
+    dataset=DataOptions(eval_episodes=8),
+    optim=OptimOptions(lr=3e-3, decay_lr=3e-4, warmup_steps=20, grad_clip_norm=10.0),
+    checkpoint=CheckpointOptions(every=100, keep_last=2),
+    output_dir="runs/demo",
+    steps=600,
+    batch_size=32,
+    seed=0,
+    log_every=10,
+    eval_every=100,
+    eval_batches=2,
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The built-in demo: datasets and a base made locally, then a LoRA fine-tune through finetune.train like any
+    user's run (`--train.*` sets any training flag of that fine-tune)."""
+
+    assets_dir: str = "runs/demo_assets"
+    """Where the demo's base policy and datasets are written (reused while the options that made them hold)."""
+    pretrain_steps: int = 4000
+    """Full-training steps of the tiny base policy on the pretraining robot."""
+    pretrain_batch_size: int = 16
+    """Batch size of the base's pretraining (more, smaller steps learned faster per CPU second than batch 32)."""
+    pretrain_colors: tuple[str, ...] = ("red", "green", "blue")
+    """Target colors of the pretraining dataset."""
+    finetune_colors: tuple[str, ...] = ("red", "green", "blue")
+    """Target colors of the fine-tuning dataset (and of the closed-loop rollouts)."""
+    finetune_action_sign: float = -1.0
+    """The fine-tuning robot's command sign: -1 is a robot whose motor axes are wired inverted (a new embodiment
+    the base has never driven), +1 the pretraining robot."""
+    pretrain_episodes: int = 1000
+    """Episodes in the pretraining dataset (scene variety is what teaches the base to find the named ball)."""
+    finetune_episodes: int = 200
+    """Episodes in the fine-tuning dataset."""
+    rollout_episodes: int = 50
+    """Seeded closed-loop episodes in the simulated task, run with the base and the fine-tuned policy at the end
+    (success rate before/after, a GIF and a plot in the run's eval/ folder); 0 skips it."""
+    train: TrainConfig = FINETUNE
+    """The LoRA fine-tune (its --train.policy.path and --train.dataset.root are set to the demo's assets)."""
+
+
+def prepare_assets(cfg: DemoConfig) -> tuple[Path, Path]:
+    """Make (or reuse) the demo's datasets and base policy; returns the base policy folder and the fine-tuning
+    dataset. The base is pretrained in full through finetune.train.run like any other run."""
+    state = PartialState()
+    assets = Path(cfg.assets_dir)
     pretrain_ds, finetune_ds = assets / "pretrain_dataset", assets / "finetune_dataset"
     base = assets / "base_policy"
-    d = cfg.demo
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            discard_stale_assets(assets, d, cfg.seed)
-            for root, colors, seed, sign, episodes in (
-                    (pretrain_ds, d.pretrain_colors, 1, 1.0, d.pretrain_episodes),
-                    (finetune_ds, d.finetune_colors, 2, d.finetune_action_sign, d.finetune_episodes)):
+    seed = cfg.train.seed
+    with state.main_process_first():
+        if state.is_main_process:
+            discard_stale_assets(assets, cfg, seed)
+            for root, colors, data_seed, sign, episodes in (
+                    (pretrain_ds, cfg.pretrain_colors, 1, 1.0, cfg.pretrain_episodes),
+                    (finetune_ds, cfg.finetune_colors, 2, cfg.finetune_action_sign, cfg.finetune_episodes)):
                 if not (root / "meta" / "info.json").is_file():
                     shutil.rmtree(root, ignore_errors=True)
-                    accelerator.print(f"demo: writing synthetic dataset {root} (targets: {', '.join(colors)})")
-                    make_synthetic_dataset(root, num_episodes=episodes, target_colors=list(colors), seed=seed,
+                    print(f"demo: writing synthetic dataset {root} (targets: {', '.join(colors)})", flush=True)
+                    make_synthetic_dataset(root, num_episodes=episodes, target_colors=list(colors), seed=data_seed,
                                            image_size=IMAGE_SIZE, action_sign=sign)
 
     if not (base / "model.safetensors").is_file():
         init = assets / "initial_policy"
-        if accelerator.is_main_process:
-            make_initial_policy(init, load_dataset_meta(pretrain_ds), seed=cfg.seed)
+        if state.is_main_process:
+            make_initial_policy(init, load_dataset_meta(pretrain_ds), seed=seed)
             shutil.rmtree(assets / "pretrain_run", ignore_errors=True)  # an interrupted attempt starts over
-        accelerator.wait_for_everyone()
-        accelerator.print(f"demo: pretraining the base policy in full for {d.pretrain_steps} steps")
-        pretrain = TrainConfig(
-            policy=PolicyOptions(path=str(init)),
-            peft=PeftOptions(method=PEFT_METHOD_FULL),
-            dataset=DataOptions(root=str(pretrain_ds), eval_episodes=4),
-            optim=OptimOptions(lr=1e-3, decay_lr=1e-4, warmup_steps=30, weight_decay=0.0),
-            checkpoint=CheckpointOptions(every=d.pretrain_steps, keep_last=1),
-            output_dir=str(assets / "pretrain_run"),
-            steps=d.pretrain_steps, batch_size=d.pretrain_batch_size, seed=cfg.seed, log_every=25,
-            eval_every=d.pretrain_steps, eval_batches=2,
-        )
-        summary: dict[str, Any] = run_training(pretrain, accelerator)
-        if accelerator.is_main_process:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            print(f"demo: pretraining the base policy in full for {cfg.pretrain_steps} steps", flush=True)
+        summary: dict[str, Any] = train.run(pretrain_config(cfg, init, pretrain_ds))
+        if state.is_main_process:
             export_base(Path(summary["checkpoint"]), init, base)
-        accelerator.wait_for_everyone()
+        state.wait_for_everyone()
+    return base, finetune_ds
 
-    return replace(cfg, policy=replace(cfg.policy, path=str(base)), dataset=replace(cfg.dataset, root=str(finetune_ds)))
+
+def pretrain_config(cfg: DemoConfig, init: Path, dataset: Path) -> TrainConfig:
+    """The base's pretraining: every parameter trains from random initialization on the pretraining robot."""
+    return TrainConfig(
+        policy=PolicyOptions(path=str(init)),
+        peft=PeftOptions(method=PEFT_METHOD_FULL),
+        dataset=DataOptions(root=str(dataset), eval_episodes=4),
+        optim=OptimOptions(lr=1e-3, decay_lr=1e-4, warmup_steps=30, weight_decay=0.0),
+        checkpoint=CheckpointOptions(every=cfg.pretrain_steps, keep_last=1),
+        output_dir=str(Path(cfg.assets_dir) / "pretrain_run"),
+        steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, seed=cfg.train.seed, log_every=25,
+        eval_every=cfg.pretrain_steps, eval_batches=2, log_with=cfg.train.log_with,
+    )
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Assets, then the LoRA fine-tune from the demo's base (its output folder starts over: the previous demo run
+    moves to <output_dir>.previous), then the closed-loop report."""
+    from finetune.training.run_dir import move_aside
+
+    state = PartialState()
+    base, dataset = prepare_assets(cfg)
+    tune = replace(cfg.train, policy=replace(cfg.train.policy, path=str(base)),
+                   dataset=replace(cfg.train.dataset, root=str(dataset)))
+    out = Path(tune.output_dir)
+    if state.is_main_process and not tune.resume and out.is_dir() and any(out.iterdir()):
+        aside = move_aside(out, out.with_name(out.name + ".previous"))
+        print(f"demo: starting over in {out}; the previous run there was moved to {aside}", flush=True)
+    state.wait_for_everyone()
+    summary = train.run(tune)
+    if state.is_main_process and "checkpoint" in summary:
+        report_closed_loop(tune, cfg.finetune_colors, cfg.rollout_episodes, summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = tyro.cli(DemoConfig, args=argv, description=__doc__.split("\n")[0], use_underscores=False,
+                   console_outputs=PartialState().is_main_process)
+    with train.exit_codes():
+        return run_demo(cfg)
 
 
 # Bump when the demo's task, model or recipe changes, so assets made by an older version are rebuilt.
 ASSETS_VERSION = 2
 
 
-def discard_stale_assets(assets: Path, d, seed: int) -> None:
+def discard_stale_assets(assets: Path, cfg: DemoConfig, seed: int) -> None:
     """Delete assets built with other demo options (or by another version), so changed flags take effect."""
-    recipe = {k: v for k, v in asdict(d).items() if k not in ("enabled", "assets_dir", "rollout_episodes")}
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("assets_dir", "rollout_episodes", "train")}
     recipe = json.loads(json.dumps({**recipe, "seed": seed, "version": ASSETS_VERSION}))
     stamp = assets / "demo_recipe.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
@@ -175,17 +265,17 @@ def export_base(checkpoint: Path, init: Path, base: Path) -> None:
     tmp.rename(base)
 
 
-def report_closed_loop(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
+def report_closed_loop(cfg: TrainConfig, colors: Sequence[str], episodes: int, summary: dict[str, Any]
+                       ) -> dict[str, Any]:
     """The demo's last step: the base (the run's step 0) and the fine-tuned policy on the same seeded episodes of the
     new colors; prints the success rates and writes closed_loop.json, rollout GIFs and metrics.png to output_dir/eval.
     """
-    from .eval import closed_loop, settings_from_dataset, success_line  # evaluation code, not training's
-    from .predict import Predictor
+    from finetune.eval import closed_loop, settings_from_dataset, success_line
+    from finetune.inference.predict import Predictor
 
-    n = cfg.demo.rollout_episodes
-    if n <= 0:
+    if episodes <= 0:
         return {}
-    settings = settings_from_dataset(cfg.dataset.roots[0], cfg.demo.finetune_colors, episodes=n, seed=0)
+    settings = settings_from_dataset(cfg.dataset.roots[0], colors, episodes=episodes, seed=0)
     checkpoint = summary["checkpoint"]
     predictors = {"before": Predictor.from_checkpoint(checkpoint, cfg.policy.path, use_trained_weights=False),
                   "after": Predictor.from_checkpoint(checkpoint, cfg.policy.path)}
@@ -195,3 +285,7 @@ def report_closed_loop(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, A
     print(success_line(result))
     print(f"rollout GIFs and metrics plot in {out_dir}")
     return result
+
+
+if __name__ == "__main__":
+    main()

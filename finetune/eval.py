@@ -26,14 +26,15 @@ import numpy as np
 import torch
 import tyro
 
-from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
-from .data import COLORS, LeRobotDataset, load_dataset_meta
-from .data.multi import parse_episodes, split_selection
-from .envs import ReachEnv
-from .metrics import read_metrics
-from .policies.base import ACTION, OBS_STATE
-from .predict import Predictor
-from .publish import CLOSED_LOOP_FILE, OFFLINE_METRICS_FILE, read_train_config, run_dir_of
+from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
+from finetune.config import read_train_config
+from finetune.data import COLORS, LeRobotDataset, load_dataset_meta
+from finetune.data.multi import parse_episodes, split_selection
+from finetune.entry import console_script, exit_on
+from finetune.envs import ReachEnv
+from finetune.inference.predict import Predictor
+from finetune.policies.base import ACTION, OBS_STATE
+from finetune.training.metrics import CLOSED_LOOP_FILE, OFFLINE_METRICS_FILE, read_metrics, run_dir_of
 
 TASK_RE = re.compile(r"move to the (\w+) ball")
 GIF_SCALE = 4
@@ -428,7 +429,7 @@ def sim_env_kwargs(cfg: SimEvalConfig, predictor: Predictor) -> tuple[dict[str, 
     limit = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
     if cfg.env != "metaworld":
         return limit, image_size
-    from .envs.metaworld import CAMERAS, DEFAULT_CAMERAS, STATE_KINDS
+    from finetune.envs.metaworld import CAMERAS, DEFAULT_CAMERAS, STATE_KINDS
 
     named = [k.removeprefix("observation.images.") for k in keys]
     cameras = cfg.cameras or tuple(c for c in named if c in CAMERAS) or DEFAULT_CAMERAS
@@ -439,8 +440,8 @@ def sim_env_kwargs(cfg: SimEvalConfig, predictor: Predictor) -> tuple[dict[str, 
 
 def check_policy_on_env(predictor: Predictor, env_type: str, task: str, image_size: int, env_kwargs: dict) -> None:
     """Build one env and compare its cameras, state and action sizes with the policy's (one-line error if not)."""
-    from .envs import make_env
-    from .envs.rollout import check_policy_fits_env
+    from finetune.envs import make_env
+    from finetune.envs.rollout import check_policy_fits_env
 
     inverse = {v: k for k, v in predictor.processor.rename_map.items()}
     env = make_env(env_type, task, image_size=image_size, **env_kwargs)
@@ -453,7 +454,7 @@ def check_policy_on_env(predictor: Predictor, env_type: str, task: str, image_si
 
 def save_video(frames: list[np.ndarray], path: Path, fps: int = 30) -> Path | None:
     """The recorded episodes one after another as an mp4 (H.264 where this PyAV build has it)."""
-    from .data.video import encode_video
+    from finetune.data.video import encode_video
 
     if not frames:
         return None
@@ -494,8 +495,8 @@ def success_table(result: dict[str, Any]) -> str:
 
 def evaluate_in_sim(cfg: SimEvalConfig) -> dict[str, Any]:
     """Seeded closed-loop episodes per task; writes sim_eval.json, success.png and videos/<task>.mp4."""
-    from .envs import check_env, default_tasks
-    from .envs.rollout import run_closed_loop
+    from finetune.envs import check_env, default_tasks
+    from finetune.envs.rollout import run_closed_loop
 
     spec = cfg.suite if cfg.env == "libero" else cfg.tasks
     if cfg.env == "metaworld" and not cfg.tasks:
@@ -552,11 +553,11 @@ def _env_flag(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`--env metaworld|libero`: closed loop in that simulator; otherwise (or `--env reach`) the dataset-based
     evaluation: offline metrics and rollouts in the synthetic reach task."""
-    from .envs import EnvUnavailable
+    from finetune.envs import EnvUnavailable
 
     argv = list(sys.argv[1:] if argv is None else argv)
     env = _env_flag(argv)
-    try:
+    with exit_on(ValueError, FileNotFoundError, EnvUnavailable):
         if env is not None and env != "reach":
             sim_cfg = tyro.cli(SimEvalConfig, args=argv, description="Closed-loop evaluation in a simulator.")
             return evaluate_in_sim(sim_cfg)
@@ -565,14 +566,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del argv[i : i + (2 if argv[i] == "--env" else 1)]
         cfg = tyro.cli(EvalConfig, args=argv, description="Offline and closed-loop evaluation of a trained policy.")
         return evaluate(cfg)
-    except (ValueError, FileNotFoundError, EnvUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
-def cli() -> None:
-    """Console-script entry point (`finetune-eval`): main() without its return value as the exit status."""
-    main()
+cli = console_script(main)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@ online, the cached copy used when offline, and a clear error saying how to pre-d
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+from finetune.config import ConfigError
+
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 
 
 def is_offline() -> bool:
@@ -75,3 +80,24 @@ def load_tokenizer(policy_dir: Path | None, tokenizer_path: str | None, vlm_mode
         f"no tokenizer: the policy folder {policy_dir} has none of {TOKENIZER_FILES} and no VLM name is set; "
         "pass --policy.tokenizer-path"
     )
+
+
+def check_can_push(repo_ids: list[str], flag: str) -> None:
+    """Raise ConfigError unless every repo id is well formed and the Hub is reachable with a login."""
+    if not repo_ids:
+        return
+    for repo_id in repo_ids:
+        if not REPO_ID_RE.match(repo_id):
+            raise ConfigError(f"{flag} {repo_id!r} is not a Hub repo id; use NAME or ORG/NAME")
+    if is_offline():
+        raise ConfigError(f"{flag} {repo_ids[0]}: HF_HUB_OFFLINE is set, so nothing can be pushed to the Hub. Unset "
+                          f"HF_HUB_OFFLINE (and log in with `hf auth login`), or drop {flag} and push later with "
+                          "`finetune-merge --push-to`.")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().whoami()
+    except Exception as err:  # no token, bad token, no network: all need the same fix before a long run
+        raise ConfigError(f"{flag} {repo_ids[0]}: the Hugging Face Hub cannot be used ({type(err).__name__}: "
+                          f"{err}). Log in with `hf auth login` (or set HF_TOKEN) on a machine with network, or drop "
+                          f"{flag}.") from None

@@ -116,8 +116,8 @@ REFUSED = {
     "policy.device": "the device comes from Accelerate: `accelerate launch --cpu ...` for CPU, CUDA_VISIBLE_DEVICES "
                      "to choose GPUs (the accelerate_configs/*.yaml files for multi-GPU)",
     "policy.private": "pushed repos use your Hub account's default visibility; change it on the Hub after the push",
-    "policy.tags": "the model card's tags are written by finetune/publish.py; edit README.md on the Hub",
-    "policy.license": "the model card is written by finetune/publish.py; edit README.md on the Hub",
+    "policy.tags": "the model card's tags are written by finetune/export/publish.py; edit README.md on the Hub",
+    "policy.license": "the model card is written by finetune/export/publish.py; edit README.md on the Hub",
     "use_policy_training_preset": OPTIMIZER_HINT,
     "optimizer.*": OPTIMIZER_HINT,
     "scheduler.*": OPTIMIZER_HINT,

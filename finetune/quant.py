@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, QuantOptions
-from .policies.common import DTYPES
+from finetune.config import ConfigError, QuantOptions
+from finetune.policies.common import DTYPES
 
 
 def _bnb():

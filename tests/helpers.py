@@ -79,3 +79,30 @@ def set_up_run(argv: list[str]):
     run = train.setup(cfg, accelerator)
     accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
     return run
+
+
+def module_imports(lazy: bool = False) -> dict[str, set[str]]:
+    """finetune module -> the finetune modules it imports at module level (and inside functions with `lazy`)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / "finetune").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree) if lazy else tree.body:
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+                candidates = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            # a submodule importing its own package is no cycle: the package is always initialized first
+            targets |= {c for c in candidates if c in files and c != name and not name.startswith(c + ".")}
+        graph[name] = targets
+    return graph

@@ -76,7 +76,7 @@ def test_presets_follow_the_recipes_they_are_named_after(name):
     recipe = RECIPES[name]
     assert {k: fields[k] for k in recipe} == recipe
     # the learning rate the run sees at a few updates, from the recipe's own numbers (LeRobot's schedule)
-    from finetune.train import get_lr_factor
+    from finetune.training.optim import get_lr_factor
 
     for step in (0, 500, 1000, 15_000, recipe["effective_decay_steps"], recipe["steps"]):
         warm, decay = recipe["optim.warmup_steps"], recipe["effective_decay_steps"]

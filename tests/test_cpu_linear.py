@@ -10,7 +10,7 @@ from torch import nn
 
 from finetune.adapters import apply_adapter
 from finetune.config import PeftOptions
-from finetune.loading import load_trained_policy
+from finetune.inference.loading import load_trained_policy
 from finetune.policies import load_policy
 from finetune.policies.cpu_linear import OneDNNLinear, onednn_available, use_cpu_linear
 

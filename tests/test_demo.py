@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from finetune import train
+from finetune import demo
 
 
 @pytest.mark.slow
 def test_demo_fine_tune_halves_the_error_and_lifts_closed_loop_success(tmp_path):
     """Datasets, base pretraining, LoRA onto the inverted robot, rollouts: 6-8 minutes on 2 CPU cores."""
     out = tmp_path / "demo"
-    summary = train.main(["demo", "--output-dir", str(out), "--demo.assets-dir", str(tmp_path / "assets")])
+    summary = demo.main(["--train.output-dir", str(out), "--assets-dir", str(tmp_path / "assets")])
 
     assert summary["eval_mse_after"] <= 0.5 * summary["eval_mse_before"], summary
     assert summary["success_before"] <= 0.1 and summary["success_after"] >= summary["success_before"] + 0.3, summary

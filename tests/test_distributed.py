@@ -30,9 +30,11 @@ import torch
 from helpers import train_args
 from safetensors.torch import load_file
 
-from finetune import distributed, train
+from finetune import train
 from finetune.config import ConfigError, TrainConfig
-from finetune.metrics import read_metrics
+from finetune.training import distributed
+from finetune.training.metrics import read_metrics
+from finetune.training.run_dir import topology_changes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "accelerate_configs"
@@ -304,7 +306,7 @@ def test_supported_deepspeed_config_passes_and_gets_the_training_config(monkeypa
 def test_ranks_take_disjoint_slices_of_the_one_process_batches():
     from itertools import islice
 
-    from finetune.sampling import ResumableBatchSampler
+    from finetune.training.sampling import ResumableBatchSampler
 
     one = list(islice(iter(ResumableBatchSampler(50, 8, 1, 0, seed=3)), 12))  # 2 epochs of 6 batches
     ranks = [list(islice(iter(ResumableBatchSampler(50, 4, 2, r, seed=3)), 12)) for r in (0, 1)]
@@ -430,13 +432,13 @@ def test_zero2_checkpoint_is_not_resumed_as_ddp(runs, policy_dir, dataset_root, 
 def test_resuming_a_sharded_state_on_another_topology_is_refused_up_front(saved, now, message):
     cfg = TrainConfig(batch_size=4 // now.num_processes)
     old = TrainConfig(batch_size=4 // saved["world_size"])
-    changes = train.topology_changes(old, saved, cfg, now)
+    changes = topology_changes(old, saved, cfg, now)
     assert any(message in c for c in changes), changes
 
 
 def test_ddp_world_size_change_with_the_global_batch_kept_is_accepted():
     saved = {"world_size": 2, "distributed_type": "MULTI_CPU", "zero_stage": None}
-    assert train.topology_changes(TrainConfig(batch_size=2), saved, TrainConfig(batch_size=4), fake_accelerator()) == []
+    assert topology_changes(TrainConfig(batch_size=2), saved, TrainConfig(batch_size=4), fake_accelerator()) == []
     two = fake_accelerator("MULTI_CPU", num_processes=2)
     one_saved = {"world_size": 1, "distributed_type": "NO", "zero_stage": None}
-    assert train.topology_changes(TrainConfig(batch_size=4), one_saved, TrainConfig(batch_size=2), two) == []
+    assert topology_changes(TrainConfig(batch_size=4), one_saved, TrainConfig(batch_size=2), two) == []

@@ -9,11 +9,12 @@ import torch
 from helpers import train_args
 from safetensors.torch import load_file
 
-from finetune import merge, train
-from finetune.ema import EMA
-from finetune.metrics import read_metrics
-from finetune.predict import Predictor
-from finetune.predict import main as predict_main
+from finetune import train
+from finetune.export import merge
+from finetune.inference.predict import Predictor
+from finetune.inference.predict import main as predict_main
+from finetune.training.ema import EMA
+from finetune.training.metrics import read_metrics
 
 DECAY = 0.8
 

@@ -16,7 +16,7 @@ from finetune import eval as evaluation
 from finetune import train
 from finetune.data import COLORS, LeRobotDataset, instruction, load_dataset_meta, synthetic
 from finetune.envs import ENV_ID, ReachEnv
-from finetune.predict import Predictor
+from finetune.inference.predict import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +154,9 @@ def test_demo_ends_with_closed_loop_success_before_and_after(monkeypatch, lora_r
                                                             tmp_path, capsys):
     """The demo's own report (finetune.demo), with known policies: the base stands still (0%), the fine-tuned one is
     the oracle (100%); the summary, closed_loop.json and the printed line must carry exactly those rates."""
-    def prepare_demo(cfg, accelerator, run_training):
-        return dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, path=str(policy_dir)),
-                                   dataset=dataclasses.replace(cfg.dataset, root=str(dataset_root)))
+    from finetune import demo
+
+    trained = []
 
     still = OraclePredictor()
     still.predict_batch = lambda obs, generator=None: np.zeros((len(obs), 10, 2), np.float32)
@@ -166,11 +166,14 @@ def test_demo_ends_with_closed_loop_success_before_and_after(monkeypatch, lora_r
         loaded.append((str(checkpoint), base, use_trained_weights))
         return OraclePredictor() if use_trained_weights else still
 
-    monkeypatch.setattr("finetune.demo.prepare_demo", prepare_demo)
-    monkeypatch.setattr(train, "run_training", lambda cfg, acc: {"checkpoint": str(lora_run / "checkpoints/last")})
+    monkeypatch.setattr(demo, "prepare_assets", lambda cfg: (policy_dir, dataset_root))
+    last = {"checkpoint": str(lora_run / "checkpoints/last")}
+    monkeypatch.setattr(train, "run", lambda cfg: trained.append(cfg) or last)
     monkeypatch.setattr(Predictor, "from_checkpoint", from_checkpoint)
     out = tmp_path / "demo"
-    summary = train.main(["demo", "--output-dir", str(out), "--demo.rollout-episodes", "3"])
+    summary = demo.main(["--train.output-dir", str(out), "--rollout-episodes", "3"])
+    assert [(c.policy.path, c.dataset.roots, c.peft.r, c.steps) for c in trained] == \
+        [(str(policy_dir), (str(dataset_root),), 16, 600)]  # the demo's LoRA recipe on its assets, through train.run
     assert summary["success_before"] == 0.0 and summary["success_after"] == 1.0
     assert sorted(w for *_, w in loaded) == [False, True] and {b for _, b, _ in loaded} == {str(policy_dir)}
     saved = json.loads((out / "eval" / "closed_loop.json").read_text())
@@ -181,21 +184,12 @@ def test_demo_ends_with_closed_loop_success_before_and_after(monkeypatch, lora_r
         capsys.readouterr().out
 
 
-def test_training_imports_no_evaluation_code():
-    import ast
-    from pathlib import Path
-
-    source = Path(train.__file__).read_text()
-    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
-    assert not imported & {"finetune.eval", "finetune.predict", "finetune.envs.rollout", ".eval", ".predict"}
-
-
 # --- closed loop in Meta-World --------------------------------------------------------------------------------------
 
 def tiny_metaworld_policy(folder, state_dim=4, action_dim=4, camera="observation.images.corner2"):
     """A randomly initialized tiny SmolVLA (the demo's) with Meta-World's features and made-up stats."""
     from finetune.demo import make_initial_policy
-    from finetune.processor import save_stats
+    from finetune.policies.processor import save_stats
 
     features = {camera: {"shape": [64, 64, 3]}, "observation.state": {"shape": [state_dim]},
                 "action": {"shape": [action_dim]}}

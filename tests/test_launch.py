@@ -40,10 +40,10 @@ def fails(*args: str, **env: str) -> str:
 
 
 def test_single_node_without_gpu_runs_the_cpu_config_and_passes_arguments_through(tmp_path):
-    cmd, opts = dry_run("demo", "--steps", "3", "--output-dir", "runs/a b", cwd=tmp_path)
+    cmd, opts = dry_run("smolvla_lora", "--steps", "3", "--output-dir", "runs/a b", cwd=tmp_path)
     assert opts["config_file"] == str(CONFIGS / "cpu.yaml")
     assert "num_processes" not in opts and "num_machines" not in opts and "main_process_ip" not in opts
-    assert cmd[cmd.index(TRAIN) + 1 :] == ["demo", "--steps", "3", "--output-dir", "runs/a b"]
+    assert cmd[cmd.index(TRAIN) + 1 :] == ["smolvla_lora", "--steps", "3", "--output-dir", "runs/a b"]
 
 
 def test_single_node_uses_all_local_gpus():

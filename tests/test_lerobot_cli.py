@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from finetune import train
 from finetune.config import cli
-from finetune.metrics import read_metrics
+from finetune.training.metrics import read_metrics
 
 TARGETS = (r"(model\.vlm_with_expert\.lm_expert\..*\.(down|gate|up)_proj|.*\.(state_proj|action_in_proj|"
            r"action_out_proj|action_time_mlp_in|action_time_mlp_out))")
@@ -413,11 +413,12 @@ def test_reach_simulator_evaluates_during_and_after_training(policy_dir, dataset
 
 
 def test_in_memory_action_chunk_fn_gives_the_predictors_robot_unit_actions(lora_run, policy_dir, dataset_root):
-    """The training hook's ActionChunkFn and finetune.predict's Predictor (the checkpoint reloaded) agree."""
+    """The training hook's ActionChunkFn and finetune.inference.predict's Predictor (the checkpoint reloaded) agree."""
     from finetune.config import cli as parse
     from finetune.data import load_dataset_meta
     from finetune.envs import make_env
-    from finetune.predict import Predictor
+    from finetune.envs.during_training import make_action_chunk_fn
+    from finetune.inference.predict import Predictor
 
     cfg = parse(train_args(policy_dir, dataset_root, lora_run, "--steps", "4", "--resume"), console_outputs=False)
     accelerator = train.make_accelerator(cfg)
@@ -427,7 +428,9 @@ def test_in_memory_action_chunk_fn_gives_the_predictors_robot_unit_actions(lora_
     size = meta.features[meta.camera_keys[0]]["shape"][0]
     env = make_env("reach", "green", image_size=size)
     obs, _ = env.reset(seed=3)
-    mine = train.make_action_chunk_fn(run, seed=5)([obs], [env.task])[0]
+    act = make_action_chunk_fn(run.accelerator.unwrap_model(run.model), run.processor, cfg.dataset.rename_map,
+                               accelerator.device, seed=5)
+    mine = act([obs], [env.task])[0]
     accelerator.free_memory()
     accelerator._custom_objects.clear()
     predictor = Predictor.from_checkpoint(lora_run / "checkpoints" / "last", device="cpu")

@@ -10,12 +10,13 @@ from helpers import train_args
 
 from finetune import train
 from finetune.data import LeRobotDataset, load_dataset_meta
-from finetune.data.loading import default_decoder_threads, default_num_workers, loader_kwargs, resolve_num_workers
+from finetune.data.workers import default_decoder_threads, default_num_workers, loader_kwargs, resolve_num_workers
 from finetune.hub import load_tokenizer
-from finetune.metrics import read_metrics
 from finetune.policies import load_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
-from finetune.processor import PolicyProcessor, images_to_float
+from finetune.policies.processor import PolicyProcessor, images_to_float
+from finetune.training.evaluation import fixed_eval_batches
+from finetune.training.metrics import read_metrics
 
 CAM = "observation.images.top"
 
@@ -57,8 +58,8 @@ def test_eval_batches_hold_only_this_ranks_rows_as_uint8(policy_dir, dataset_roo
     keys = [CAM, OBS_STATE, ACTION]
     as_uint8 = LeRobotDataset(dataset_root, 5, episodes=[8, 9], keys=keys, uint8_images=True)
     as_float = LeRobotDataset(dataset_root, 5, episodes=[8, 9], keys=keys)
-    reference = train.fixed_eval_batches(as_float, processor, 5, 2)  # one process: all rows, float
-    ranks = [train.fixed_eval_batches(as_uint8, processor, 5, 2, SimpleNamespace(process_index=r, num_processes=2))
+    reference = fixed_eval_batches(as_float, processor, 5, 2)  # one process: all rows, float
+    ranks = [fixed_eval_batches(as_uint8, processor, 5, 2, SimpleNamespace(process_index=r, num_processes=2))
              for r in range(2)]
     for b, ref in enumerate(reference):
         assert ref.size == 5 and ref.rows == list(range(5))
@@ -94,7 +95,7 @@ def test_held_out_mse_matches_a_float_reference(lora_run, policy_dir, dataset_ro
 
 
 def test_training_resolves_its_loader_defaults(policy_dir, dataset_root, tmp_path, monkeypatch):
-    monkeypatch.setattr("finetune.data.loading.available_cpus", lambda: 2)
+    monkeypatch.setattr("finetune.data.workers.available_cpus", lambda: 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # as if a second rank shared the two cores
     summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "two", "--steps", "1",
                                     "--dataset.eval-episodes", "0"))

@@ -13,12 +13,13 @@ from helpers import make_tiny_pi_policy, tiny_batch, train_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune import merge, train
+from finetune import train
 from finetune.adapters import load_adapter
 from finetune.data import load_dataset_meta
-from finetune.lerobot_processor import read_processor_stats
+from finetune.export import merge
 from finetune.policies import POLICIES, load_policy, make_policy, save_policy
-from finetune.processor import load_stats
+from finetune.policies.lerobot_processor import read_processor_stats
+from finetune.policies.processor import load_stats
 
 POLICY_TYPES = sorted(POLICIES)  # every policy the project has (smolvla; pi0 / pi0.5 when present)
 
@@ -262,7 +263,7 @@ class FakeHub:
 
 
 def fake_training(lora_run):
-    def run_training(cfg, accelerator):
+    def run_training(cfg, accelerator, sim=None):
         return {"checkpoint": str((lora_run / "checkpoints" / "last").resolve())}
 
     return run_training

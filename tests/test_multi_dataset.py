@@ -48,11 +48,11 @@ def test_training_uses_only_the_selected_episodes(policy_dir, dataset_root, tmp_
     cfg = cli(train_args(policy_dir, dataset_root, tmp_path / "out", "--steps", "1", "--dataset.episodes", "1-4",
                          "7", "--dataset.eval-episodes", "1"))
     run = setup(cfg, make_accelerator(cfg))
-    train_set = run.train_loader.dataset
+    train_set = run.data.loader.dataset
     seen = {int(train_set[i]["episode_index"]) for i in range(len(train_set))}
     assert seen == {1, 2, 3, 4} and len(train_set) == 4 * 16
     # held out: the last of the selection (episode 7), not the dataset's last episodes
-    assert set(run.eval_batches[0].batch["episode_index"].tolist()) == {7}
+    assert set(run.data.eval_batches[0].batch["episode_index"].tolist()) == {7}
     run.accelerator.free_memory()
     run.accelerator._custom_objects.clear()
 
@@ -165,7 +165,7 @@ def mixed_run(policy_dir, two_datasets, tmp_path_factory):
 def test_mixed_run_logs_held_out_mse_per_dataset_and_records_the_mix(mixed_run, two_datasets):
     import json
 
-    from finetune.metrics import read_metrics
+    from finetune.training.metrics import read_metrics
 
     a, b = two_datasets
     evals = [m for m in read_metrics(mixed_run / "metrics.jsonl") if "eval/action_mse" in m]
@@ -181,7 +181,7 @@ def test_mixed_run_logs_held_out_mse_per_dataset_and_records_the_mix(mixed_run, 
 def test_mixed_run_resumes_exactly(mixed_run, policy_dir, two_datasets, tmp_path):
     from safetensors.torch import load_file
 
-    from finetune.metrics import read_metrics
+    from finetune.training.metrics import read_metrics
 
     out = tmp_path / "resumed"
     train.main(_mix_args(policy_dir, two_datasets, out, "--steps", "2", "--eval-every", "2"))

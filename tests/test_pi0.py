@@ -16,7 +16,6 @@ from finetune import train
 from finetune.adapters import apply_adapter, load_adapter
 from finetune.config import PRESETS, PeftOptions
 from finetune.hub import load_tokenizer
-from finetune.metrics import read_metrics
 from finetune.policies import (
     PI0Config,
     PI0Policy,
@@ -28,7 +27,8 @@ from finetune.policies import (
     save_policy,
 )
 from finetune.policies.common import make_att_2d_masks
-from finetune.processor import PolicyProcessor
+from finetune.policies.processor import PolicyProcessor
+from finetune.training.metrics import read_metrics
 
 POLICY_TYPES = ["pi0", "pi05"]
 CONFIGS = {"pi0": PI0Config, "pi05": PI05Config}

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import module_imports
 
-from finetune import merge, predict
 from finetune.data import LeRobotDataset
+from finetune.export import merge
+from finetune.inference import predict
+from finetune.inference.predict import ObservationError, Predictor
 from finetune.policies import POLICIES
-from finetune.predict import ObservationError, Predictor
 
 
 @pytest.fixture(scope="module")
@@ -119,61 +121,20 @@ def test_cli_predicts_on_dataset_frames(checkpoint, dataset_root, tmp_path, caps
     assert "episode 9 has frames 0..15" in capsys.readouterr().err
 
 
-def module_imports(lazy: bool = False) -> dict[str, set[str]]:
-    """finetune module -> the finetune modules it imports at module level (and inside functions with `lazy`)."""
-    import ast
-
-    root = Path(__file__).resolve().parent.parent
-    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (root / "finetune").rglob("*.py")}
-    graph = {}
-    for name, path in files.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        targets = set()
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree) if lazy else tree.body:
-            if isinstance(node, ast.ImportFrom):
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
-                module = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
-                candidates = [module] + [f"{module}.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.Import):
-                candidates = [alias.name for alias in node.names]
-            else:
-                continue
-            # a submodule importing its own package is no cycle: the package is always initialized first
-            targets |= {c for c in candidates if c in files and c != name and not name.startswith(c + ".")}
-        graph[name] = targets
-    return graph
-
-
-def test_predict_loads_without_merge_and_the_package_has_no_import_cycle():
+def test_predict_loads_no_export_or_training_loop_code():
     graph = module_imports()
-    assert "finetune.loading" in graph["finetune.predict"] and "finetune.merge" not in graph["finetune.predict"]
-    loaded, todo = set(), ["finetune.predict"]  # what `import finetune.predict` loads: module-level imports, closed
+    loaded, todo = set(), ["finetune.inference.predict"]  # what `import finetune.inference.predict` loads, closed
     while todo:
         module = todo.pop()
         if module not in loaded:
             loaded.add(module)
             todo += graph[module]
-    assert "finetune.model_card" in loaded
-    assert not loaded & {"finetune.merge", "finetune.publish", "finetune.train"}  # no merge, publishing, training
+    assert "finetune.inference.loading" in loaded and "finetune.policies.processor" in loaded
+    assert not {m for m in loaded if m.startswith("finetune.export.")}  # no merge, publishing, model cards
+    assert not loaded & {"finetune.train", "finetune.training.checkpoint", "finetune.training.distributed"}
 
-    graph = module_imports(lazy=True)  # no cycle even through the imports inside functions (merge <-> publish was one)
-    state: dict[str, str] = {}  # depth-first search: "open" while on the current path, "done" after
 
-    def find_cycle(node: str, path: list[str]) -> list[str] | None:
-        state[node] = "open"
-        for target in sorted(graph[node]):
-            if state.get(target) == "open":
-                return [*path[path.index(target):], target]
-            if target not in state and (found := find_cycle(target, [*path, target])):
-                return found
-        state[node] = "done"
-        return None
-
-    for module in sorted(graph):
-        cycle = find_cycle(module, [module]) if module not in state else None
-        assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+def test_one_quantize_and_attach_path():
     # One quantize-and-attach path: only finetune.adapters (and quant itself) call the quantizer.
     root = Path(__file__).resolve().parent.parent
     callers = {".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "finetune").rglob("*.py")

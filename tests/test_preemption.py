@@ -19,8 +19,8 @@ from helpers import train_args
 from safetensors.torch import load_file
 
 from finetune import train
-from finetune.metrics import read_metrics
-from finetune.preemption import EXIT_PREEMPTED
+from finetune.training.metrics import read_metrics
+from finetune.training.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 LONG = "500"  # far more steps than run before the signal lands

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from finetune import train
 from finetune.adapters import apply_adapter, base_policy
 from finetune.config import ConfigError, PeftOptions, QuantOptions
-from finetune.metrics import read_metrics
 from finetune.policies import load_policy
 from finetune.quant import (
     _quantized_linear,
@@ -22,6 +21,7 @@ from finetune.quant import (
     quantize_policy,
     weight_bytes,
 )
+from finetune.training.metrics import read_metrics
 
 bnb = pytest.importorskip("bitsandbytes")
 MODES = {"8bit": QuantOptions(load_in_8bit=True), "4bit": QuantOptions(load_in_4bit=True, compute_dtype="float32")}
@@ -187,9 +187,9 @@ def test_quantized_base_is_allowed_where_it_works():
 
 def _fixed_batch_losses(run, steps: int) -> list[float]:
     """Train the run's adapter with its own optimizer on one held-out batch, fixed noise and time; the losses."""
-    from finetune.processor import images_to_float
+    from finetune.policies.processor import images_to_float
 
-    batch = images_to_float(dict(run.eval_batches[0].batch))  # held-out batches keep uint8 images
+    batch = images_to_float(dict(run.data.eval_batches[0].batch))  # held-out batches keep uint8 images
     policy_cfg = base_policy(run.model).config
     generator = torch.Generator().manual_seed(123)
     noise = torch.randn(len(batch["action"]), policy_cfg.chunk_size, policy_cfg.max_action_dim, generator=generator)

@@ -8,9 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from finetune import record
 from finetune.data import LeRobotDataset, decode_video, load_dataset_meta
-from finetune.envs import make_env
+from finetune.envs import make_env, record
 
 pytest.importorskip("metaworld", reason="Meta-World not installed: pip install -e '.[sim]'")
 pytestmark = pytest.mark.filterwarnings("ignore:Constant.*may be too high")

@@ -12,11 +12,12 @@ from helpers import make_tiny_pi_policy, train_args
 from finetune import train
 from finetune.config import from_dict
 from finetune.data import LeRobotDataset, load_dataset_meta
-from finetune.lerobot_processor import pipeline_steps
+from finetune.data.stats import relative_action_stats
+from finetune.inference.predict import Predictor
 from finetune.policies import PI0Config, load_policy_config
-from finetune.predict import Predictor
-from finetune.processor import load_stats
-from finetune.relative_actions import relative_action_stats, relative_mask, to_absolute, to_relative
+from finetune.policies.lerobot_processor import pipeline_steps
+from finetune.policies.processor import load_stats
+from finetune.policies.relative_actions import relative_mask, to_absolute, to_relative
 
 
 def test_mask_excludes_joints_by_name_or_part_of_a_name():

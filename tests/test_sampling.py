@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from finetune import sampling
 from finetune.data import LeRobotDataset
-from finetune.sampling import ResumableBatchSampler, epoch_permutation
+from finetune.training import sampling
+from finetune.training.sampling import ResumableBatchSampler, epoch_permutation
 
 EPISODES, LENGTH, FILES, DIM = 2400, 50, 3, 6  # 120,000 frames, 800 episodes per data file
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from finetune import train
 from finetune.adapters import load_adapter
-from finetune.metrics import read_metrics
 from finetune.policies import load_policy
-from finetune.processor import load_stats
+from finetune.policies.processor import load_stats
+from finetune.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,18 +172,19 @@ def test_overwrite_moves_the_old_run_aside_and_starts_clean(four_steps, policy_d
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "000002", "last"]
 
 
-def test_the_demo_folder_starts_over_and_says_so(tmp_path, capsys):
-    from accelerate import Accelerator
-
-    from finetune.config import cli
+def test_the_demo_folder_starts_over_and_says_so(tmp_path, capsys, monkeypatch):
+    from finetune import demo
 
     out = tmp_path / "demo"
     (out / "checkpoints").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     old_previous = tmp_path / "demo.previous"
     old_previous.mkdir()
-    cfg = cli(["demo", "--output-dir", str(out)])
-    train.claim_output_dir(cfg, Accelerator(cpu=True), auto=False)
+    seen = []
+    monkeypatch.setattr(demo, "prepare_assets", lambda cfg: (tmp_path / "base", tmp_path / "data"))
+    monkeypatch.setattr(train, "run", lambda cfg: seen.append((cfg.output_dir, out.exists())) or {})
+    demo.main(["--train.output-dir", str(out), "--rollout-episodes", "0"])
+    assert seen == [(str(out), False)]  # the fine-tune started from no folder
     said = capsys.readouterr().out
     assert f"demo: starting over in {out}; the previous run there was moved to {old_previous}" in said
     assert "replacing the older" in said
@@ -302,7 +303,7 @@ def test_log_with_none_writes_only_metrics_jsonl(policy_dir, dataset_root, tmp_p
 
 def test_wandb_runs_offline_when_the_machine_is_and_needs_a_login_otherwise(monkeypatch, tmp_path):
     from finetune.config import ConfigError
-    from finetune.metrics import _configure_wandb
+    from finetune.training.metrics import _configure_wandb
 
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     for key in ("WANDB_MODE", "WANDB_API_KEY"):

@@ -22,7 +22,7 @@ from finetune.data.transforms import (
     random_affine,
     rgb_to_hsv,
 )
-from finetune.metrics import read_metrics
+from finetune.training.metrics import read_metrics
 
 
 def images(n: int = 4, h: int = 24, w: int = 32, seed: int = 0) -> torch.Tensor:

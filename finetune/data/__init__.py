@@ -1,7 +1,7 @@
 """LeRobotDataset v3.0 reading, video helpers and the synthetic reach task."""
 
-from .lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
-from .synthetic import (
+from finetune.data.lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
+from finetune.data.synthetic import (
     COLORS,
     Scene,
     expert_action,
@@ -14,7 +14,7 @@ from .synthetic import (
     step,
     synthetic_episode,
 )
-from .video import DEFAULT_CODEC, VideoFrameReader, decode_video, encode_video
+from finetune.data.video import DEFAULT_CODEC, VideoFrameReader, decode_video, encode_video
 
 __all__ = [
     "COLORS",

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from .video import VideoFrameReader, probe_video
+from finetune.data.video import VideoFrameReader, probe_video
 
 CAMERA_DTYPES = ("video", "image")
 # Bookkeeping columns every v3 data file has; loaded whatever the caller asked for.

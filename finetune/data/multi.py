@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
-from .stats import aggregate_stats
+from finetune.data.lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
+from finetune.data.stats import aggregate_stats
 
 _EPISODE_TOKEN = re.compile(r"^(?:(\d+):)?(\d+)(?:-(\d+))?$")
 

@@ -15,7 +15,6 @@ for std, min of mins, max of maxes; quantiles at or below q50 take the minimum o
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ import pyarrow.parquet as pq
 import tyro
 from tqdm.auto import tqdm
 
-from .lerobot_dataset import DatasetError
+from finetune.data.lerobot_dataset import DatasetError
+from finetune.entry import console_script, exit_on
 
 QUANTILES: dict[str, float] = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 STAT_NAMES = ("mean", "std", "min", "max", "count", *QUANTILES)
@@ -235,7 +235,7 @@ def _as_uint8_hwc(frame: Any) -> np.ndarray:
 def compute_dataset_stats(root: str | Path, keys: Sequence[str] | None = None, progress: bool = True
                           ) -> dict[str, dict[str, np.ndarray]]:
     """Stats of `keys` (default: every numeric feature and every camera) from the dataset's files."""
-    from .lerobot_dataset import LeRobotDataset, load_dataset_meta
+    from finetune.data.lerobot_dataset import LeRobotDataset, load_dataset_meta
 
     meta = load_dataset_meta(root)
     wanted = list(keys) if keys is not None else [*numeric_keys(meta), *meta.camera_keys]
@@ -260,6 +260,37 @@ def compute_dataset_stats(root: str | Path, keys: Sequence[str] | None = None, p
                 accs[key].update(_as_uint8_hwc(item[key])[None])
         out |= {k: acc.result() for k, acc in accs.items()}
     return out
+
+
+def relative_action_stats(root: str | Path, chunk_size: int, mask: Sequence[bool],
+                          state_key: str = "observation.state", action_key: str = "action") -> dict[str, np.ndarray]:
+    """Stats of the relative actions of every in-episode chunk of a dataset (LeRobot's compute_relative_action_stats).
+    """
+    parts = []
+    for path in sorted(Path(root, "data").glob("*/*.parquet")):
+        table = pq.read_table(path, columns=[state_key, action_key, "episode_index", "index"])
+        parts.append({k: table.column(k).to_pylist() for k in table.column_names})
+    index = np.concatenate([np.asarray(p["index"]) for p in parts])
+    order = np.argsort(index, kind="stable")
+    states = np.concatenate([np.asarray(p[state_key], np.float32) for p in parts])[order]
+    actions = np.concatenate([np.asarray(p[action_key], np.float32) for p in parts])[order]
+    episodes = np.concatenate([np.asarray(p["episode_index"]) for p in parts])[order]
+    if len(actions) < chunk_size:
+        raise ValueError(f"{root}: {len(actions)} frames, fewer than one chunk of {chunk_size}")
+    starts = np.arange(len(actions) - chunk_size + 1)
+    starts = starts[episodes[starts] == episodes[starts + chunk_size - 1]]
+    if not len(starts):
+        raise ValueError(f"{root}: no episode is as long as one action chunk ({chunk_size} frames)")
+    m = np.asarray(mask, np.float32)
+
+    def batches():
+        for lo in range(0, len(starts), 4096):
+            s = starts[lo : lo + 4096]
+            chunks = actions[s[:, None] + np.arange(chunk_size)[None, :]].copy()
+            chunks[..., : len(m)] -= states[s][:, None, : len(m)] * m
+            yield chunks.reshape(-1, actions.shape[1])
+
+    return vector_stats(batches)
 
 
 def needed_stats(normalization_mapping: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
@@ -290,7 +321,7 @@ def check_stats(stats: Mapping[str, Mapping[str, Any]], needed: Mapping[str, Seq
 def write_stats(root: str | Path, missing_only: bool = False, keys: Sequence[str] | None = None,
                 progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
     """Compute stats and write meta/stats.json; with missing_only, only features absent or lacking a statistic."""
-    from .lerobot_dataset import load_dataset_meta
+    from finetune.data.lerobot_dataset import load_dataset_meta
 
     meta = load_dataset_meta(root)
     path = meta.root / "meta/stats.json"
@@ -318,19 +349,14 @@ class StatsConfig:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     cfg = tyro.cli(StatsConfig, args=argv, description="Compute a LeRobot dataset's meta/stats.json.")
-    try:
+    with exit_on(StatsError, DatasetError):
         computed = write_stats(cfg.dataset, cfg.missing_only, cfg.keys)
-    except (StatsError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     names = ", ".join(computed) or "nothing (all present)"
     print(f"{Path(cfg.dataset) / 'meta/stats.json'}: computed {names}")
     return computed
 
 
-def cli() -> None:
-    """Console-script entry point (finetune-stats)."""
-    main()
+cli = console_script(main)
 
 
 if __name__ == "__main__":

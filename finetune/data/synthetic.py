@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .stats import array_stats, image_stats, to_json
-from .video import DEFAULT_CODEC, codec_name, encode_video
+from finetune.data.stats import array_stats, image_stats, to_json
+from finetune.data.video import DEFAULT_CODEC, codec_name, encode_video
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .video import DEFAULT_CODEC, codec_name, encode_video
+from finetune.data.video import DEFAULT_CODEC, codec_name, encode_video
 
 CODEBASE_VERSION = "v3.0"
 CHUNKS_SIZE = 1000

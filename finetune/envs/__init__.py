@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import gymnasium as gym
 
-from .reach import DEFAULT_CAMERA, ENV_ID, ReachEnv
+from finetune.envs.reach import DEFAULT_CAMERA, ENV_ID, ReachEnv
 
 # MuJoCo picks its GL backend when first imported: headless EGL unless the user chose one (glfw, osmesa).
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -37,14 +37,14 @@ def default_tasks(env_type: str, suite_or_task: str) -> list[str]:
     """Expand a LeRobot-style task value: 'push-v3', 'push-v3,reach-v3', 'MT10', 'libero_spatial', 'red,green'."""
     _check_type(env_type)
     if env_type == "metaworld":
-        from .metaworld import expand_tasks
+        from finetune.envs.metaworld import expand_tasks
 
         return expand_tasks(suite_or_task)
     if env_type == "libero":
-        from .libero import suite_tasks
+        from finetune.envs.libero import suite_tasks
 
         return [t for part in suite_or_task.split(",") if part.strip() for t in suite_tasks(part.strip())]
-    from ..data.synthetic import COLORS
+    from finetune.data.synthetic import COLORS
 
     colors = [c.strip() for c in suite_or_task.split(",") if c.strip()] or ["red", "green", "blue"]
     unknown = [c for c in colors if c not in COLORS]
@@ -57,12 +57,12 @@ def check_env(env_type: str, tasks: Sequence[str] | None = None) -> None:
     """ValueError for an unknown env or task names, EnvUnavailable for a missing extra or assets; builds nothing."""
     _check_type(env_type)
     if env_type == "metaworld":
-        from .metaworld import check_tasks, import_metaworld
+        from finetune.envs.metaworld import check_tasks, import_metaworld
 
         check_tasks(tasks or [])
         import_metaworld()
     elif env_type == "libero":
-        from .libero import SUITES, import_libero
+        from finetune.envs.libero import SUITES, import_libero
 
         bad = [t for t in tasks or [] if t.partition(":")[0] not in SUITES]
         if bad:
@@ -77,11 +77,11 @@ def make_env(env_type: str, task: str, *, image_size: int = 128, seed: int | Non
     (float32); the instruction in env.task; success in info['success']. `seed` seeds the first reset."""
     _check_type(env_type)
     if env_type == "metaworld":
-        from .metaworld import MetaWorldEnv
+        from finetune.envs.metaworld import MetaWorldEnv
 
         env = MetaWorldEnv(task, image_size=image_size, **kw)
     elif env_type == "libero":
-        from .libero import LiberoEnv
+        from finetune.envs.libero import LiberoEnv
 
         env = LiberoEnv(task, image_size=image_size, **kw)
     else:

@@ -27,7 +27,7 @@ NUM_WAIT_STEPS = 10  # objects settle after a reset; the policy starts acting af
 
 def import_libero():
     """hf-libero's modules, or EnvUnavailable saying how to install it and get its assets."""
-    from . import EnvUnavailable
+    from finetune.envs import EnvUnavailable
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:

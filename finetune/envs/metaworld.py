@@ -95,7 +95,7 @@ TASK_SETS = {
 
 def import_metaworld():
     """Import Meta-World (and MuJoCo) on first use, rendering headless; a one-line error when the extra is missing."""
-    from . import EnvUnavailable
+    from finetune.envs import EnvUnavailable
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:

@@ -15,8 +15,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ..data import synthetic
-from ..data.synthetic import COLORS, MAX_STEP, Scene
+from finetune.data import synthetic
+from finetune.data.synthetic import COLORS, MAX_STEP, Scene
 
 ENV_ID = "finetune/Reach-v0"
 DEFAULT_CAMERA = "observation.images.top"

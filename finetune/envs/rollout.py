@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import make_env
+from finetune.envs import make_env
 
 ActionChunkFn = Callable[[dict[str, np.ndarray], str], np.ndarray]
 BatchActionChunkFn = Callable[[list[dict[str, np.ndarray]], list[str]], np.ndarray]

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import PolicyConfig
-from .pi0 import PI0Config, PI0Policy
-from .pi05 import PI05Config, PI05Policy
-from .smolvla import SmolVLAConfig, SmolVLAPolicy, make_vlm_config
+from finetune.policies.base import PolicyConfig
+from finetune.policies.pi0 import PI0Config, PI0Policy
+from finetune.policies.pi05 import PI05Config, PI05Policy
+from finetune.policies.smolvla import SmolVLAConfig, SmolVLAPolicy, make_vlm_config
 
 POLICIES: dict[str, type[nn.Module]] = {"smolvla": SmolVLAPolicy, "pi0": PI0Policy, "pi05": PI05Policy}
 VLM_CONFIG_FILE = "vlm_config.json"  # the backbone architecture, for backbones not in the built-in table
@@ -53,7 +53,7 @@ def make_policy(config: PolicyConfig, backbone_config: dict[str, Any] | None = N
 def backbone_config_dict(policy: nn.Module) -> dict[str, Any] | None:
     """The backbone architecture to store beside config.json, or None when it is a built-in one."""
     if isinstance(policy, SmolVLAPolicy):
-        from .smolvla import KNOWN_VLM_CONFIGS
+        from finetune.policies.smolvla import KNOWN_VLM_CONFIGS
 
         if policy.config.vlm_model_name in KNOWN_VLM_CONFIGS:
             return None

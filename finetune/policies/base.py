@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import (
+from finetune.policies.common import (
     check_attn_implementation,
     euler_sample,
     flow_matching_targets,

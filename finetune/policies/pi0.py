@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GemmaConfig, GemmaModel, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding, apply_rotary_pos_emb, eager_attention_forward
 
-from .base import FlowMatchingModel, FlowMatchingPolicy, PolicyConfig
-from .common import compute_dtype, sdpa_attention, sinusoidal_time_embedding
+from finetune.policies.base import FlowMatchingModel, FlowMatchingPolicy, PolicyConfig
+from finetune.policies.common import compute_dtype, sdpa_attention, sinusoidal_time_embedding
 
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"  # the tokenizer LeRobot's pi0/pi0.5 processors load
 PALIGEMMA_VOCAB_SIZE = 257152
@@ -441,8 +441,8 @@ _EXPERT_LM_HEAD_KEY = "model.paligemma_with_expert.gemma_expert.lm_head.weight"
 class PI0Policy(FlowMatchingPolicy):
     """The trainable pi0: `forward(batch)` gives the loss, `predict_action_chunk(batch)` normalized actions.
 
-    The batch is already normalized and tokenized (see finetune.processor): camera images (B, 3, H, W) in [0, 1],
-    `observation.state`, `observation.language.tokens` / `.attention_mask`, and for training `action` and
+    The batch is already normalized and tokenized (see finetune.policies.processor): camera images (B, 3, H, W) in
+    [0, 1], `observation.state`, `observation.language.tokens` / `.attention_mask`, and for training `action` and
     `action_is_pad`.
     """
 
@@ -461,7 +461,7 @@ class PI0Policy(FlowMatchingPolicy):
         "model.time_mlp_",
     )
     # Fields LeRobot has that change what the policy computes and that this project does not implement.
-    unsupported_fields: ClassVar[dict[str, Any]] = {}  # relative actions: finetune.relative_actions
+    unsupported_fields: ClassVar[dict[str, Any]] = {}  # relative actions: finetune.policies.relative_actions
 
     def __init__(self, config: PI0Config, backbone_config: dict[str, Any] | None = None):
         super().__init__()

@@ -17,8 +17,8 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import sinusoidal_time_embedding
-from .pi0 import PI0Config, PI0FlowMatching, PI0Policy
+from finetune.policies.common import sinusoidal_time_embedding
+from finetune.policies.pi0 import PI0Config, PI0FlowMatching, PI0Policy
 
 STATE_BINS = 256
 

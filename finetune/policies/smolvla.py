@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, SmolVLMConfig, SmolVLMForConditionalGeneration
 
-from .base import FlowMatchingModel, FlowMatchingPolicy, PolicyConfig
-from .common import compute_dtype, resize_with_pad, sdpa_attention, sinusoidal_time_embedding
+from finetune.policies.base import FlowMatchingModel, FlowMatchingPolicy, PolicyConfig
+from finetune.policies.common import compute_dtype, resize_with_pad, sdpa_attention, sinusoidal_time_embedding
 
 SMOLVLM2_500M = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 
@@ -434,8 +434,8 @@ class VLAFlowMatching(FlowMatchingModel):
 class SmolVLAPolicy(FlowMatchingPolicy):
     """The trainable policy: `forward(batch)` gives the loss, `predict_action_chunk(batch)` normalized actions.
 
-    The batch is already normalized and tokenized (see finetune.processor): camera images (B, 3, H, W) in [0, 1],
-    `observation.state`, `observation.language.tokens` / `.attention_mask`, and for training `action` and
+    The batch is already normalized and tokenized (see finetune.policies.processor): camera images (B, 3, H, W) in
+    [0, 1], `observation.state`, `observation.language.tokens` / `.attention_mask`, and for training `action` and
     `action_is_pad`.
     """
 

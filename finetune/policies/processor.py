@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .policies.base import (
+from finetune.policies.base import (
     ACTION,
     ACTION_IS_PAD,
     LANG_MASK,
@@ -25,7 +25,7 @@ from .policies.base import (
     TASK,
     PolicyConfig,
 )
-from .relative_actions import RAW_STATE, config_mask, to_absolute, to_relative, uses_relative_actions
+from finetune.policies.relative_actions import RAW_STATE, config_mask, to_absolute, to_relative, uses_relative_actions
 
 STATS_FILE = "normalization_stats.safetensors"
 EPS = 1e-8

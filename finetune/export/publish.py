@@ -1,8 +1,8 @@
 """Pushing a run to the Hugging Face Hub (`--policy.repo-id`, `--policy.merged-repo-id`).
 
-Pushing is checked before training (offline or not logged in is an error then, not after hours of training) and done
-at the end of the run on the main process. The cards and the upload itself live in finetune.model_card (shared with
-finetune-merge --push-to); this module adds what needs the merge: the merged policy of a finished run.
+Pushing is checked before training (finetune.hub.check_can_push: offline or not logged in is an error then, not after
+hours of training) and done at the end of the run on the main process; finetune.train imports this module only then.
+The cards and the upload live in finetune.export.model_card (shared with finetune-merge --push-to).
 """
 
 from __future__ import annotations
@@ -10,29 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .model_card import (  # noqa: F401  (re-exported: the names callers import from here)
-    CLOSED_LOOP_FILE,
-    OFFLINE_METRICS_FILE,
-    PUBLISHED_CHECKPOINT_FILES,
-    REPO_ID_RE,
-    adapter_card,
-    check_can_push,
-    model_card,
-    push_folder,
-    read_train_config,
-    run_dir_of,
-    run_metrics,
-)
-
-
-def push_repo_ids(cfg: TrainConfig) -> list[str]:
-    return [r for r in (cfg.policy.repo_id, cfg.policy.merged_repo_id) if r]
-
-
-def check_push_access(cfg: TrainConfig) -> None:
-    """Before training: refuse a push that cannot happen (offline, not logged in, malformed id)."""
-    check_can_push(push_repo_ids(cfg), "--policy.repo-id")
+from finetune.config import TrainConfig
+from finetune.export.model_card import PUBLISHED_CHECKPOINT_FILES, adapter_card, push_folder
 
 
 def push_adapter_checkpoint(checkpoint: Path, repo_id: str) -> str:
@@ -49,7 +28,7 @@ def push_run(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, str]:
         pushed["adapter"] = push_adapter_checkpoint(checkpoint, cfg.policy.repo_id)
         print(f"pushed the checkpoint to {pushed['adapter']}")
     if cfg.policy.merged_repo_id:
-        from .merge import merge_checkpoint  # only when a merged push is asked (train.py imports this module)
+        from finetune.export.merge import merge_checkpoint  # only when a merged push is asked
 
         merged = merge_checkpoint(checkpoint, Path(cfg.output_dir) / "merged", base=cfg.policy.path,
                                   tokenizer_path=cfg.policy.tokenizer_path)

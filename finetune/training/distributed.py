@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch import nn
 
-from .config import ConfigError, TrainConfig
-from .policies.common import sample_flow_time
-from .quant import check_quantized_topology
+from finetune.config import ConfigError, TrainConfig
+from finetune.policies.common import sample_flow_time
+from finetune.quant import check_quantized_topology
 
 # Debug hook (tests): when set, every rank writes its gathered view of the trained tensors and the world it ran in to
 # <output_dir>/debug/rank<r>.safetensors and rank<r>.json at the end of the run, so ranks can be compared.
@@ -49,6 +50,53 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 def process_group_timeout() -> timedelta:
     value = os.environ.get(TIMEOUT_ENV)
     return timedelta(seconds=float(value)) if value else DEFAULT_TIMEOUT
+
+
+def _mixed_precision(cfg: TrainConfig) -> str | None:
+    """--mixed-precision, else autocast in the dtype of a half-precision base (its frozen layers would otherwise meet
+    fp32 inputs), else whatever the accelerate config says."""
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.policy.dtype)
+
+
+def exclude_model_weights_from_state(accelerator: Accelerator) -> None:
+    """Make Accelerate's save_state/load_state skip the model: its trained part is saved as the adapter instead,
+    so training_state/ never holds a copy of the frozen base."""
+
+    def drop_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+
+    def drop_models(models: list, input_dir: str) -> None:
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(drop_weights)
+    accelerator.register_load_state_pre_hook(drop_models)
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator: gloo for CPU ranks, a collective timeout, the run's own precision, and the model kept
+    out of Accelerate's saved state (the checkpoint holds the trained weights itself)."""
+    kwargs: dict[str, Any] = {"timeout": process_group_timeout()}  # a stuck collective fails, never hangs
+    cpu_ranks = not torch.cuda.is_available() and launched_world_size() > 1
+    if cpu_ranks:
+        kwargs["backend"] = "gloo"  # CPU ranks: without it DeepSpeed ranks silently run alone
+    mixed_precision = _mixed_precision(cfg)
+    # Another run earlier in this process (a notebook, the tests) may have used another precision: Accelerate keeps
+    # one process-wide state and refuses the change, so that part starts over (the process group is kept).
+    wanted = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # None: the launch config's
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and held != wanted and not wants_deepspeed():  # DeepSpeed records "no" and casts itself
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        mixed_precision=mixed_precision,
+        cpu=cpu_ranks and not wants_deepspeed(),  # CPU DDP (MULTI_CPU); cpu=True would switch DeepSpeed off
+        kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
+    )
+    exclude_model_weights_from_state(accelerator)
+    build_models_whole(accelerator)
+    return accelerator
 
 
 def launched_world_size() -> int:
@@ -109,6 +157,9 @@ def check_distributed_support(cfg: TrainConfig, accelerator: Accelerator) -> Non
             "remove it from the config file: the training config sets it")
     if is_deepspeed(accelerator):
         _check_deepspeed_config(cfg, accelerator)
+    if cfg.nonfinite == "skip" and is_deepspeed(accelerator):
+        raise ConfigError("--nonfinite skip is not supported under DeepSpeed: its engine applies the update inside "
+                          "backward(), before the gradient norm can be checked; use --nonfinite stop")
     zero_stage = None
     if is_deepspeed(accelerator):
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -295,3 +346,20 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
             f"--output-dir {output_dir} is not shared by all processes: {', '.join(blind)} cannot see what rank 0 "
             "writes there. Multi-node runs need an --output-dir on a filesystem every node mounts at the same path "
             "(NFS, Lustre, ...): each rank writes its part of the training state and a resume reads them all")
+
+
+def world_of(accelerator: Accelerator) -> dict[str, Any]:
+    """What a resumed run must match or convert: process count, and DDP vs DeepSpeed (with its ZeRO stage)."""
+    return {"world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+            "zero_stage": zero_stage(accelerator)}
+
+
+def accelerate_config_text(accelerator: Accelerator) -> str:
+    """The accelerate config the run was launched with (or what Accelerate resolved), and how it actually ran."""
+    path = os.environ.get("ACCELERATE_CONFIG_FILE_USED") or os.environ.get("ACCELERATE_CONFIG_FILE")
+    ran = "".join(f"#   {k}: {v}\n" for k, v in describe(accelerator).items())
+    if path and Path(path).is_file():
+        return f"# from {path}\n" + Path(path).read_text().rstrip("\n") + "\n# as run:\n" + ran
+    state = accelerator.state
+    return (f"# resolved at run time (no config file was passed)\ndistributed_type: {state.distributed_type.value}\n"
+            f"num_processes: {state.num_processes}\nmixed_precision: {state.mixed_precision}\n# as run:\n" + ran)

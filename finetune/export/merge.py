@@ -27,30 +27,32 @@ import tyro
 from safetensors import safe_open
 from torch import nn
 
-from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
-from .adapters import (  # noqa: F401  (check_adapter_fits re-exported: merge's name before adapters had it)
+from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
+from finetune.adapters import (  # noqa: F401  (check_adapter_fits re-exported: merge's name before adapters had it)
     ADAPTER_CONFIG,
     AdapterMismatchError,
     attach_adapter,
     check_adapter_fits,
     quantize_base,
 )
-from .config import ConfigError, TrainConfig
-from .ema import weights_folder
-from .hub import load_tokenizer
-from .lerobot_processor import TOKENIZER_ARTIFACT, write_processor_files
-from .loading import (  # noqa: F401  (re-exported: merge's public names before loading.py existed)
+from finetune.config import ConfigError, TrainConfig, read_train_config
+from finetune.entry import console_script, exit_on
+from finetune.export.model_card import model_card, push_folder
+from finetune.hub import check_can_push, load_tokenizer
+from finetune.inference.loading import (  # noqa: F401  (re-exported: merge's public names before loading.py existed)
     checkpoint_kind,
     config_overrides,
     load_base_for_checkpoint,
     quant_label,
     resolve_base,
 )
-from .model_card import check_can_push, model_card, push_folder, read_train_config, run_dir_of, run_metrics
-from .policies import save_policy
-from .policies.base import PolicyConfig
-from .policies.common import DTYPES
-from .processor import STATS_FILE, load_stats
+from finetune.policies import save_policy
+from finetune.policies.base import PolicyConfig
+from finetune.policies.common import DTYPES
+from finetune.policies.lerobot_processor import TOKENIZER_ARTIFACT, write_processor_files
+from finetune.policies.processor import STATS_FILE, load_stats
+from finetune.training.ema import weights_folder
+from finetune.training.metrics import run_dir_of, run_metrics
 
 MERGE_INFO = "merge_info.json"
 # The checkpoint cannot be merged into this base; the message says why and what to pass instead.
@@ -83,7 +85,7 @@ class MergeConfig:
 def dequantize_as_trained(policy: nn.Module, train_cfg: TrainConfig) -> nn.Module:
     """Quantize the full-precision base as the run did (training's quantize step), then dequantize it: the weights the
     adapter was trained on."""
-    from .quant import dequantize_policy
+    from finetune.quant import dequantize_policy
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = quantize_base(policy, train_cfg.quant, train_cfg.peft, device, trainable=False)
@@ -219,22 +221,17 @@ def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: st
 def main(argv: list[str] | None = None) -> Path:
     cfg = tyro.cli(MergeConfig, args=argv, description="Merge an adapter checkpoint into its base and export a "
                    "LeRobot-format policy folder.")
-    try:
+    with exit_on(MergeError, ConfigError, FileNotFoundError):
         check_can_push([cfg.push_to] if cfg.push_to else [], "--push-to")  # before the work, not after it
         out = merge_checkpoint(cfg.checkpoint, cfg.output_dir, base=cfg.base, tokenizer_path=cfg.tokenizer_path,
                                dtype=cfg.dtype, quant_base=cfg.quant_base, use_ema=cfg.use_ema)
-    except (MergeError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"merged policy written to {out} ({len(base_file_layout(out))} tensors)")
     if cfg.push_to:
         print(f"pushed to {push_folder(out, cfg.push_to, commit_message='Upload merged policy')}")
     return out
 
 
-def cli() -> None:
-    """Console-script entry point (`finetune-merge`): main() without its return value as the exit status."""
-    main()
+cli = console_script(main)
 
 
 if __name__ == "__main__":

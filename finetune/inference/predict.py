@@ -1,7 +1,7 @@
 """Actions from a trained policy, in the robot's units: the call a robot loop makes.
 
 ```python
-from finetune.predict import Predictor
+from finetune.inference.predict import Predictor
 predictor = Predictor.from_checkpoint("runs/my_task/checkpoints/last")    # adapter (+ its base) or a merged folder
 chunk = predictor({"observation.images.top": rgb_uint8_hwc, "observation.state": joints, "task": "pick the cube"})
 # chunk: np.ndarray (chunk_size, action_dim), normalization undone
@@ -14,7 +14,6 @@ recorded actions.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +24,16 @@ import torch
 import tyro
 from torch import Tensor, nn
 
-from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
-from .hub import load_tokenizer, resolve_repo
-from .lerobot_processor import read_processor_stats
-from .loading import load_trained_policy
-from .model_card import read_train_config
-from .policies.base import OBS_STATE, TASK, PolicyConfig
-from .policies.common import DTYPES
-from .processor import STATS_FILE, PolicyProcessor, load_stats
-from .relative_actions import RAW_STATE
+from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
+from finetune.config import read_train_config
+from finetune.entry import console_script, exit_on
+from finetune.hub import load_tokenizer, resolve_repo
+from finetune.inference.loading import load_trained_policy
+from finetune.policies.base import OBS_STATE, TASK, PolicyConfig
+from finetune.policies.common import DTYPES
+from finetune.policies.lerobot_processor import read_processor_stats
+from finetune.policies.processor import STATS_FILE, PolicyProcessor, load_stats
+from finetune.policies.relative_actions import RAW_STATE
 
 
 class ObservationError(ValueError):
@@ -200,7 +200,7 @@ class PredictConfig:
 
 
 def predict_on_dataset(cfg: PredictConfig) -> dict[str, np.ndarray]:
-    from .data import LeRobotDataset, load_dataset_meta
+    from finetune.data import LeRobotDataset, load_dataset_meta
 
     predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps,
                                           use_ema=cfg.use_ema)
@@ -232,16 +232,11 @@ def predict_on_dataset(cfg: PredictConfig) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
     cfg = tyro.cli(PredictConfig, args=argv, description="Predict action chunks on dataset frames.")
-    try:
+    with exit_on(ValueError, FileNotFoundError):
         return predict_on_dataset(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
-def cli() -> None:
-    """Console-script entry point (`finetune-predict`): main() without its return value as the exit status."""
-    main()
+cli = console_script(main)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from finetune.config import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
+# What evaluation writes into a run folder (finetune-eval, the demo); model cards quote them.
+CLOSED_LOOP_FILE = "eval/closed_loop.json"
+OFFLINE_METRICS_FILE = "eval/offline_metrics.json"
 
 
 def check_trackers(names: tuple[str, ...]) -> None:
@@ -109,3 +112,32 @@ def _start_tracker(name: str, output_dir: Path, resume_step: int | None, config:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --- reading a finished run's figures ---------------------------------------------------------------------------------
+
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run folder of `output_dir/checkpoints/<step>` (or `.../last`), None for a folder elsewhere."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def run_metrics(run_dir: Path | None) -> dict[str, Any]:
+    """Headline figures of a run: held-out action MSE first/last, last train loss, closed-loop success if measured."""
+    if run_dir is None:
+        return {}
+    out: dict[str, Any] = {}
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        rows = read_metrics(metrics_file)
+        evals = [r for r in rows if "eval/action_mse" in r]
+        losses = [r for r in rows if "train/loss" in r]
+        if evals:
+            out["heldout_action_mse_first"] = {"step": evals[0]["step"], "value": evals[0]["eval/action_mse"]}
+            out["heldout_action_mse_last"] = {"step": evals[-1]["step"], "value": evals[-1]["eval/action_mse"]}
+        if losses:
+            out["train_loss_last"] = {"step": losses[-1]["step"], "value": losses[-1]["train/loss"]}
+    for name, file in (("closed_loop", CLOSED_LOOP_FILE), ("offline_eval", OFFLINE_METRICS_FILE)):
+        if (run_dir / file).is_file():
+            out[name] = json.loads((run_dir / file).read_text())
+    return out

@@ -18,10 +18,11 @@ import numpy as np
 import tyro
 from tqdm.auto import tqdm
 
-from . import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
-from .data.writer import DatasetWriter, Episode
-from .envs import EnvUnavailable, make_env
-from .envs.metaworld import DEFAULT_CAMERAS, DEFAULT_MAX_STEPS, STATE_KINDS, expand_tasks
+from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
+from finetune.data.writer import DatasetWriter, Episode
+from finetune.entry import console_script, exit_on
+from finetune.envs import EnvUnavailable, make_env
+from finetune.envs.metaworld import DEFAULT_CAMERAS, DEFAULT_MAX_STEPS, STATE_KINDS, expand_tasks
 
 FPS = 80  # Meta-World's control rate (frame_skip 5 x 2.5 ms)
 AGENT_STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper"]
@@ -115,17 +116,13 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = tyro.cli(RecordConfig, args=argv, description="Record scripted-expert demos of Meta-World tasks.")
-    try:
+    with exit_on(ValueError, FileExistsError, EnvUnavailable):
         summary = record(cfg)
-    except (ValueError, FileExistsError, EnvUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print_summary(summary)
     return summary
 
 
-def cli() -> None:
-    main()
+cli = console_script(main)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ LeRobot saves a policy's input and output pipelines beside `config.json`:
 
 The step lists below follow LeRobot's `make_<policy>_pre_post_processors` (smolvla, pi0, pi05), so its
 `PolicyProcessorPipeline.from_pretrained` rebuilds the same pipelines. This module also reads the stats back, so a
-LeRobot-trained checkpoint (which has no normalization_stats.safetensors) gives its stats to finetune.predict.
+LeRobot-trained checkpoint (which has no normalization_stats.safetensors) gives its stats to finetune.inference.predict.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .policies.base import PolicyConfig
+from finetune.policies.base import PolicyConfig
 
 PREPROCESSOR = "policy_preprocessor"
 POSTPROCESSOR = "policy_postprocessor"
 TOKENIZER_ARTIFACT = "tokenizer"
-EPS = 1e-8  # LeRobot's normalizer default (the same as finetune.processor.EPS)
+EPS = 1e-8  # LeRobot's normalizer default (the same as finetune.policies.processor.EPS)
 
 
 def _step(name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -10,15 +10,10 @@ relative actions of every chunk that lies inside one episode (chunk_size frames 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
-
-from .data.stats import vector_stats
 
 RAW_STATE = "observation.state.unnormalized"  # the batch key the processor keeps the robot-unit state under
 
@@ -96,34 +91,3 @@ def configure(config: Any, use: bool | None, exclude: Sequence[str] | None, name
                     f"{config.state_dim} dims and the action {len(mask)}; exclude the extra action joints with "
                     "--policy.relative-exclude-joints or drop --policy.use-relative-actions")
     return None
-
-
-def relative_action_stats(root: str | Path, chunk_size: int, mask: Sequence[bool],
-                          state_key: str = "observation.state", action_key: str = "action") -> dict[str, np.ndarray]:
-    """Stats of the relative actions of every in-episode chunk of a dataset (LeRobot's compute_relative_action_stats).
-    """
-    parts = []
-    for path in sorted(Path(root, "data").glob("*/*.parquet")):
-        table = pq.read_table(path, columns=[state_key, action_key, "episode_index", "index"])
-        parts.append({k: table.column(k).to_pylist() for k in table.column_names})
-    index = np.concatenate([np.asarray(p["index"]) for p in parts])
-    order = np.argsort(index, kind="stable")
-    states = np.concatenate([np.asarray(p[state_key], np.float32) for p in parts])[order]
-    actions = np.concatenate([np.asarray(p[action_key], np.float32) for p in parts])[order]
-    episodes = np.concatenate([np.asarray(p["episode_index"]) for p in parts])[order]
-    if len(actions) < chunk_size:
-        raise ValueError(f"{root}: {len(actions)} frames, fewer than one chunk of {chunk_size}")
-    starts = np.arange(len(actions) - chunk_size + 1)
-    starts = starts[episodes[starts] == episodes[starts + chunk_size - 1]]
-    if not len(starts):
-        raise ValueError(f"{root}: no episode is as long as one action chunk ({chunk_size} frames)")
-    m = np.asarray(mask, np.float32)
-
-    def batches():
-        for lo in range(0, len(starts), 4096):
-            s = starts[lo : lo + 4096]
-            chunks = actions[s[:, None] + np.arange(chunk_size)[None, :]].copy()
-            chunks[..., : len(m)] -= states[s][:, None, : len(m)] * m
-            yield chunks.reshape(-1, actions.shape[1])
-
-    return vector_stats(batches)

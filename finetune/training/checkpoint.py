@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from peft import PeftModel
 from torch import nn
 
-from . import distributed
+from finetune.training import distributed
 
 TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -35,20 +35,6 @@ LAST = "last"
 
 def step_dir_name(step: int) -> str:
     return f"{step:06d}"
-
-
-def exclude_model_weights_from_state(accelerator: Accelerator) -> None:
-    """Make Accelerate's save_state/load_state skip the model: its trained part is saved as the adapter instead,
-    so training_state/ never holds a copy of the frozen base."""
-
-    def drop_weights(models: list, weights: list, output_dir: str) -> None:
-        weights.clear()
-
-    def drop_models(models: list, input_dir: str) -> None:
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(drop_weights)
-    accelerator.register_load_state_pre_hook(drop_models)
 
 
 def write_trained_weights(model: nn.Module, folder: Path, save_policy_fn) -> None:

@@ -1,6 +1,7 @@
 """Loading what a run trained: an adapter checkpoint on its base (quantized as in training) or a full policy folder.
 
-Shared by finetune.predict and finetune.merge (predict does not import merge); imports no training or publishing code.
+Shared by finetune.inference.predict and finetune.export.merge (predict does not import merge); imports no training
+loop or publishing code.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, quantize_and_attach
-from .config import PeftOptions, QuantOptions, TrainConfig
-from .ema import weights_folder
-from .hub import resolve_repo
-from .model_card import read_train_config
-from .policies import load_policy, load_policy_config
-from .policies.base import PolicyConfig
-from .policies.cpu_linear import use_cpu_linear
+from finetune.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterMismatchError, quantize_and_attach
+from finetune.config import PeftOptions, QuantOptions, TrainConfig, read_train_config
+from finetune.hub import resolve_repo
+from finetune.policies import load_policy, load_policy_config
+from finetune.policies.base import PolicyConfig
+from finetune.policies.cpu_linear import use_cpu_linear
+from finetune.training.ema import weights_folder
 
 
 def checkpoint_kind(checkpoint: Path) -> str:

@@ -1,4 +1,4 @@
-"""Model cards, the run metrics they quote, and the Hub upload primitives that merge and publish share.
+"""Model cards (with the run metrics they quote) and the Hub upload that merge and publish share.
 
 The card says what a user needs to trust and load the weights: the base, the adapter config, the dataset and the
 run's metrics. Lower than merge.py and publish.py (it imports neither), so they can both use it without a cycle.
@@ -7,60 +7,20 @@ run's metrics. Lower than merge.py and publish.py (it imports neither), so they 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, from_dict
-from .hub import is_offline
-from .metrics import read_metrics
+from finetune.config import TrainConfig, read_train_config
+from finetune.hub import REPO_ID_RE
+from finetune.training.metrics import run_dir_of, run_metrics
 
 # What an adapter checkpoint holds that is worth publishing (training_state/ is the optimizer: resume-only, large).
 PUBLISHED_CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
                               "vlm_config.json", "normalization_stats.safetensors", "train_config.json",
                               "accelerate_config.yaml", "trainer_state.json")
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
-CLOSED_LOOP_FILE = "eval/closed_loop.json"
-OFFLINE_METRICS_FILE = "eval/offline_metrics.json"
 
-
-# --- what the run measured --------------------------------------------------------------------------------------------
-
-def run_dir_of(checkpoint: str | Path) -> Path | None:
-    """The run folder of `output_dir/checkpoints/<step>` (or `.../last`), None for a folder elsewhere."""
-    checkpoint = Path(checkpoint).resolve()
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
-
-
-def run_metrics(run_dir: Path | None) -> dict[str, Any]:
-    """Headline figures of a run: held-out action MSE first/last, last train loss, closed-loop success if measured."""
-    if run_dir is None:
-        return {}
-    out: dict[str, Any] = {}
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        rows = read_metrics(metrics_file)
-        evals = [r for r in rows if "eval/action_mse" in r]
-        losses = [r for r in rows if "train/loss" in r]
-        if evals:
-            out["heldout_action_mse_first"] = {"step": evals[0]["step"], "value": evals[0]["eval/action_mse"]}
-            out["heldout_action_mse_last"] = {"step": evals[-1]["step"], "value": evals[-1]["eval/action_mse"]}
-        if losses:
-            out["train_loss_last"] = {"step": losses[-1]["step"], "value": losses[-1]["train/loss"]}
-    for name, file in (("closed_loop", CLOSED_LOOP_FILE), ("offline_eval", OFFLINE_METRICS_FILE)):
-        if (run_dir / file).is_file():
-            out[name] = json.loads((run_dir / file).read_text())
-    return out
-
-
-def read_train_config(folder: Path) -> TrainConfig | None:
-    path = Path(folder) / "train_config.json"
-    return from_dict(json.loads(path.read_text())) if path.is_file() else None
-
-
-# --- the card ---------------------------------------------------------------------------------------------------------
 
 def _hub_id(value: str | None) -> str | None:
     """`value` when it reads as a Hub id (org/name), not a local path."""
@@ -141,13 +101,14 @@ def model_card(*, kind: str, policy_config: dict[str, Any], train_cfg: TrainConf
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     lines += ["", "## Use", ""]
     if kind == "merged":
-        lines += ["```python", "from finetune.predict import Predictor", "predictor = Predictor.from_checkpoint(PATH)",
+        lines += ["```python", "from finetune.inference.predict import Predictor",
+                  "predictor = Predictor.from_checkpoint(PATH)",
                   "actions = predictor({'observation.images.top': image, 'observation.state': state, "
                   "'task': 'instruction'})", "```", "",
                   "LeRobot loads the folder as it is (config.json, model.safetensors, policy_preprocessor.json, "
                   "policy_postprocessor.json)."]
     else:
-        lines += ["```python", "from finetune.predict import Predictor",
+        lines += ["```python", "from finetune.inference.predict import Predictor",
                   "predictor = Predictor.from_checkpoint(PATH, base=BASE)", "```", "",
                   f"or merge it into the base: `finetune-merge --base {base_name} --checkpoint PATH --output-dir DIR`."]
     return "\n".join(lines) + "\n"
@@ -164,27 +125,6 @@ def adapter_card(checkpoint: Path) -> str:
 
 
 # --- the Hub ----------------------------------------------------------------------------------------------------------
-
-def check_can_push(repo_ids: list[str], flag: str) -> None:
-    """Raise ConfigError unless every repo id is well formed and the Hub is reachable with a login."""
-    if not repo_ids:
-        return
-    for repo_id in repo_ids:
-        if not REPO_ID_RE.match(repo_id):
-            raise ConfigError(f"{flag} {repo_id!r} is not a Hub repo id; use NAME or ORG/NAME")
-    if is_offline():
-        raise ConfigError(f"{flag} {repo_ids[0]}: HF_HUB_OFFLINE is set, so nothing can be pushed to the Hub. Unset "
-                          f"HF_HUB_OFFLINE (and log in with `hf auth login`), or drop {flag} and push later with "
-                          "`finetune-merge --push-to`.")
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi().whoami()
-    except Exception as err:  # no token, bad token, no network: all need the same fix before a long run
-        raise ConfigError(f"{flag} {repo_ids[0]}: the Hugging Face Hub cannot be used ({type(err).__name__}: "
-                          f"{err}). Log in with `hf auth login` (or set HF_TOKEN) on a machine with network, or drop "
-                          f"{flag}.") from None
-
 
 def push_folder(folder: Path, repo_id: str, *, readme: str | None = None, files: tuple[str, ...] | None = None,
                 commit_message: str = "Upload policy", private: bool | None = None) -> str:
