@@ -262,6 +262,9 @@ class TrainConfig:
     resume: Annotated[bool | Literal["auto"], _RESUME_FLAG] = False
     """Continue the run in output_dir from checkpoints/last (same adapter, optimizer, scheduler, RNG, data order).
     `--resume auto`: continue when checkpoints/last exists, else start fresh (one command line for every requeue)."""
+    wait_for_lock: float | None = None
+    """Seconds to wait for another run holding --output-dir to finish (a run holds its folder while it runs); None:
+    300 with --resume auto (a requeued job overlapping its predecessor), else 0 (refuse at once)."""
     overwrite: bool = False
     """Start a new run in an output_dir that already holds one: the old run is moved aside (renamed), never deleted."""
     nonfinite: Literal["stop", "skip"] = "stop"
@@ -311,6 +314,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
         (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
+        (cfg.wait_for_lock is None or cfg.wait_for_lock >= 0,
+         f"--wait-for-lock must be >= 0 seconds, got {cfg.wait_for_lock}"),
         (all(v > 0 for v in cfg.peft.rank_pattern.values()),
          f"--peft.rank-pattern ranks must be > 0, got {dict(cfg.peft.rank_pattern)}"),
     ]
@@ -354,6 +359,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 # pushes, how data is read. Every other field changes the training trajectory, so resume refuses a difference.
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
+    "wait_for_lock",
     "checkpoint.every", "checkpoint.keep_last", "dataset.num_workers", "dataset.video_cache_mb",
     "policy.repo_id", "policy.merged_repo_id", "nonfinite",
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",

@@ -43,6 +43,8 @@ from finetune.config import (
 from finetune.data import COLORS, instruction, load_dataset_meta, make_synthetic_dataset
 from finetune.policies import make_policy, save_policy
 from finetune.policies.smolvla import SmolVLAConfig
+from finetune.training.run_dir import move_aside, run_contents
+from finetune.training.run_lock import RunLock
 
 IMAGE_SIZE = 64
 CHUNK_SIZE = 10
@@ -212,18 +214,22 @@ def pretrain_config(cfg: DemoConfig, init: Path, dataset: Path) -> TrainConfig:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Assets, then the LoRA fine-tune from the demo's base (its output folder starts over: the previous demo run
     moves to <output_dir>.previous), then the closed-loop report."""
-    from finetune.training.run_dir import move_aside
 
     state = PartialState()
     base, dataset = prepare_assets(cfg)
     tune = replace(cfg.train, policy=replace(cfg.train.policy, path=str(base)),
                    dataset=replace(cfg.train.dataset, root=str(dataset)))
     out = Path(tune.output_dir)
-    if state.is_main_process and not tune.resume and out.is_dir() and any(out.iterdir()):
-        aside = move_aside(out, out.with_name(out.name + ".previous"))
-        print(f"demo: starting over in {out}; the previous run there was moved to {aside}", flush=True)
-    state.wait_for_everyone()
-    summary = train.run(tune)
+    lock = RunLock.acquire(out) if state.is_main_process else None  # held across the move and the run
+    try:
+        if state.is_main_process and not tune.resume and run_contents(out):
+            aside = move_aside(out, out.with_name(out.name + ".previous"))
+            print(f"demo: starting over in {out}; the previous run there was moved to {aside}", flush=True)
+        state.wait_for_everyone()
+        summary = train.run(tune)
+    finally:
+        if lock is not None:
+            lock.release()
     if state.is_main_process and "checkpoint" in summary:
         report_closed_loop(tune, cfg.finetune_colors, cfg.rollout_episodes, summary)
     return summary

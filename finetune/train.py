@@ -50,7 +50,7 @@ from finetune.training.model import build_model, load_base_policy, make_ema
 from finetune.training.optim import build_optimizer
 from finetune.training.preemption import STOP, Preempted, StopRequest, report_preempted, write_status
 from finetune.training.preflight import check_dataset_stats, check_policy_folder, earlier_checkpoint_fix
-from finetune.training.run_dir import check_resume, claim_output_dir, resolve_resume
+from finetune.training.run_dir import check_resume, claim_output_dir, hold_output_dir, resolve_resume
 
 EXIT_NONFINITE = 3  # training diverged (NaN/inf); exit 2 is a bad input, 75 a preemption
 
@@ -379,6 +379,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole command for a parsed config: checks, the output folder and resume policy, training, and the push
     when asked. Raises the project's errors; main() turns them into one line and an exit status."""
     STOP.install()  # from the start: a preemption during setup stops the run after its first update
+    lock = None
     try:
         validate(cfg)
         check_trackers(cfg.log_with)
@@ -386,6 +387,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         accelerator = make_accelerator(cfg)
         dist.check_distributed_support(cfg, accelerator)
         sim = make_sim_evaluation(cfg, accelerator)
+        lock = hold_output_dir(cfg, accelerator)  # before anything is written there; held until this run ends
         auto = cfg.resume == RESUME_AUTO
         cfg = resolve_resume(cfg, accelerator)
         if not cfg.resume:
@@ -404,6 +406,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             push_run(cfg, summary)
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         STOP.uninstall()
 
 

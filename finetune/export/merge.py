@@ -53,6 +53,7 @@ from finetune.policies.lerobot_processor import TOKENIZER_ARTIFACT, write_proces
 from finetune.policies.processor import STATS_FILE, load_stats
 from finetune.training.ema import weights_folder
 from finetune.training.metrics import run_dir_of, run_metrics
+from finetune.training.run_lock import reading_checkpoint
 
 MERGE_INFO = "merge_info.json"
 # The checkpoint cannot be merged into this base; the message says why and what to pass instead.
@@ -178,8 +179,14 @@ def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config
 def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: str | None = None,
                      tokenizer_path: str | None = None, dtype: str = "base",
                      quant_base: str = "dequantized", use_ema: bool | None = None) -> Path:
-    """Write base + adapter as one LeRobot-format policy folder; returns the folder."""
-    checkpoint = Path(checkpoint).resolve()
+    """Write base + adapter as one LeRobot-format policy folder; returns the folder. A checkpoint of a run still
+    training is read as one step folder, kept until merged."""
+    with reading_checkpoint(checkpoint) as folder:
+        return _merge(folder, Path(output_dir), base, tokenizer_path, dtype, quant_base, use_ema)
+
+
+def _merge(checkpoint: Path, output_dir: Path, base: str | None, tokenizer_path: str | None, dtype: str,
+           quant_base: str, use_ema: bool | None) -> Path:
     if checkpoint_kind(checkpoint) != "adapter":
         raise MergeError(f"{checkpoint} holds a whole policy (model.safetensors), not an adapter: there is nothing to "
                          "merge; load it directly (finetune.policies.load_policy)")

@@ -34,6 +34,7 @@ from finetune.policies.common import DTYPES
 from finetune.policies.lerobot_processor import read_processor_stats
 from finetune.policies.processor import STATS_FILE, PolicyProcessor, load_stats
 from finetune.policies.relative_actions import RAW_STATE
+from finetune.training.run_lock import reading_checkpoint
 
 
 class ObservationError(ValueError):
@@ -91,20 +92,21 @@ class Predictor:
         config and normalization stats (the policy at step 0, the "before" of a fine-tune). `use_ema`: the checkpoint's
         EMA weights (ema/) when it has them (None, the default), always (True), never (False).
         """
-        folder = resolve_repo(str(checkpoint), "model", "checkpoint")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        train_cfg = read_train_config(folder)
-        stats = load_normalization_stats(folder)
-        policy, tokenizer_dir = load_trained_policy(folder, base, torch.device(device), DTYPES[dtype],
-                                                    use_trained_weights, use_ema)
-        config = policy.config
-        if num_steps is not None:
-            config.num_steps = num_steps
-        tokenizer_path = tokenizer_path or (train_cfg.policy.tokenizer_path if train_cfg else None)
-        tokenizer = load_tokenizer(tokenizer_dir, tokenizer_path, config.tokenizer_name)
-        rename_map = train_cfg.dataset.rename_map if train_cfg is not None else {}
-        stats = {rename_map.get(k, k): v for k, v in stats.items()}
-        processor = PolicyProcessor(config, tokenizer, stats, rename_map)
+        # a run still training may save and prune meanwhile: read one step folder, kept until loaded
+        with reading_checkpoint(resolve_repo(str(checkpoint), "model", "checkpoint")) as folder:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            train_cfg = read_train_config(folder)
+            stats = load_normalization_stats(folder)
+            policy, tokenizer_dir = load_trained_policy(folder, base, torch.device(device), DTYPES[dtype],
+                                                        use_trained_weights, use_ema)
+            config = policy.config
+            if num_steps is not None:
+                config.num_steps = num_steps
+            tokenizer_path = tokenizer_path or (train_cfg.policy.tokenizer_path if train_cfg else None)
+            tokenizer = load_tokenizer(tokenizer_dir, tokenizer_path, config.tokenizer_name)
+            rename_map = train_cfg.dataset.rename_map if train_cfg is not None else {}
+            stats = {rename_map.get(k, k): v for k, v in stats.items()}
+            processor = PolicyProcessor(config, tokenizer, stats, rename_map)
         return cls(policy, processor, device, source=str(folder))
 
     @property

@@ -27,6 +27,7 @@ from peft import PeftModel
 from torch import nn
 
 from finetune.training import distributed
+from finetune.training.run_lock import pruning_allowed
 
 TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -146,10 +147,13 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def _prune(checkpoints_dir: Path, keep_last: int) -> None:
+    """Delete all but the last `keep_last` checkpoints, unless finetune-merge/eval/predict is reading one now (then
+    the next save prunes)."""
     last = (checkpoints_dir / LAST).resolve()
-    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-        if old.resolve() != last:
-            shutil.rmtree(old)
+    with pruning_allowed(checkpoints_dir) as allowed:
+        for old in list_checkpoints(checkpoints_dir)[:-keep_last] if allowed else []:
+            if old.resolve() != last:
+                shutil.rmtree(old)
     for stale in checkpoints_dir.glob(".tmp-*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -1,5 +1,5 @@
-"""The output folder and the resume policy: one run per folder, `--resume` / `--resume auto` / `--overwrite`, and
-refusing a resume whose settings or topology would change the training trajectory.
+"""The output folder and the resume policy: one run per folder at a time (finetune.training.run_lock), `--resume` /
+`--resume auto` / `--overwrite`, and refusing a resume whose settings or topology would change the training trajectory.
 
 The main process owns the folder and decides; every rank receives the decision (or the error) from it, so all ranks
 continue or stop together even when they do not share a filesystem.
@@ -22,8 +22,10 @@ from finetune.config import RESUME_AUTO, ConfigError, TrainConfig, from_dict, tr
 from finetune.training import checkpoint as ckpt
 from finetune.training import distributed as dist
 from finetune.training.preflight import earlier_checkpoint_fix
+from finetune.training.run_lock import LOCK_FILE, RunLock
 
 T = TypeVar("T")
+DEFAULT_LOCK_WAIT_S = 300.0  # --resume auto: how long a requeued job waits for its predecessor to let go
 
 
 def decide_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
@@ -60,7 +62,7 @@ def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator, auto: bool) -> 
 
     def decide() -> None:
         out = Path(cfg.output_dir)
-        if not out.is_dir() or not any(out.iterdir()):
+        if not run_contents(out):
             return
         if cfg.overwrite:
             aside = move_aside(out, out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -79,7 +81,7 @@ def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator, auto: bool) -> 
                 print(f"--resume auto: {out} holds the same run stopped before its first checkpoint; "
                       "starting it again from step 0 (its partial metrics were dropped)", flush=True)
                 return
-        held = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())[:4])
+        held = ", ".join(p.name + ("/" if p.is_dir() else "") for p in run_contents(out)[:4])
         raise ConfigError(f"--output-dir {out} is not empty ({held}): continue that run with --resume (or --resume "
                           "auto), choose a new --output-dir, or pass --overwrite to move the old run aside "
                           f"(to {out.name}.old-<time>) and start over")
@@ -88,13 +90,35 @@ def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator, auto: bool) -> 
 
 
 def move_aside(folder: Path, aside: Path) -> str:
-    """Rename `folder` to `aside` (an older `aside` is deleted); returns how to say where it went."""
+    """Move what `folder` holds into `aside` (an older `aside` is deleted), keeping the run lock where it is; returns
+    how to say where it went."""
     note = ""
     if aside.exists():
         shutil.rmtree(aside)
         note = f" (replacing the older {aside})"
-    folder.rename(aside)
+    aside.mkdir(parents=True)
+    for path in run_contents(folder):
+        path.rename(aside / path.name)
     return f"{aside}{note}"
+
+
+def run_contents(folder: Path) -> list[Path]:
+    """What a run folder holds, less the lock of the run that holds it."""
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+
+
+def hold_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> RunLock | None:
+    """Take the output folder for this run (main process; every rank learns whether it could). `--wait-for-lock`
+    waits for a run still holding it; by default only `--resume auto` (a requeued job) waits."""
+    wait = cfg.wait_for_lock if cfg.wait_for_lock is not None else \
+        (DEFAULT_LOCK_WAIT_S if cfg.resume == RESUME_AUTO else 0.0)
+    held: list[RunLock] = []
+
+    def decide() -> None:
+        held.append(RunLock.acquire(cfg.output_dir, wait))
+
+    decide_on_main(accelerator, decide)
+    return held[0] if held else None
 
 
 def check_resume(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
