@@ -125,7 +125,10 @@ fi
 # fails writes its exit status there too, which this script returns instead of the launcher's 1.
 status="$(mktemp "${TMPDIR:-/tmp}/finetune-status.XXXXXX")"
 trap 'rm -f "$status"' EXIT
-trap '' USR1 TERM
+# The cluster, `timeout` and Ctrl-C signal the whole process group: the launchers ignore SIGTERM, SIGUSR1 and SIGINT
+# (inherited; torchrun is told not to take SIGTERM/SIGINT over) and leave them to the training ranks, which save.
+trap '' USR1 TERM INT
+export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGHUP,SIGQUIT}"
 rc=0
 FINETUNE_STATUS_FILE="$status" "${cmd[@]}" || rc=$?
 said="$(cat "$status" 2>/dev/null || true)"
@@ -134,5 +137,5 @@ if [ "$said" = "preempted" ]; then
   exit 75
 fi
 # The run's own status (2: bad input, 3: non-finite training), which the launchers report as 1.
-[ "$rc" -ne 0 ] && [[ "$said" =~ ^exit\ ([0-9]+)$ ]] && exit "${BASH_REMATCH[1]}"
+[[ "$said" =~ ^exit\ ([0-9]+)$ ]] && exit "${BASH_REMATCH[1]}"
 exit "$rc"

@@ -48,7 +48,7 @@ from finetune.training.evaluation import heldout_mse, to_device
 from finetune.training.metrics import MetricsLogger, check_trackers, read_metrics
 from finetune.training.model import build_model, load_base_policy, make_ema
 from finetune.training.optim import build_optimizer
-from finetune.training.preemption import STOP, Preempted, StopRequest, report_preempted, write_status
+from finetune.training.preemption import STOP, Preempted, StopRequest, report_preempted, report_status
 from finetune.training.preflight import check_dataset_stats, check_policy_folder, earlier_checkpoint_fix
 from finetune.training.run_dir import check_resume, claim_output_dir, hold_output_dir, resolve_resume
 
@@ -423,12 +423,13 @@ def exit_codes() -> Iterator[None]:
     except (ConfigError, DatasetError, FileNotFoundError, CheckpointWriteError) as err:
         if _is_rank("LOCAL_RANK"):  # once in each node's log
             print(f"error: {err}", file=sys.stderr, flush=True)
-        write_status("exit 2")  # the real status still ends the workers, so torchrun stops the other ranks
-        raise SystemExit(2) from None
+        alone = int(os.environ.get("WORLD_SIZE", "1")) == 1  # with several ranks, not every error is every rank's
+        raise SystemExit(report_status(2, every_rank=alone)) from None
     except Preempted as stopped:
         if _is_rank("RANK"):
-            print(f"preempted: {stopped}; continue with --resume auto", file=sys.stderr, flush=True)
-        raise SystemExit(report_preempted()) from None
+            what = "interrupted" if stopped.signal_name == "SIGINT" else "preempted"
+            print(f"{what}: {stopped}; continue with --resume auto", file=sys.stderr, flush=True)
+        raise SystemExit(report_preempted(stopped.signal_name)) from None
     except NonFiniteError as err:
         applied = "DeepSpeed had applied the update; the run stopped before saving it" if err.applied else \
             "the update was not applied"
@@ -436,12 +437,14 @@ def exit_codes() -> Iterator[None]:
             print(f"error: {err}; {applied}, and the last good checkpoint {err.kept or '(none yet)'} is kept. Lower "
                   "--optim.lr, check the data for NaN/inf, or pass --nonfinite skip to skip such updates",
                   file=sys.stderr, flush=True)
-        write_status(f"exit {EXIT_NONFINITE}")
-        raise SystemExit(EXIT_NONFINITE) from None
+        raise SystemExit(report_status(EXIT_NONFINITE, every_rank=True)) from None  # all ranks see the same norm
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = cli(argv, console_outputs=_is_rank("RANK"))
+    try:
+        cfg = cli(argv, console_outputs=_is_rank("RANK"))
+    except SystemExit as parse_error:  # a bad flag: tyro printed why, every rank alike
+        raise SystemExit(report_status(2, every_rank=True) if parse_error.code == 2 else parse_error.code) from None
     with exit_codes():
         return run(cfg)
 

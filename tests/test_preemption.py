@@ -1,6 +1,7 @@
-"""Preemption: SIGUSR1/SIGTERM mid-run -> the step finishes, a checkpoint is written, exit 75; resuming from it
-reproduces an uninterrupted run (same losses, same adapter). One process, and two CPU processes under DDP where only
-one rank gets the signal (both must stop at the same step)."""
+"""Preemption: SIGUSR1/SIGTERM mid-run -> the step finishes, a checkpoint is written, exit 75 (Ctrl-C: exit 130);
+resuming from it reproduces an uninterrupted run (same losses, same adapter). One process, and two CPU processes under
+DDP where only one rank gets the signal (both must stop at the same step). Signals go where clusters send them: to
+the whole process group (data-loader workers and launchers included), as SLURM, `timeout` and Ctrl-C do."""
 
 from __future__ import annotations
 
@@ -69,25 +70,38 @@ def assert_same_run(resumed: Path, straight: Path, steps: int, loss_rel: float, 
         torch.testing.assert_close(a[key], b[key], **adapter_tol)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-                         ids=["SIGUSR1", "SIGTERM"])
-def test_a_signal_checkpoints_exits_75_and_the_resumed_run_matches(sig, policy_dir, dataset_root, tmp_path):
+@pytest.mark.parametrize(("sig", "to_group"), [
+    (signal.SIGUSR1, False),  # the main process alone
+    (signal.SIGTERM, True),  # SLURM / timeout: every process of the group, data-loader workers included
+    pytest.param(signal.SIGINT, True, marks=pytest.mark.slow),  # Ctrl-C in a terminal
+    pytest.param(signal.SIGTERM, False, marks=pytest.mark.slow),
+], ids=["SIGUSR1", "SIGTERM-group", "SIGINT-group", "SIGTERM"])
+def test_a_signal_checkpoints_exits_75_and_the_resumed_run_matches(sig, to_group, policy_dir, dataset_root, tmp_path):
     out = tmp_path / "run"
-    args = train_args(policy_dir, dataset_root, out, "--steps", LONG, "--checkpoint.every", "1000")
+    workers = ["--dataset.num-workers", "2"] if to_group else []
+    args = train_args(policy_dir, dataset_root, out, "--steps", LONG, "--checkpoint.every", "1000", *workers)
     proc = subprocess.Popen([sys.executable, str(REPO / "finetune/train.py"), *args], env=env(), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_until_training(proc, out)
-        proc.send_signal(sig)
+        if to_group:
+            import psutil
+
+            assert len(psutil.Process(proc.pid).children()) >= 2  # the workers are there to receive it too
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+            os.killpg(proc.pid, signal.SIGKILL)
+    interrupted = sig == signal.SIGINT
+    assert proc.returncode == (130 if interrupted else EXIT_PREEMPTED), stderr[-3000:]
     step = checkpoint_of_the_stop(out)
-    assert f"preempted: stopped by {sig.name} after step {step}; checkpoint {out / 'checkpoints' / f'{step:06d}'} " \
+    said = "interrupted" if interrupted else "preempted"
+    assert f"{said}: stopped by {sig.name} after step {step}; checkpoint {out / 'checkpoints' / f'{step:06d}'} " \
            "written; continue with --resume auto" in stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr
 
     train.main(train_args(policy_dir, dataset_root, out, "--steps", str(step + 2), "--checkpoint.every", "1000",
                           "--resume", "auto"))
@@ -144,3 +158,45 @@ def test_two_ranks_stop_together_when_one_is_signalled_and_resume_through_launch
     train.main(train_args(policy_dir, dataset_root, straight, "--steps", str(step + 2), "--batch-size", "4",
                           "--grad-accum-steps", "2", "--checkpoint.every", "1000"))
     assert_same_run(out, straight, step + 2, loss_rel=1e-5, adapter_tol={"rtol": 1e-4, "atol": 1e-6})
+
+
+@pytest.mark.parametrize("config", ["cpu", pytest.param("cpu_ddp", marks=pytest.mark.slow)])
+def test_sigterm_to_the_group_through_launch_sh_checkpoints_and_exits_75(config, policy_dir, dataset_root, tmp_path):
+    """launch.sh, accelerate's launcher (and torchrun for 2 processes), the ranks and their data-loader workers all
+    get SIGTERM: the ranks save one checkpoint, and the job ends with 75 and no launcher traceback."""
+    from test_distributed import free_port
+
+    out = tmp_path / "run"
+    ranks = 2 if config == "cpu_ddp" else 1
+    args = train_args(policy_dir, dataset_root, out, "--steps", LONG, "--checkpoint.every", "1000",
+                      "--dataset.num-workers", "1", "--batch-size", str(4 // ranks))
+    extra = {"ACCELERATE_USE_CPU": "true", "MASTER_PORT": str(free_port()), "FINETUNE_DIST_TIMEOUT_S": "60"}
+    proc = subprocess.Popen(["bash", str(REPO / "launch.sh"), "--config", config, *args], cwd=tmp_path,
+                            env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until_training(proc, out)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-4000:]
+    assert "launch.sh: preempted; the checkpoint is written. Exit 75" in stderr
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr, stderr[-4000:]
+    checkpoint_of_the_stop(out)
+    assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["world_size"] == ranks
+
+
+def test_a_bad_flag_under_launch_sh_is_one_line_and_exit_2(policy_dir, dataset_root, tmp_path):
+    """Through accelerate's launcher too: the project's line and exit status, no launcher traceback."""
+    for bad in (["--steps", "0"], ["--steps", "many"]):  # refused by validation; by the parser
+        proc = subprocess.run(["bash", str(REPO / "launch.sh"), "--config", "cpu",
+                               *train_args(policy_dir, dataset_root, tmp_path / "run", *bad)],
+                              cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: --steps must be >= 1, got 0" in subprocess.run(
+        ["bash", str(REPO / "launch.sh"), "--config", "cpu", *train_args(policy_dir, dataset_root, tmp_path / "r",
+                                                                          "--steps", "0")],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180).stderr

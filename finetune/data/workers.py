@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,9 +50,11 @@ def resolve_num_workers(requested: int | None, local_ranks: int, cpus: int | Non
     return default_num_workers(cpus or available_cpus(), local_ranks)
 
 
-def loader_kwargs(workers: int, device: torch.device, prefetch_factor: int = 2) -> dict[str, Any]:
-    """DataLoader keywords: persistent, prefetching workers when there are any; pinned memory when feeding CUDA."""
+def loader_kwargs(workers: int, device: torch.device, prefetch_factor: int = 2,
+                  worker_init_fn: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """DataLoader keywords: persistent, prefetching workers when there are any (each started with `worker_init_fn`);
+    pinned memory when feeding CUDA."""
     kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=worker_init_fn)
     return kwargs

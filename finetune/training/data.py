@@ -21,6 +21,7 @@ from finetune.policies.base import ACTION, OBS_STATE
 from finetune.policies.processor import PolicyProcessor
 from finetune.policies.relative_actions import config_mask, uses_relative_actions
 from finetune.training.evaluation import EvalBatch, fixed_eval_batches
+from finetune.training.preemption import ignore_stop_signals
 from finetune.training.sampling import ResumableBatchSampler
 
 
@@ -77,7 +78,8 @@ def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk
                                          accelerator.process_index, cfg.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=processor,
                         generator=torch.Generator().manual_seed(0),
-                        **workers.loader_kwargs(num_workers, accelerator.device, cfg.dataset.prefetch_factor))
+                        **workers.loader_kwargs(num_workers, accelerator.device, cfg.dataset.prefetch_factor,
+                                                worker_init_fn=ignore_stop_signals))
     eval_batches, eval_sources = [], []
     for source, (_, eval_eps) in zip(mix.sources, splits):
         if not eval_eps:

@@ -1,4 +1,8 @@
-"""Stop cleanly when the cluster asks: SIGTERM or SIGUSR1 -> finish the optimizer step, checkpoint, exit 75.
+"""Stop cleanly when the cluster asks: SIGTERM or SIGUSR1 -> finish the optimizer step, checkpoint, exit 75; Ctrl-C
+(SIGINT) -> the same checkpoint, exit 130 (a second Ctrl-C stops at once).
+
+Clusters, `timeout` and terminals signal the whole process group: the data-loader workers ignore these signals
+(`ignore_stop_signals`, their worker_init_fn) and leave them to the training process, which stops them after saving.
 
 SLURM sends SIGTERM at the end of a job's time (or SIGUSR1 `--signal=USR1@120` seconds before it); Kubernetes and
 most schedulers send SIGTERM before killing a pod. A handler only records the request; the training loop checks it
@@ -23,8 +27,16 @@ from pathlib import Path
 import torch
 
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 STATUS_FILE_ENV = "FINETUNE_STATUS_FILE"
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """In a data-loader worker: SIGTERM, SIGUSR1 and SIGINT sent to the whole group are the training process's to
+    handle; a worker that died of them would take the run down before it could save."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Preempted(Exception):
@@ -43,6 +55,9 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C twice: stop now, unsaved
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.received = signum
 
     def install(self) -> StopRequest:
@@ -72,9 +87,19 @@ class StopRequest:
 STOP = StopRequest()
 
 
-def report_preempted() -> int:
-    """The exit status for a preempted run: 0 with 'preempted' in launch.sh's status file, else EXIT_PREEMPTED."""
+def report_preempted(signal_name: str = "SIGTERM") -> int:
+    """The exit status for a stopped run (every rank stops at the same step): EXIT_PREEMPTED, or EXIT_INTERRUPTED for
+    Ctrl-C; 0 under launch.sh, which reads the real status from its file and adds no launcher traceback."""
+    if signal_name == signal.SIGINT.name:
+        return report_status(EXIT_INTERRUPTED, every_rank=True)
     return 0 if write_status("preempted") else EXIT_PREEMPTED
+
+
+def report_status(code: int, every_rank: bool) -> int:
+    """The exit status for a run that stops with `code`. Under launch.sh (a status file) it is written there, and
+    when every rank stops the same way the processes exit 0, so the launcher adds no traceback of its own; a failure
+    of some ranks only keeps its code, so that torchrun stops the others."""
+    return 0 if write_status(f"exit {code}") and every_rank else code
 
 
 def write_status(text: str) -> bool:

@@ -22,7 +22,7 @@ from finetune.config import RESUME_AUTO, ConfigError, TrainConfig, from_dict, tr
 from finetune.training import checkpoint as ckpt
 from finetune.training import distributed as dist
 from finetune.training.preflight import earlier_checkpoint_fix
-from finetune.training.run_lock import LOCK_FILE, RunLock
+from finetune.training.run_lock import LOCK_FILE, READ_LOCK_FILE, RunLock
 
 T = TypeVar("T")
 DEFAULT_LOCK_WAIT_S = 300.0  # --resume auto: how long a requeued job waits for its predecessor to let go
@@ -103,8 +103,8 @@ def move_aside(folder: Path, aside: Path) -> str:
 
 
 def run_contents(folder: Path) -> list[Path]:
-    """What a run folder holds, less the lock of the run that holds it."""
-    return sorted(p for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    """What a run folder holds, less the locks (finetune.training.run_lock)."""
+    return sorted(p for p in folder.iterdir() if p.name not in (LOCK_FILE, READ_LOCK_FILE)) if folder.is_dir() else []
 
 
 def hold_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> RunLock | None:

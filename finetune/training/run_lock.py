@@ -10,7 +10,7 @@ holder's host and PID, its time refreshed every HEARTBEAT_S by a thread; one who
 or whose holder is a dead PID on this host, is taken over.
 
 Readers of a running folder (merge, eval, predict) resolve `checkpoints/last` to one step folder and hold a shared
-lock on `checkpoints/.read.lock` while they load it; pruning skips old checkpoints while any reader holds it, so a
+lock on `<output_dir>/.read.lock` while they load it; pruning skips old checkpoints while any reader holds it, so a
 reader never sees a checkpoint deleted or replaced under it.
 """
 
@@ -172,7 +172,7 @@ def reading_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
     """A checkpoint folder to read while its run may still be training: `last` (or any link) resolved to one step
     folder, and a shared lock that keeps the run's pruning from deleting it until the block ends."""
     folder = Path(checkpoint).resolve()
-    lock_path = folder.parent / READ_LOCK_FILE
+    lock_path = folder.parent.parent / READ_LOCK_FILE
     fd = None
     if folder.parent.name == "checkpoints":
         try:
@@ -192,10 +192,10 @@ def reading_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def pruning_allowed(checkpoints_dir: Path) -> Iterator[bool]:
-    """True while no reader holds `checkpoints/.read.lock` (and none can start); False: prune later."""
+    """True while no reader holds the run's read lock (and none can start); False: prune later."""
     fd = None
     try:
-        fd = os.open(checkpoints_dir / READ_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(checkpoints_dir.parent / READ_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
