@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 from pathlib import Path
@@ -215,6 +216,14 @@ def quantize_and_attach(policy: nn.Module, quant: QuantOptions, peft: PeftOption
     """The one path from a full-precision base to the model a run trains, resumes or predicts with (train, merge and
     predict all come through here): quantize the base as the run did, then attach the saved adapter (`adapter_dir`),
     or, for a new run, a fresh one from `peft`."""
+    dora = peft.use_dora if adapter_dir is None else \
+        json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("use_dora", False)
+    if dora and quant.enabled and device.type == "cpu":
+        raise ConfigError("DoRA on a quantized base does not run on CPU here: PEFT computes DoRA's weight norm "
+                          "through bitsandbytes' CPU dequantization, which is wrong for many 4-bit layer widths "
+                          "(off by up to 4e-3; finetune/quant.py dequantizes LoRA's base weights itself) and fails "
+                          "for 8-bit layers. Use LoRA without --peft.use-dora on the quantized base, DoRA on a "
+                          "float32/bf16 base, or a CUDA GPU")
     policy = quantize_base(policy, quant, peft, device, trainable)
     if adapter_dir is not None:
         return attach_adapter(policy, Path(adapter_dir), trainable)

@@ -310,7 +310,8 @@ class _Translator:
             return special(opt)
         if name in self.kinds:
             out = self.ours(name, opt)
-            if opt.from_file or _values_of(out) != opt.values:
+            spelled_null = len(opt.values) == 1 and _is_null(opt.values[0])  # `--log-with none`: ours as typed
+            if opt.from_file or (_values_of(out) != opt.values and not spelled_null):
                 self.note(opt, out)
             return out
         head, _, leaf = name.rpartition(".")

@@ -344,11 +344,20 @@ def report(run: Run) -> None:
              f"({100 * trained / base:.1f}%)"]
     if "eval_mse_before" in s and "eval_mse_after" in s:
         lines.append(f"held-out action MSE: before {s['eval_mse_before']:.4f} -> after {s['eval_mse_after']:.4f} "
-                     f"({s['eval_mse_before'] / max(s['eval_mse_after'], 1e-12):.1f}x lower)")
+                     f"({change_ratio(s['eval_mse_before'], s['eval_mse_after'])})")
     if s.get("skipped_updates"):
         lines.append(f"skipped updates (non-finite loss/gradient): {s['skipped_updates']}")
     print("\n".join(lines), flush=True)
     s.update(trained_bytes=trained, base_bytes=base)
+
+
+def change_ratio(before: float, after: float) -> str:
+    """`4.2x lower`, `1.0% higher` or `unchanged`, as the figure moved (an error that rose must not read as lower)."""
+    if after == before:
+        return "unchanged"
+    word = "lower" if after < before else "higher"
+    ratio = max(before, after) / max(min(before, after), 1e-12)
+    return f"{abs(after - before) / max(before, 1e-12):.1%} {word}" if ratio < 1.1 else f"{ratio:.1f}x {word}"
 
 
 def run_training(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> dict[str, Any]:

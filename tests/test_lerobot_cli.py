@@ -452,3 +452,10 @@ def test_simulator_that_does_not_fit_the_policy_stops_after_the_first_update(pol
     err = capsys.readouterr().err
     assert "error: --env.type metaworld --env.task reach-v3: the policy expects camera(s)" in err
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl") if "train/loss" in m] == [1]
+
+
+def test_our_own_flags_get_no_translation_notice(capsys):
+    """`--log-with none` is our flag spelled our way: parsed as no tracker, and nothing to announce."""
+    cfg = cli(["smolvla_lora", "--log-with", "none", "--steps", "3"])
+    assert cfg.log_with == () and cfg.steps == 3
+    assert "->" not in capsys.readouterr().out

@@ -161,6 +161,27 @@ def test_conflicting_quant_flags_are_refused(policy_dir, dataset_root, tmp_path,
         quantized(policy_dir, QuantOptions(load_in_8bit=True), keep=["model"])
 
 
+@pytest.mark.parametrize("flag", ["--quant.load-in-4bit", "--quant.load-in-8bit"])
+def test_dora_on_a_quantized_base_is_refused_on_cpu(policy_dir, dataset_root, tmp_path, capsys, flag):
+    """bitsandbytes' CPU dequantization, which PEFT's DoRA calls for the weight norm, is wrong for many 4-bit widths
+    and fails for 8-bit layers: refused before training, and when such an adapter is loaded on a quantized base on
+    CPU; DoRA on a float32 base trains."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(policy_dir, dataset_root, tmp_path / "x", "--steps", "1", flag, "--peft.use-dora"))
+    assert exit_info.value.code == 2 and "DoRA on a quantized base does not run on CPU" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "checkpoints").exists()
+    train.main(train_args(policy_dir, dataset_root, tmp_path / "y", "--steps", "2", "--peft.use-dora"))
+    adapter = tmp_path / "y" / "checkpoints" / "last"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in load_file(str(adapter / "adapter_model.safetensors")))
+    from finetune.adapters import quantize_and_attach
+
+    quant = QuantOptions(load_in_4bit=flag.endswith("4bit"), load_in_8bit=flag.endswith("8bit"))
+    with pytest.raises(ConfigError, match="DoRA on a quantized base"):
+        quantize_and_attach(load_policy(policy_dir), quant, PeftOptions(), torch.device("cpu"), adapter_dir=adapter,
+                            trainable=False)
+
+
 @pytest.mark.parametrize(
     ("opts", "dist_type", "stage", "message"),
     [

@@ -360,3 +360,11 @@ def test_runs_in_one_process_each_get_their_own_precision(policy_dir, dataset_ro
                                                   "bf16")))
     assert again.mixed_precision == "bf16"
     assert train.make_accelerator(cli(train_args(policy_dir, dataset_root, tmp_path / "d"))).mixed_precision == "no"
+
+
+def test_the_summary_says_which_way_the_error_moved():
+    from finetune.train import change_ratio
+
+    assert change_ratio(1.8588, 1.8770) == "1.0% higher"  # was "1.0x lower"
+    assert change_ratio(2.0, 0.5) == "4.0x lower" and change_ratio(0.5, 2.0) == "4.0x higher"
+    assert change_ratio(1.0, 0.97) == "3.0% lower" and change_ratio(1.0, 1.0) == "unchanged"
