@@ -34,6 +34,23 @@ def train_args(policy_dir: Path, dataset_root: Path, output_dir: Path, *extra: s
     ]
 
 
+def policy_train_args(policy_type: str, policy_dir: Path, dataset_root: Path, output_dir: Path,
+                      *extra: str) -> list[str]:
+    """train_args for a tiny policy of any type: SmolVLA's defaults; pi0 / pi0.5 with their preset's recipe at toy
+    size (float32 base on CPU, lr 1e-2; gradient checkpointing stays on, as the preset has it)."""
+    if policy_type == "smolvla":
+        return train_args(policy_dir, dataset_root, output_dir, *extra)
+    return train_args(policy_dir, dataset_root, output_dir, "--policy.dtype", "float32", "--optim.lr", "1e-2", *extra,
+                      preset=f"{policy_type}_lora")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> the training loss a run folder logged in metrics.jsonl."""
+    from finetune.training.metrics import read_metrics
+
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in m}
+
+
 # A PaliGemma + Gemma expert with pi0's layout at toy size (the real one: SigLIP So400m, Gemma 2B, Gemma 300M).
 TINY_PI_BACKBONE = {
     "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -1,5 +1,6 @@
-"""pi0 / pi0.5: LeRobot names and sizes, LeRobot-format folders, joint attention, KV cache, LoRA targets, prompts,
-and LoRA training through the script (checkpoint, resume, reload)."""
+"""pi0 / pi0.5: LeRobot names and sizes, LeRobot-format folders, joint attention, LoRA targets, prompts, bf16 and 4-bit
+bases, LeRobot's freezing rules, and what a LoRA run's checkpoint holds. What SmolVLA does alike (KV cache, gradient
+checkpointing, sdpa, resume, the saved adapter) is tested for every policy type in test_policy_types.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import re
 
 import pytest
 import torch
-from helpers import make_tiny_pi_policy, tiny_batch, train_args
+from helpers import losses, tiny_batch
 from safetensors.torch import load_file, save_file
 
-from finetune import train
-from finetune.adapters import apply_adapter, load_adapter
+from finetune.adapters import apply_adapter
 from finetune.config import PRESETS, PeftOptions
 from finetune.hub import load_tokenizer
 from finetune.policies import (
@@ -36,11 +36,8 @@ PREFIX = "model.paligemma_with_expert."
 
 
 @pytest.fixture(scope="module", params=POLICY_TYPES)
-def pi_dir(request, tmp_path_factory, dataset_root):
-    from finetune.data import load_dataset_meta
-
-    folder = tmp_path_factory.mktemp(request.param) / f"tiny_{request.param}"
-    return make_tiny_pi_policy(folder, load_dataset_meta(dataset_root), request.param, seed=0)
+def pi_dir(request, tiny_policy):
+    return tiny_policy(request.param)
 
 
 def split_counts(policy) -> dict[str, int]:
@@ -215,31 +212,6 @@ def test_prefix_pass_matches_transformers_gemma(pi_dir):
                                torch.nn.functional.embedding(tokens, embed.weight) * 64**0.5)
 
 
-def test_kv_cache_sampling_matches_full_recompute(pi_dir):
-    policy = load_policy(pi_dir).eval()
-    batch, noise = tiny_batch(policy), torch.randn(3, 10, 32)
-    cached = policy.predict_action_chunk(batch, noise=noise)
-    full = policy.predict_action_chunk(batch, noise=noise, use_cache=False)
-    assert cached.shape == (3, 10, 2)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(cached, noise[:, :, :2])
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(pi_dir):
-    policy = load_policy(pi_dir)
-    batch, noise, time = tiny_batch(policy), torch.randn(3, 10, 32), torch.full((3,), 0.7)
-    grads = []
-    for enabled in (False, True):
-        policy.zero_grad()
-        policy.set_gradient_checkpointing(enabled)
-        policy(batch, noise=noise, time=time)[0].backward()
-        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
-    assert any("gemma_expert" in n for n in grads[0]) and any("vision_tower" in n for n in grads[0])
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
-
-
 def lora_wrapped(model) -> list[str]:
     return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
                   if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and m.lora_A)
@@ -315,22 +287,10 @@ def test_presets_and_policy_defaults_are_the_published_recipes():
 # --- training through the script --------------------------------------------------------------------------------------
 
 
-def pi_train_args(pi_dir, dataset_root, out, *extra):
-    preset = "pi05_lora" if pi_dir.name.endswith("pi05") else "pi0_lora"
-    # the preset's recipe at toy size; float32 base on CPU; gradient checkpointing stays on (the preset's)
-    return train_args(pi_dir, dataset_root, out, "--policy.dtype", "float32", "--optim.lr", "1e-2", *extra,
-                      preset=preset)
-
-
 @pytest.fixture(scope="module")
-def four_steps(pi_dir, dataset_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pi_straight") / "run"
-    summary = train.main(pi_train_args(pi_dir, dataset_root, out, "--steps", "4"))
-    return out, summary
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in m}
+def four_steps(pi_dir, straight_run):
+    """The straight 4-step LoRA run of the tiny pi0 / pi0.5: (run folder, summary)."""
+    return straight_run(pi_dir.name.removeprefix("tiny_"))
 
 
 def test_lora_training_checkpoints_only_the_adapter(four_steps, pi_dir):
@@ -349,43 +309,6 @@ def test_lora_training_checkpoints_only_the_adapter(four_steps, pi_dir):
     assert sorted(steps) == [1, 2, 3, 4] and all(v > 0 for v in steps.values())
     evals = [m["eval/action_mse"] for m in read_metrics(out / "metrics.jsonl") if "eval/action_mse" in m]
     assert len(evals) == 2 and evals[1] != evals[0]
-
-
-def test_resume_continues_the_same_run(four_steps, pi_dir, dataset_root, tmp_path):
-    straight_dir, _ = four_steps
-    out = tmp_path / "resumed"
-    train.main(pi_train_args(pi_dir, dataset_root, out, "--steps", "2"))
-    train.main(pi_train_args(pi_dir, dataset_root, out, "--steps", "4", "--resume"))
-    straight, resumed = losses(straight_dir), losses(out)
-    assert sorted(resumed) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
-        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), (step, straight, resumed)
-    a = load_file(str(straight_dir / "checkpoints/000004/adapter_model.safetensors"))
-    b = load_file(str(out / "checkpoints/000004/adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
-
-
-def test_saved_adapter_on_the_base_reproduces_the_trained_policy(four_steps, pi_dir, dataset_root):
-    """The saved adapter on the base (the resume path) gives the trained policy's logged held-out MSE; merged into the
-    base it computes the same actions as on top of it."""
-    from helpers import set_up_run
-
-    out, _ = four_steps
-    evals = [m["eval/action_mse"] for m in read_metrics(out / "metrics.jsonl") if "eval/action_mse" in m]
-    reloaded = set_up_run(pi_train_args(pi_dir, dataset_root, out, "--steps", "4", "--resume"))
-    assert train.evaluate(reloaded) == pytest.approx(evals[-1], rel=1e-5)
-    assert evals[-1] != pytest.approx(evals[0], rel=1e-3)
-
-    ckpt = out / "checkpoints" / "last"
-    with_adapter = load_adapter(load_policy(pi_dir), ckpt, trainable=False).eval()
-    base = load_policy(pi_dir).eval()
-    batch, noise = tiny_batch(base), torch.randn(3, 10, 32)
-    out_adapter = with_adapter.predict_action_chunk(batch, noise=noise)
-    assert not torch.allclose(out_adapter, base.predict_action_chunk(batch, noise=noise))
-    merged = load_adapter(load_policy(pi_dir), ckpt, trainable=False).merge_and_unload().eval()
-    torch.testing.assert_close(merged.predict_action_chunk(batch, noise=noise), out_adapter, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_storage_keeps_lerobots_float32_parts(pi_dir):
@@ -535,43 +458,6 @@ def test_quantized_base_trains_lora(pi_dir):
     loss.backward()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
-
-
-def test_sdpa_attention_gives_the_eager_loss_and_actions(pi_dir):
-    policy = load_policy(pi_dir)
-    assert policy.model.paligemma_with_expert.attn_implementation == "sdpa"
-    with torch.no_grad():  # peaked attention (a random tiny Gemma attends almost uniformly): the scale and mask matter
-        for name, param in policy.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(8.0)
-    batch, noise, time = tiny_batch(policy), torch.randn(3, 10, 32), torch.full((3,), 0.6)
-    results = {}
-    for name in ("eager", "sdpa"):
-        policy.set_attn_implementation(name)
-        vision = policy.model.paligemma_with_expert.paligemma.model.vision_tower
-        assert {m.config._attn_implementation for m in vision.modules() if hasattr(m, "config")} == {name}
-        loss = policy.train()(batch, noise=noise, time=time)[0]
-        actions = policy.eval().predict_action_chunk(batch, noise=noise)
-        results[name] = (loss, actions)
-    torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(results["sdpa"][1], results["eager"][1], rtol=1e-5, atol=1e-5)
-
-
-def test_gradient_checkpointing_with_lora_dropout_gives_the_same_gradients(pi_dir):
-    """pi0's checkpointed layers preserve the RNG state: dropout masks are the same in the recomputation."""
-    from test_policies import lora_dropout_grads, randomize_lora_b
-
-    model = apply_adapter(load_policy(pi_dir), PeftOptions(r=4, lora_dropout=0.1))
-    randomize_lora_b(model)
-    batch = tiny_batch(load_policy(pi_dir))
-    plain = lora_dropout_grads(model, batch, checkpointing=False, seed=5)
-    checkpointed = lora_dropout_grads(model, batch, checkpointing=True, seed=5)
-    other_masks = lora_dropout_grads(model, batch, checkpointing=False, seed=6)
-    expert = [n for n in plain if "gemma_expert" in n and "lora_A" in n]
-    assert expert and plain.keys() == checkpointed.keys()
-    assert any(not torch.allclose(plain[n], other_masks[n]) for n in expert)
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(("freeze_vision", "expert_only", "expected_frozen"), [

@@ -1,4 +1,5 @@
-"""SmolVLA: LeRobot names and sizes, the LeRobot-format folder, sampling, checkpointing of activations."""
+"""SmolVLA: LeRobot names and sizes, the LeRobot-format folder, training and the masked loss. What pi0 / pi0.5 do alike
+(KV cache, gradient checkpointing, sdpa) is tested for every policy type in test_policy_types.py."""
 
 from __future__ import annotations
 
@@ -93,32 +94,6 @@ def test_loss_is_masked_by_action_is_pad_and_cut_to_action_dim(policy_dir):
     torch.testing.assert_close(policy(batch, noise=noise, time=time)[0], loss)
 
 
-def test_kv_cache_sampling_matches_full_recompute(policy_dir):
-    policy = load_policy(policy_dir).eval()
-    batch = tiny_batch(policy)
-    noise = torch.randn(3, policy.config.chunk_size, 32)
-    cached = policy.predict_action_chunk(batch, noise=noise)
-    policy.config.use_cache = False
-    full = policy.predict_action_chunk(batch, noise=noise)
-    assert cached.shape == (3, policy.config.chunk_size, 2)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(policy_dir):
-    policy = load_policy(policy_dir)
-    batch = tiny_batch(policy)
-    noise, time = torch.randn(3, policy.config.chunk_size, 32), torch.full((3,), 0.7)
-    grads = []
-    for enabled in (False, True):
-        policy.zero_grad()
-        policy.set_gradient_checkpointing(enabled)
-        policy(batch, noise=noise, time=time)[0].backward()
-        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
-
-
 def test_load_refuses_mismatched_weights(policy_dir, tmp_path):
     import shutil
 
@@ -143,25 +118,6 @@ def test_unknown_backbone_names_the_fix(tmp_path):
     assert TINY_VLM["text_config"]["hidden_size"] == 192
 
 
-def test_sdpa_attention_gives_the_eager_loss_and_actions(policy_dir):
-    """Fused attention (default) against LeRobot's explicit float32-softmax path, in the joint layers and SigLIP."""
-    policy = load_policy(policy_dir)
-    assert policy.model.vlm_with_expert.attn_implementation == "sdpa"
-    batch = tiny_batch(policy)
-    noise, time = torch.randn(3, policy.config.chunk_size, 32), torch.full((3,), 0.6)
-    results = {}
-    for name in ("eager", "sdpa"):
-        policy.set_attn_implementation(name)
-        assert policy.model.vlm_with_expert.vlm.model.vision_model.config._attn_implementation == name
-        loss = policy.train()(batch, noise=noise, time=time)[0]
-        actions = policy.eval().predict_action_chunk(batch, noise=noise)
-        results[name] = (loss, actions)
-    torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(results["sdpa"][1], results["eager"][1], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-        policy.set_attn_implementation("flash")
-
-
 def randomize_lora_b(model) -> None:
     """A trained adapter: lora_B non-zero, so the gradients of lora_A (and the outputs) depend on the dropout masks."""
     generator = torch.Generator().manual_seed(3)
@@ -169,32 +125,3 @@ def randomize_lora_b(model) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-
-
-def lora_dropout_grads(model, batch, checkpointing: bool, seed: int) -> dict[str, torch.Tensor]:
-    """LoRA gradients of one loss with lora_dropout 0.1; the seed fixes the dropout masks."""
-    model.train()
-    model.base_model.model.set_gradient_checkpointing(checkpointing)
-    model.zero_grad()
-    noise, time = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(1)), torch.full((3,), 0.7)
-    torch.manual_seed(seed)
-    model(batch, noise=noise, time=time)[0].backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_gradient_checkpointing_with_lora_dropout_gives_the_same_gradients(policy_dir):
-    """The recomputed forward must draw the dropout masks the first forward drew (preserve_rng_state)."""
-    from finetune.adapters import apply_adapter
-    from finetune.config import PeftOptions
-
-    model = apply_adapter(load_policy(policy_dir), PeftOptions(r=4, lora_dropout=0.1))
-    randomize_lora_b(model)
-    batch = tiny_batch(load_policy(policy_dir))
-    plain = lora_dropout_grads(model, batch, checkpointing=False, seed=5)
-    checkpointed = lora_dropout_grads(model, batch, checkpointing=True, seed=5)
-    other_masks = lora_dropout_grads(model, batch, checkpointing=False, seed=6)
-    expert = [n for n in plain if "lm_expert" in n and "lora_A" in n]
-    assert expert and plain.keys() == checkpointed.keys()
-    assert any(not torch.allclose(plain[n], other_masks[n]) for n in expert)  # dropout does act on these gradients
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)

@@ -1,4 +1,5 @@
-"""The training script end to end on a tiny SmolVLA: checkpoints, resume, reload, logs."""
+"""The training script end to end on a tiny SmolVLA: checkpoints, resume, logs. Resuming and reloading the saved
+adapter are tested for every policy type in test_policy_types.py."""
 
 from __future__ import annotations
 
@@ -11,27 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_args
+from helpers import losses, train_args
 from safetensors.torch import load_file
 
 from finetune import train
-from finetune.adapters import load_adapter
-from finetune.policies import load_policy
 from finetune.policies.processor import load_stats
 from finetune.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in m}
-
-
 @pytest.fixture(scope="module")
-def four_steps(policy_dir, dataset_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("straight") / "run"
-    train.main(train_args(policy_dir, dataset_root, out, "--steps", "4"))
-    return out
+def four_steps(straight_run) -> Path:
+    """The straight 4-step LoRA run of the tiny SmolVLA (its run folder)."""
+    return straight_run("smolvla")[0]
 
 
 def test_checkpoint_holds_only_the_adapter_and_what_resume_needs(four_steps, policy_dir):
@@ -56,44 +50,6 @@ def test_checkpoint_holds_only_the_adapter_and_what_resume_needs(four_steps, pol
     assert json.loads((last / "config.json").read_text())["type"] == "smolvla"
     assert json.loads((last / "train_config.json").read_text())["steps"] == 4
     assert set(load_stats(last)) >= {"observation.state", "action"}
-
-
-def test_resume_continues_the_same_run(four_steps, policy_dir, dataset_root, tmp_path):
-    out = tmp_path / "resumed"
-    train.main(train_args(policy_dir, dataset_root, out, "--steps", "2"))
-    first = load_file(str(out / "checkpoints/000002/adapter_model.safetensors"))
-    summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", "--resume"))
-    assert summary["trainable_params"] == train_lora_param_count(four_steps)  # one adapter, not one on top of another
-    straight, resumed = losses(four_steps), losses(out)
-    assert sorted(resumed) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
-        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), (step, straight, resumed)
-    a = load_file(str(four_steps / "checkpoints/000004/adapter_model.safetensors"))
-    b = load_file(str(out / "checkpoints/000004/adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(first[k], b[k]) for k in first)  # it did train after resuming
-
-
-def train_lora_param_count(run_dir: Path) -> int:
-    return sum(t.numel() for t in load_file(str(run_dir / "checkpoints/last/adapter_model.safetensors")).values())
-
-
-def test_saved_adapter_on_the_base_reproduces_the_trained_policy(four_steps, policy_dir):
-    from helpers import tiny_batch
-
-    ckpt = four_steps / "checkpoints" / "last"
-    reloaded = load_adapter(load_policy(policy_dir), ckpt, trainable=False).eval()
-    fresh_base = load_policy(policy_dir).eval()
-    batch = tiny_batch(fresh_base)
-    noise = torch.randn(3, fresh_base.config.chunk_size, 32)
-    out_adapter = reloaded.predict_action_chunk(batch, noise=noise)
-    out_base = fresh_base.predict_action_chunk(batch, noise=noise)
-    assert not torch.allclose(out_adapter, out_base)  # the adapter changes the policy...
-    # ...and merging its weights by hand gives the same function: the file holds the trained tensors.
-    merged = load_adapter(load_policy(policy_dir), ckpt, trainable=False).merge_and_unload().eval()
-    torch.testing.assert_close(merged.predict_action_chunk(batch, noise=noise), out_adapter, rtol=1e-4, atol=1e-5)
 
 
 def test_metrics_and_tensorboard_are_written(four_steps):
