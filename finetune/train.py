@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from finetune.adapters import base_policy, count_parameters
 from finetune.config import RESUME_AUTO, ConfigError, TrainConfig, cli, flat_fields, to_dict, validate
-from finetune.data import DatasetError
+from finetune.data import DatasetError, workers
 from finetune.data.transforms import ImageTransforms
 from finetune.hub import check_can_push, resolve_repo
 from finetune.policies import save_policy
@@ -367,6 +367,7 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) ->
         summary = fit(run)
         report(run)
     finally:
+        workers.stop_workers(run.data.loader)  # now, not at the interpreter's exit (they ignore SIGTERM)
         accelerator.free_memory()
         accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
     return summary

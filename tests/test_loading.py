@@ -104,3 +104,26 @@ def test_training_resolves_its_loader_defaults(policy_dir, dataset_root, tmp_pat
     summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "one", "--steps", "1",
                                     "--dataset.eval-episodes", "0", "--dataset.decoder-threads", "2"))
     assert (summary["data_workers"], summary["decoder_threads"]) == (1, 2)
+
+
+def test_stop_workers_ends_persistent_workers_that_ignore_sigterm():
+    """Training workers ignore SIGTERM (the group's signal is the training process's); stop_workers ends them at
+    once, so nothing is left for the interpreter's exit to wait on (its terminate() would be ignored)."""
+    import multiprocessing
+
+    from finetune.data.workers import stop_workers
+    from finetune.training.preemption import ignore_stop_signals
+
+    before = set(multiprocessing.active_children())
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, **loader_kwargs(
+        2, torch.device("cpu"), worker_init_fn=ignore_stop_signals))
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    alive = [p for p in multiprocessing.active_children() if p not in before and p.is_alive()]
+    assert len(alive) == 2  # persistent: they outlive the pass
+    alive[0].terminate()  # what the interpreter's exit would send: ignored
+    alive[0].join(timeout=1)
+    assert alive[0].is_alive()
+    stop_workers(loader)
+    for p in alive:
+        p.join(timeout=10)
+    assert not [p for p in alive if p.is_alive()]

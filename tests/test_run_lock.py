@@ -56,32 +56,44 @@ def test_a_second_run_on_a_held_folder_is_refused_and_a_requeued_one_waits(proce
 
         launcher = ["bash", str(REPO / "launch.sh"), "--config", "cpu_ddp"]
         extra = {"ACCELERATE_USE_CPU": "true", "MASTER_PORT": str(free_port()), "FINETUNE_DIST_TIMEOUT_S": "120"}
-    common = ["--checkpoint.every", "5", "--batch-size", str(4 // processes)]
-    a = start(train_args(policy_dir, dataset_root, out, "--steps", "40", *common, "--resume", "auto"), tmp_path,
-              launcher, **extra)
+    common = ["--checkpoint.every", "1000", "--batch-size", str(4 // processes)]
+    a = start(train_args(policy_dir, dataset_root, out, "--steps", "500", *common, "--resume", "auto"), tmp_path,
+              launcher, **extra)  # A: far longer than the test; stopped (preempted) below
+    waiting = None
     try:
         wait_until_training(a, out)
         holder = read_holder(out)
         assert holder["host"] == socket.gethostname() and holder["locking"] == "flock"
 
         # B, a plain second start: refused before anything is built or written, naming the holder
-        refused = start(train_args(policy_dir, dataset_root, out, "--steps", "40", *common), tmp_path)
+        refused = start(train_args(policy_dir, dataset_root, out, "--steps", "500", *common), tmp_path)
         _, err = refused.communicate(timeout=120)
         assert refused.returncode == 2, err[-2000:]
         assert f"--output-dir {out.resolve()} is in use by another run: process {holder['pid']} on " \
                f"{holder['host']}, started {holder['started']}" in err and "Traceback" not in err
+        assert a.poll() is None  # A trained on, undisturbed
 
-        # B, requeued (--resume auto): waits for A to finish, then continues from A's last checkpoint
-        waiting = start(train_args(policy_dir, dataset_root, out, "--steps", "40", *common, "--resume", "auto",
-                                   "--wait-for-lock", "300"), tmp_path, launcher, **extra)
-        _, a_err = a.communicate(timeout=600)
-        assert a.returncode == 0, a_err[-3000:]
+        # B, requeued (--resume auto): waits while A holds the folder, then continues from A's checkpoint
+        waiting = start(train_args(policy_dir, dataset_root, out, "--steps", "500", *common, "--resume", "auto"),
+                        tmp_path, launcher, **extra)
+        first = waiting.stdout.readline()
+        while "launch.sh" in first or not first.strip():
+            first = waiting.stdout.readline()
+        assert first.startswith(f"waiting up to 300 s for the run holding {out.resolve()}"), first
+        os.killpg(a.pid, signal.SIGUSR1)  # A is preempted: it saves and lets go
+        _, a_err = a.communicate(timeout=300)
+        assert a.returncode == 75, a_err[-3000:]
+        stopped_at = max(losses(out))
+        wait_until_training(waiting, out, step=stopped_at + 2)
+        os.killpg(waiting.pid, signal.SIGUSR1)
         b_out, b_err = waiting.communicate(timeout=300)
-        assert waiting.returncode == 0, b_err[-3000:]
-        assert "already reached step 40" in b_out
+        assert waiting.returncode == 75, b_err[-3000:]
     finally:
         stop(a)
-    assert sorted(losses(out)) == list(range(1, 41))
+        if waiting is not None:
+            stop(waiting)
+    assert "resuming from" in b_out, b_err[-3000:]
+    assert max(losses(out)) > stopped_at + 1  # B trained on from A's checkpoint, in the same folder
     assert_no_step_logged_twice(out)
 
 
@@ -141,6 +153,7 @@ def test_without_flock_a_heartbeat_file_holds_the_folder(tmp_path, monkeypatch, 
     """A filesystem that answers flock with ENOLCK (some NFS mounts): the lock file's heartbeat holds the folder,
     processes that can flock respect it, and a holder that died is taken over."""
     folder = tmp_path / "run"
+    folder.mkdir()  # the lock is taken in an existing folder, which stays after release
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

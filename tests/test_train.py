@@ -138,13 +138,15 @@ def test_the_demo_folder_starts_over_and_says_so(tmp_path, capsys, monkeypatch):
     old_previous.mkdir()
     seen = []
     monkeypatch.setattr(demo, "prepare_assets", lambda cfg: (tmp_path / "base", tmp_path / "data"))
-    monkeypatch.setattr(train, "run", lambda cfg: seen.append((cfg.output_dir, out.exists())) or {})
+    monkeypatch.setattr(train, "run", lambda cfg: seen.append((cfg.output_dir, sorted(p.name for p in out.iterdir())))
+                        or {})
     demo.main(["--train.output-dir", str(out), "--rollout-episodes", "0"])
-    assert seen == [(str(out), False)]  # the fine-tune started from no folder
+    assert seen == [(str(out), [".lock"])]  # the fine-tune started in an empty folder the demo holds
     said = capsys.readouterr().out
     assert f"demo: starting over in {out}; the previous run there was moved to {old_previous}" in said
     assert "replacing the older" in said
-    assert not out.exists() and (old_previous / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert [p.name for p in out.iterdir()] == [".lock"]  # the previous run moved out whole
+    assert (old_previous / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
 def test_resume_auto_starts_fresh_resumes_and_stops_at_steps(four_steps, policy_dir, dataset_root, tmp_path, capsys):

@@ -56,5 +56,18 @@ def loader_kwargs(workers: int, device: torch.device, prefetch_factor: int = 2,
     pinned memory when feeding CUDA."""
     kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=worker_init_fn)
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        if worker_init_fn is not None:
+            kwargs["worker_init_fn"] = worker_init_fn
     return kwargs
+
+
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stop a loader's persistent workers now, as the loader does when it is collected. Training workers ignore
+    SIGTERM (finetune.training.preemption.ignore_stop_signals), so one left for the interpreter's exit, where
+    multiprocessing terminates its children with SIGTERM and waits for them, would hang that exit. Uses the
+    DataLoader's private iterator (torch has no public call for it); tests/test_loading.py fails if that changes."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None

@@ -43,6 +43,7 @@ class RunLock:
 
     def __init__(self, folder: Path, fd: int | None, heartbeat: threading.Event | None):
         self.folder, self.fd, self._stop_heartbeat, self.depth = folder, fd, heartbeat, 1
+        self.created_folder = False  # made by acquire(): removed again if the run leaves nothing else in it
 
     @classmethod
     def acquire(cls, folder: str | Path, wait_s: float = 0.0, poll_s: float = 1.0) -> RunLock:
@@ -52,15 +53,23 @@ class RunLock:
         if folder in cls._held:
             cls._held[folder].depth += 1
             return cls._held[folder]
+        created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + max(wait_s, 0.0)
+        said = False
         while True:
             lock = cls._try(folder)
             if lock is not None:
+                lock.created_folder = created
                 cls._held[folder] = lock
                 return lock
             if time.monotonic() >= deadline:
                 raise ConfigError(held_message(folder, wait_s))
+            if not said:
+                holder = read_holder(folder)
+                print(f"waiting up to {wait_s:.0f} s for the run holding {folder} (process {holder.get('pid')} on "
+                      f"{holder.get('host')}) to finish", flush=True)
+                said = True
             time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.01)))
 
     @classmethod
@@ -126,6 +135,11 @@ class RunLock:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+        if self.created_folder and {p.name for p in self.folder.iterdir()} <= {LOCK_FILE, READ_LOCK_FILE}:
+            with contextlib.suppress(OSError):  # a run refused before writing anything leaves no folder behind
+                for name in (LOCK_FILE, READ_LOCK_FILE):
+                    (self.folder / name).unlink(missing_ok=True)
+                self.folder.rmdir()
 
 
 def _write_holder(fd: int, locking: str) -> None:
