@@ -10,8 +10,10 @@
                                                          under DeepSpeed its ZeRO-sharded checkpoint, without the base)
     output_dir/checkpoints/last -> 000100
 
-Each checkpoint is written into a hidden temporary folder and renamed into place, then `last` is swapped atomically,
-so a crash at any moment leaves the previous checkpoint complete and `last` pointing at it.
+Each checkpoint is written into a hidden temporary folder, its files and folders fsynced, renamed into place, then
+`last` is swapped atomically (and the folder fsynced), so a crash at any moment leaves the previous checkpoint complete
+and `last` pointing at it. Re-saving a step never deletes its old copy before the new one is in place: the old copy
+moves aside (`.old-<step>`) and is deleted after; a crash in between is undone by `recover_interrupted_save`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def save_checkpoint(
     tmp = checkpoints_dir / f".tmp-{step_dir_name(step)}"
     error = None
     if accelerator.is_main_process:
-        error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+        error = _attempt(lambda: (recover_interrupted_save(checkpoints_dir), shutil.rmtree(tmp, ignore_errors=True),
+                                  tmp.mkdir(parents=True)))
     _raise_if_any(accelerator, error, step, checkpoints_dir, tmp)
     error = _attempt(lambda: accelerator.save_state(str(tmp / TRAINING_STATE_DIR),
                                                     **distributed.save_state_kwargs(accelerator)))
@@ -80,9 +83,7 @@ def save_checkpoint(
                 (tmp / name).write_text(text)
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
             _fsync_tree(tmp)
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _move_into_place(tmp, final)
             _point_last(checkpoints_dir, final.name)
 
         error = _attempt(finish)
@@ -97,12 +98,19 @@ class CheckpointWriteError(OSError):
     """The checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
 
 
+# How torch.save reports a write that failed (a full disk: "basic_ios::clear: iostream error"); any other
+# RuntimeError is a bug, not a write failure, and is raised as it is.
+WRITE_FAILURES = ("iostream error", "PytorchStreamWriter failed", "file write failed", "No space left")
+
+
 def _attempt(write) -> str | None:
     try:
         write()
     except OSError as err:
         return f"{type(err).__name__}: {err}"
-    except RuntimeError as err:  # torch.save reports a full disk as "basic_ios::clear: iostream error"
+    except RuntimeError as err:
+        if not any(sign in str(err) for sign in WRITE_FAILURES):
+            raise
         return f"{type(err).__name__}: {str(err).splitlines()[0]}"
     return None
 
@@ -128,10 +136,54 @@ def _raise_if_any(accelerator: Accelerator, error: str | None, step: int, checkp
 
 
 def _fsync_tree(folder: Path) -> None:
+    """Files first, then the folders that name them (a renamed folder is only durable once its parent is synced)."""
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".old-{final.name}")
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the written checkpoint to its step's name. Re-saving a step (e.g. after a resume): the old copy moves
+    aside first and is deleted only once the new one is in place."""
+    if final.exists():
+        old = _aside(final)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+
+def recover_interrupted_save(checkpoints_dir: Path) -> None:
+    """Undo a re-save cut short between moving the old copy aside and renaming the new one in: the old copy goes
+    back to its name (`last` may point at it); an aside copy whose step folder is in place is deleted."""
+    if not checkpoints_dir.is_dir():
+        return
+    for old in checkpoints_dir.glob(".old-*"):
+        final = checkpoints_dir / old.name.removeprefix(".old-")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def _point_last(checkpoints_dir: Path, target: str) -> None:
@@ -140,6 +192,7 @@ def _point_last(checkpoints_dir: Path, target: str) -> None:
         tmp_link.unlink()
     tmp_link.symlink_to(target)
     os.replace(tmp_link, checkpoints_dir / LAST)
+    _fsync_dir(checkpoints_dir)
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -152,13 +205,16 @@ def _prune(checkpoints_dir: Path, keep_last: int) -> None:
     last = (checkpoints_dir / LAST).resolve()
     with pruning_allowed(checkpoints_dir) as allowed:
         for old in list_checkpoints(checkpoints_dir)[:-keep_last] if allowed else []:
-            if old.resolve() != last:
-                shutil.rmtree(old)
-    for stale in checkpoints_dir.glob(".tmp-*"):  # left by a crash mid-save
+            if old.resolve() != last:  # renamed first: a crash mid-delete leaves no half checkpoint under a step name
+                doomed = old.with_name(f".del-{old.name}")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
+    for stale in (*checkpoints_dir.glob(".tmp-*"), *checkpoints_dir.glob(".del-*")):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def resolve_last(checkpoints_dir: Path) -> Path:
+    recover_interrupted_save(checkpoints_dir)
     last = checkpoints_dir / LAST
     if not last.exists():
         raise FileNotFoundError(f"no checkpoint to resume from at {last}")

@@ -186,6 +186,8 @@ def reading_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
     """A checkpoint folder to read while its run may still be training: `last` (or any link) resolved to one step
     folder, and a shared lock that keeps the run's pruning from deleting it until the block ends."""
     folder = Path(checkpoint).resolve()
+    if not folder.exists() and (folder.parent / f".old-{folder.name}").is_dir():  # a re-save cut short by a crash
+        folder = folder.parent / f".old-{folder.name}"
     lock_path = folder.parent.parent / READ_LOCK_FILE
     fd = None
     if folder.parent.name == "checkpoints":
