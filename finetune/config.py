@@ -276,6 +276,9 @@ class TrainConfig:
     """Autocast precision; None: bf16/fp16 autocast for a bf16/fp16 --policy.dtype, else the accelerate config's."""
     log_every: int = 10
     """Write metrics every N optimizer updates."""
+    progress_every_s: float = 30.0
+    """When stderr is not a terminal (a cluster log, a file): one plain progress line every this many seconds instead
+    of a progress bar."""
     eval_every: int = 500
     """Held-out action MSE every N optimizer updates (and before the first and after the last)."""
     eval_batches: int = 4
@@ -314,6 +317,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
         (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
+        (cfg.progress_every_s > 0, f"--progress-every-s must be > 0, got {cfg.progress_every_s}"),
         (cfg.wait_for_lock is None or cfg.wait_for_lock >= 0,
          f"--wait-for-lock must be >= 0 seconds, got {cfg.wait_for_lock}"),
         (all(v > 0 for v in cfg.peft.rank_pattern.values()),
@@ -359,7 +363,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 # pushes, how data is read. Every other field changes the training trajectory, so resume refuses a difference.
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
-    "wait_for_lock",
+    "wait_for_lock", "progress_every_s",
     "checkpoint.every", "checkpoint.keep_last", "dataset.num_workers", "dataset.video_cache_mb",
     "policy.repo_id", "policy.merged_repo_id", "nonfinite",
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",

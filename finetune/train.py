@@ -27,7 +27,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from tqdm.auto import tqdm
 
 from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from finetune.adapters import base_policy, count_parameters
@@ -50,6 +49,7 @@ from finetune.training.model import build_model, load_base_policy, make_ema
 from finetune.training.optim import build_optimizer
 from finetune.training.preemption import STOP, Preempted, StopRequest, report_preempted, report_status
 from finetune.training.preflight import check_dataset_stats, check_policy_folder, earlier_checkpoint_fix
+from finetune.training.progress import Progress
 from finetune.training.run_dir import check_resume, claim_output_dir, hold_output_dir, resolve_resume
 
 EXIT_NONFINITE = 3  # training diverged (NaN/inf); exit 2 is a bad input, 75 a preemption
@@ -261,8 +261,7 @@ def fit(run: Run) -> dict[str, Any]:
     if accelerator.is_main_process:
         (output_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     stop = STOP.install()
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=not accelerator.is_main_process, desc="train",
-               dynamic_ncols=True)
+    bar = Progress(cfg.steps, run.step, enabled=accelerator.is_main_process, every_s=cfg.progress_every_s)
     try:
         if run.resumed_step is None:
             mse = evaluate(run)
@@ -288,7 +287,7 @@ def fit(run: Run) -> dict[str, Any]:
     return run.summary
 
 
-def train_loop(run: Run, logger: MetricsLogger, bar, stop: StopRequest) -> None:
+def train_loop(run: Run, logger: MetricsLogger, bar: Progress, stop: StopRequest) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     batch_iter = iter(run.data.loader)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
@@ -312,8 +311,9 @@ def train_loop(run: Run, logger: MetricsLogger, bar, stop: StopRequest) -> None:
             if run.skipped_updates:
                 values["train/skipped_updates"] = run.skipped_updates
             logger.log(run.step, values)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{throughput:.1f}")
-        bar.update(1)
+            bar.update(run.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{throughput:.1f}")
+        else:
+            bar.update(run.step)
         if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
             mse = evaluate(run)
             if mse is not None:

@@ -326,3 +326,16 @@ def test_the_summary_says_which_way_the_error_moved():
     assert change_ratio(1.8588, 1.8770) == "1.0% higher"  # was "1.0x lower"
     assert change_ratio(2.0, 0.5) == "4.0x lower" and change_ratio(0.5, 2.0) == "4.0x higher"
     assert change_ratio(1.0, 0.97) == "3.0% lower" and change_ratio(1.0, 1.0) == "unchanged"
+
+
+def test_progress_in_a_log_file_is_plain_lines_not_bar_frames(policy_dir, dataset_root, tmp_path, capsys):
+    """stderr is not a terminal here (as in a SLURM log): no carriage-return frames, one line per interval and at
+    the end, with step, loss, throughput and ETA."""
+    train.main(train_args(policy_dir, dataset_root, tmp_path / "a", "--steps", "6", "--progress-every-s", "1000"))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train step")]
+    assert "\r" not in err and len(lines) == 1, lines
+    assert lines[0].startswith("train step 6/6 (100%) loss ") and " steps/s eta 0:00:00" in lines[0]
+    train.main(train_args(policy_dir, dataset_root, tmp_path / "b", "--steps", "6", "--progress-every-s", "1e-6"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train step")]
+    assert [line.split()[2] for line in lines] == [f"{s}/6" for s in range(1, 7)]
