@@ -212,6 +212,9 @@ class CheckpointOptions:
     """Save a checkpoint every N optimizer updates (and always at the end)."""
     keep_last: int = 3
     """How many checkpoints to keep; older ones are deleted."""
+    trust_pickles: bool = False
+    """--resume a checkpoint whose training state is pickled (DeepSpeed's, or one written before this project saved
+    it as safetensors + JSON). Unpickling can run code from the checkpoint: only for checkpoints you trust."""
 
 
 @dataclass(frozen=True)
@@ -364,7 +367,8 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
     "wait_for_lock", "progress_every_s",
-    "checkpoint.every", "checkpoint.keep_last", "dataset.num_workers", "dataset.video_cache_mb",
+    "checkpoint.every", "checkpoint.keep_last", "checkpoint.trust_pickles", "dataset.num_workers",
+    "dataset.video_cache_mb",
     "policy.repo_id", "policy.merged_repo_id", "nonfinite",
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",
     "policy.cpu_linear",

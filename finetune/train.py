@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch import nn
 
 from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
@@ -39,6 +40,7 @@ from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
 from finetune.policies.processor import PolicyProcessor, image_keys, images_to_float, save_stats
 from finetune.training import checkpoint as ckpt
 from finetune.training import distributed as dist
+from finetune.training import state as training_state
 from finetune.training.checkpoint import CheckpointWriteError
 from finetune.training.data import TrainData, build_data, build_processor, load_data_mix
 from finetune.training.distributed import make_accelerator
@@ -123,9 +125,18 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
 def restore(run: Run, checkpoint: Path) -> None:
     """Optimizer, scheduler and RNG states, the step and data position, and the EMA, from `checkpoint` (its adapter
     is already attached by build_model)."""
+    folder, accelerator = checkpoint / ckpt.TRAINING_STATE_DIR, run.accelerator
     try:
-        run.accelerator.load_state(str(checkpoint / ckpt.TRAINING_STATE_DIR), **dist.load_state_kwargs(run.accelerator))
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as err:
+        if dist.is_deepspeed(accelerator) or not training_state.has_safe_state(folder):
+            check_pickles(folder, run.cfg.checkpoint.trust_pickles)
+            accelerator.load_state(str(folder), **dist.load_state_kwargs(accelerator))
+        else:
+            training_state.load_optimizer(folder, run.optimizer)
+            training_state.load_scheduler(folder, run.scheduler)
+            training_state.load_rng(folder, accelerator.process_index)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, SafetensorError) as err:
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"{checkpoint / ckpt.TRAINING_STATE_DIR}: the optimizer/scheduler state cannot be loaded "
                           f"({type(err).__name__}: {str(err)[:200]}); {earlier_checkpoint_fix(checkpoint)}") from None
     state = ckpt.load_trainer_state(checkpoint)
@@ -136,6 +147,16 @@ def restore(run: Run, checkpoint: Path) -> None:
     if run.ema is not None and not run.ema.load(checkpoint):
         main_print(run.accelerator, f"{checkpoint} has no EMA weights: the average starts from the resumed weights")
     main_print(run.accelerator, f"resumed from {checkpoint} at step {run.step}")
+
+
+def check_pickles(folder: Path, trusted: bool) -> None:
+    """A training state in pickles (DeepSpeed's, or this project's before finetune.training.state) is loaded in full
+    only when every file reads as plain tensors, or when the user vouches for where the checkpoint came from."""
+    unsafe = training_state.unsafe_files(folder)
+    if unsafe and not trusted:
+        raise ConfigError(f"{folder}: {', '.join(unsafe[:4])} hold Python objects that loading would unpickle, which "
+                          "can run code from the checkpoint. Resume it only if you trust where it came from: "
+                          "pass --checkpoint.trust-pickles (or start a new --output-dir)")
 
 
 # --- one optimizer update ---------------------------------------------------------------------------------------------
@@ -230,10 +251,20 @@ def save(run: Run) -> Path:
                                                                       save_policy))
         save_stats(run.processor.normalizer.stats, folder)
 
+    def write_state(folder: Path) -> None:  # every rank
+        if dist.is_deepspeed(accelerator):  # its ZeRO-sharded optimizer: DeepSpeed's own format
+            accelerator.save_state(str(folder), **dist.save_state_kwargs(accelerator))
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:  # DDP: every rank holds the same optimizer
+            training_state.save_optimizer(folder, run.optimizer)
+            training_state.save_scheduler(folder, run.scheduler)
+        training_state.save_rng(folder, accelerator.process_index)
+
     state = {"step": run.step, "samples_seen": run.samples_seen, "batches_seen": run.step * cfg.grad_accum_steps,
              **dist.world_of(accelerator)}
     return ckpt.save_checkpoint(accelerator, run.model, run.step, cfg.checkpoints_dir, files, write_model_files,
-                                cfg.checkpoint.keep_last, state)
+                                cfg.checkpoint.keep_last, state, write_state)
 
 
 def evaluate_in_sim(run: Run, logger: MetricsLogger) -> None:

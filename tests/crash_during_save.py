@@ -56,7 +56,7 @@ def check_last(checkpoints: Path, adapter_keys: set[str]) -> dict:
         json.loads((last / "train_config.json").read_text())
         keys = set(load_file(str(last / "adapter_model.safetensors")))
         assert keys == adapter_keys, sorted(keys ^ adapter_keys)[:4]
-        assert (last / ckpt.TRAINING_STATE_DIR / "optimizer.bin").is_file()
+        assert (last / ckpt.TRAINING_STATE_DIR / "optimizer.safetensors").is_file()
         return {"loads": True, "step": state["step"]}
     except Exception as err:  # noqa: BLE001 - reported to the test, which fails on it
         return {"loads": False, "error": f"{type(err).__name__}: {err}"}

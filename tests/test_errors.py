@@ -138,7 +138,7 @@ def test_truncated_adapter_config_in_the_checkpoint(finished_run, policy_dir, da
 
 def test_truncated_optimizer_state_in_the_checkpoint(finished_run, policy_dir, dataset_root, tmp_path, capsys):
     run = run_copy(finished_run, tmp_path)
-    truncate(run / "checkpoints/000002/training_state/optimizer.bin")
+    truncate(run / "checkpoints/000002/training_state/optimizer.safetensors")
     err = refused(train_args(policy_dir, dataset_root, run, "--steps", "4", "--checkpoint.every", "1", "--resume"),
                   capsys)
     assert err.startswith(f"error: {run / 'checkpoints/000002/training_state'}: the optimizer/scheduler state cannot "
@@ -182,8 +182,11 @@ def test_read_only_checkpoint_folder_keeps_the_last_good_checkpoint(finished_run
 def test_full_disk_keeps_the_last_good_checkpoint(finished_run, policy_dir, dataset_root, tmp_path, capsys):
     disk = tmp_path / "disk"
     disk.mkdir()
-    used = sum(p.stat().st_size for p in finished_run.rglob("*") if p.is_file() and not p.is_symlink())
-    checkpoint = sum(p.stat().st_size for p in (finished_run / "checkpoints/000002").rglob("*") if p.is_file())
+    def pages(path: Path) -> int:  # tmpfs holds each file in whole 4 KiB pages
+        return -(-path.stat().st_size // 4096) * 4096
+
+    used = sum(pages(p) for p in finished_run.rglob("*") if p.is_file() and not p.is_symlink())
+    checkpoint = sum(pages(p) for p in (finished_run / "checkpoints/000002").rglob("*") if p.is_file())
     size_kb = (used + checkpoint // 3) // 1024  # room for the run so far, not for one more checkpoint
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(disk)],
                       capture_output=True).returncode != 0:

@@ -146,7 +146,7 @@ def test_two_ranks_stop_together_when_one_is_signalled_and_resume_through_launch
     assert "ChildFailedError" not in stderr and "Traceback" not in stderr
     step = checkpoint_of_the_stop(out)
     state_files = {p.name for p in (out / "checkpoints/last/training_state").iterdir()}
-    assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin"} <= state_files  # both ranks saved
+    assert {"rng_0.safetensors", "rng_1.safetensors", "optimizer.safetensors"} <= state_files  # both ranks saved
     assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["world_size"] == 2
 
     resumed = _launch(train_args(policy_dir, dataset_root, out, "--steps", str(step + 2), *common, "--resume", "auto"),

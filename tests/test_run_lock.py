@@ -26,6 +26,7 @@ from finetune.training.metrics import read_metrics
 from finetune.training.run_lock import LOCK_FILE, RunLock, read_holder, reading_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+LONG = "20000"  # far more steps than any of these runs gets to: each is stopped by a signal
 
 
 def start(args: list[str], cwd: Path, launcher: list[str] | None = None, **extra_env: str) -> subprocess.Popen:
@@ -57,7 +58,7 @@ def test_a_second_run_on_a_held_folder_is_refused_and_a_requeued_one_waits(proce
         launcher = ["bash", str(REPO / "launch.sh"), "--config", "cpu_ddp"]
         extra = {"ACCELERATE_USE_CPU": "true", "MASTER_PORT": str(free_port()), "FINETUNE_DIST_TIMEOUT_S": "120"}
     common = ["--checkpoint.every", "1000", "--batch-size", str(4 // processes)]
-    a = start(train_args(policy_dir, dataset_root, out, "--steps", "500", *common, "--resume", "auto"), tmp_path,
+    a = start(train_args(policy_dir, dataset_root, out, "--steps", LONG, *common, "--resume", "auto"), tmp_path,
               launcher, **extra)  # A: far longer than the test; stopped (preempted) below
     waiting = None
     try:
@@ -66,7 +67,7 @@ def test_a_second_run_on_a_held_folder_is_refused_and_a_requeued_one_waits(proce
         assert holder["host"] == socket.gethostname() and holder["locking"] == "flock"
 
         # B, a plain second start: refused before anything is built or written, naming the holder
-        refused = start(train_args(policy_dir, dataset_root, out, "--steps", "500", *common), tmp_path)
+        refused = start(train_args(policy_dir, dataset_root, out, "--steps", LONG, *common), tmp_path)
         _, err = refused.communicate(timeout=120)
         assert refused.returncode == 2, err[-2000:]
         assert f"--output-dir {out.resolve()} is in use by another run: process {holder['pid']} on " \
@@ -74,7 +75,7 @@ def test_a_second_run_on_a_held_folder_is_refused_and_a_requeued_one_waits(proce
         assert a.poll() is None  # A trained on, undisturbed
 
         # B, requeued (--resume auto): waits while A holds the folder, then continues from A's checkpoint
-        waiting = start(train_args(policy_dir, dataset_root, out, "--steps", "500", *common, "--resume", "auto"),
+        waiting = start(train_args(policy_dir, dataset_root, out, "--steps", LONG, *common, "--resume", "auto"),
                         tmp_path, launcher, **extra)
         first = waiting.stdout.readline()
         while "launch.sh" in first or not first.strip():

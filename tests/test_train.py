@@ -42,7 +42,8 @@ def test_checkpoint_holds_only_the_adapter_and_what_resume_needs(four_steps, pol
     base_keys = load_file(str(policy_dir / "model.safetensors")).keys()
     assert not any(k in base_keys for k in adapter)
     state_files = {p.name for p in (last / "training_state").iterdir()}
-    assert "optimizer.bin" in state_files and not any("model" in n for n in state_files)  # no copy of the base
+    assert "optimizer.safetensors" in state_files and not any("model" in n for n in state_files)  # no base copy
+    assert not [n for n in state_files if n.endswith((".bin", ".pkl", ".pt"))]  # nothing pickled
     size = (last / "adapter_model.safetensors").stat().st_size
     assert size < 0.1 * (policy_dir / "model.safetensors").stat().st_size
     assert json.loads((last / "trainer_state.json").read_text()) == {

@@ -6,8 +6,9 @@
         normalization_stats.safetensors                  dataset stats the policy was trained with
         train_config.json, accelerate_config.yaml        how the run was configured and launched
         trainer_state.json                               step, samples seen
-        training_state/                                  optimizer, scheduler, RNG states (Accelerate's state API;
-                                                         under DeepSpeed its ZeRO-sharded checkpoint, without the base)
+        training_state/                                  optimizer, scheduler, RNG states without pickles
+                                                         (finetune.training.state; under DeepSpeed its ZeRO-sharded
+                                                         checkpoint, without the base)
     output_dir/checkpoints/last -> 000100
 
 Each checkpoint is written into a hidden temporary folder, its files and folders fsynced, renamed into place, then
@@ -26,10 +27,12 @@ from typing import Any
 
 from accelerate import Accelerator
 from peft import PeftModel
+from safetensors import SafetensorError
 from torch import nn
 
 from finetune.training import distributed
 from finetune.training.run_lock import pruning_allowed
+from finetune.training.state import sign_pickles
 
 TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -57,10 +60,12 @@ def save_checkpoint(
     write_extra,
     keep_last: int,
     trainer_state: dict[str, Any],
+    write_state,
 ) -> Path:
     """Write checkpoint `step` on all ranks (training state) and the portable parts on the main process.
 
-    `files` maps file names to JSON-able objects or strings; `write_extra(folder)` writes the model files.
+    `files` maps file names to JSON-able objects or strings; `write_extra(folder)` writes the model files on the main
+    process, `write_state(folder)` the optimizer, scheduler and RNG states on every rank.
     """
     final = checkpoints_dir / step_dir_name(step)
     tmp = checkpoints_dir / f".tmp-{step_dir_name(step)}"
@@ -69,8 +74,7 @@ def save_checkpoint(
         error = _attempt(lambda: (recover_interrupted_save(checkpoints_dir), shutil.rmtree(tmp, ignore_errors=True),
                                   tmp.mkdir(parents=True)))
     _raise_if_any(accelerator, error, step, checkpoints_dir, tmp)
-    error = _attempt(lambda: accelerator.save_state(str(tmp / TRAINING_STATE_DIR),
-                                                    **distributed.save_state_kwargs(accelerator)))
+    error = _attempt(lambda: write_state(tmp / TRAINING_STATE_DIR))
     _raise_if_any(accelerator, error, step, checkpoints_dir, tmp)
     # ZeRO-3 shards every parameter: gather the trained ones (all ranks take part) so the file holds real tensors.
     with distributed.gathered(accelerator, distributed.trainable_parameters(model)):
@@ -82,6 +86,7 @@ def save_checkpoint(
                 text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
                 (tmp / name).write_text(text)
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+            sign_pickles(tmp / TRAINING_STATE_DIR)  # DeepSpeed's pickled state: trusted on resume by this user only
             _fsync_tree(tmp)
             _move_into_place(tmp, final)
             _point_last(checkpoints_dir, final.name)
@@ -98,9 +103,9 @@ class CheckpointWriteError(OSError):
     """The checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
 
 
-# How torch.save reports a write that failed (a full disk: "basic_ios::clear: iostream error"); any other
-# RuntimeError is a bug, not a write failure, and is raised as it is.
-WRITE_FAILURES = ("iostream error", "PytorchStreamWriter failed", "file write failed", "No space left")
+# How torch.save and safetensors report a write that failed (a full disk: "basic_ios::clear: iostream error", "I/O
+# error: No space left on device"); any other RuntimeError is a bug, not a write failure, and is raised as it is.
+WRITE_FAILURES = ("iostream error", "PytorchStreamWriter failed", "file write failed", "No space left", "I/O error")
 
 
 def _attempt(write) -> str | None:
@@ -108,7 +113,7 @@ def _attempt(write) -> str | None:
         write()
     except OSError as err:
         return f"{type(err).__name__}: {err}"
-    except RuntimeError as err:
+    except (RuntimeError, SafetensorError) as err:
         if not any(sign in str(err) for sign in WRITE_FAILURES):
             raise
         return f"{type(err).__name__}: {str(err).splitlines()[0]}"
