@@ -4,6 +4,7 @@ pruned or replaced under them. The runs are real processes started the way users
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -33,6 +34,16 @@ def start(args: list[str], cwd: Path, launcher: list[str] | None = None, **extra
     command = launcher or [sys.executable, str(REPO / "finetune/train.py")]
     return subprocess.Popen([*command, *args], env=env(**extra_env), cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def signal_every_process(proc: subprocess.Popen, sig: int) -> None:
+    """As SLURM signals a job step: every process of it (torchrun starts its ranks in sessions of their own, out of
+    reach of a process-group signal)."""
+    import psutil
+
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -75,18 +86,20 @@ def test_a_second_run_on_a_held_folder_is_refused_and_a_requeued_one_waits(proce
         assert a.poll() is None  # A trained on, undisturbed
 
         # B, requeued (--resume auto): waits while A holds the folder, then continues from A's checkpoint
+        if processes == 2:
+            extra["MASTER_PORT"] = str(free_port())  # its own rendezvous: A's is still in use
         waiting = start(train_args(policy_dir, dataset_root, out, "--steps", LONG, *common, "--resume", "auto"),
                         tmp_path, launcher, **extra)
         first = waiting.stdout.readline()
         while "launch.sh" in first or not first.strip():
             first = waiting.stdout.readline()
         assert first.startswith(f"waiting up to 300 s for the run holding {out.resolve()}"), first
-        os.killpg(a.pid, signal.SIGUSR1)  # A is preempted: it saves and lets go
+        signal_every_process(a, signal.SIGUSR1)  # A is preempted: it saves and lets go
         _, a_err = a.communicate(timeout=300)
         assert a.returncode == 75, a_err[-3000:]
         stopped_at = max(losses(out))
         wait_until_training(waiting, out, step=stopped_at + 2)
-        os.killpg(waiting.pid, signal.SIGUSR1)
+        signal_every_process(waiting, signal.SIGUSR1)
         b_out, b_err = waiting.communicate(timeout=300)
         assert waiting.returncode == 75, b_err[-3000:]
     finally:
