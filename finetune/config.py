@@ -282,6 +282,9 @@ class TrainConfig:
     progress_every_s: float = 30.0
     """When stderr is not a terminal (a cluster log, a file): one plain progress line every this many seconds instead
     of a progress bar."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Messages shown (and written to <output_dir>/train.log) on the main rank; other ranks show warnings and errors
+    only, prefixed with their rank. `warning` also hides the progress lines."""
     eval_every: int = 500
     """Held-out action MSE every N optimizer updates (and before the first and after the last)."""
     eval_batches: int = 4
@@ -366,7 +369,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 # pushes, how data is read. Every other field changes the training trajectory, so resume refuses a difference.
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
-    "wait_for_lock", "progress_every_s",
+    "wait_for_lock", "progress_every_s", "log_level",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.trust_pickles", "dataset.num_workers",
     "dataset.video_cache_mb",
     "policy.repo_id", "policy.merged_repo_id", "nonfinite",
