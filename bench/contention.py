@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["torch", "project"], choices=list(ARMS))
     parser.add_argument("--steps", type=int, default=40, help="updates per run (logged every 5)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (the median is reported)")
+    parser.add_argument("--loads", nargs="+", default=["idle", "busy"], choices=["idle", "busy"])
     parser.add_argument("--assets", default=str(REPO / "runs" / "bench_contention"))
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,7 +116,7 @@ def main() -> None:
     policy, dataset = make_assets(Path(args.assets))
     speeds: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):
-        for load in ("idle", "busy"):
+        for load in args.loads:
             for arm in args.arms:
                 started = time.perf_counter()
                 speed = timed_run(arm, load == "busy", policy, dataset, args.steps)
@@ -127,9 +128,9 @@ def main() -> None:
     print(f"\n{os.cpu_count()} cores, {cpu}; demo LoRA phase (batch 32), median of {args.rounds} rounds")
     print(f"| arm | idle updates/s | busy updates/s | busy / idle | idle vs {args.arms[0]} |")
     print("|---|---|---|---|---|")
-    base_idle = statistics.median(speeds[(args.arms[0], "idle")])
+    base_idle = statistics.median(speeds.get((args.arms[0], "idle"), [float("nan")]))
     for arm in args.arms:
-        idle, busy = statistics.median(speeds[(arm, "idle")]), statistics.median(speeds[(arm, "busy")])
+        idle, busy = (statistics.median(speeds.get((arm, load), [float("nan")])) for load in ("idle", "busy"))
         print(f"| {arm} | {idle:.2f} | {busy:.2f} | {busy / idle:.2f} (slowdown {idle / busy:.1f}x) | "
               f"{idle / base_idle:.2f}x |")
 

@@ -55,6 +55,7 @@ from finetune.training.preemption import STOP, Preempted, StopRequest, report_pr
 from finetune.training.preflight import check_dataset_stats, check_policy_folder, earlier_checkpoint_fix
 from finetune.training.progress import Progress
 from finetune.training.run_dir import check_resume, claim_output_dir, hold_output_dir, resolve_resume
+from finetune.training.threads import apply_cpu_threads
 
 EXIT_NONFINITE = 3  # training diverged (NaN/inf); exit 2 is a bad input, 75 a preemption
 log = logging.getLogger("finetune.train")  # not __name__: "__main__" when run as a script
@@ -100,6 +101,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     data = build_data(cfg, mix, processor, policy.config.chunk_size, accelerator)
     optimizer, scheduler = build_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
     trainable, total = count_parameters(model)  # before prepare: ZeRO-3 leaves each rank a shard
+    threads = apply_cpu_threads(cfg.cpu_threads, total, accelerator.device.type == "cpu")
     dist.fill_deepspeed_config(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, saved with the state
@@ -114,8 +116,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     if resume_from is not None:
         restore(run, resume_from)
     run.summary.update(trainable_params=trainable, total_params=total, data_workers=data.workers,
-                       decoder_threads=data.decoder_threads)
+                       decoder_threads=data.decoder_threads, cpu_threads=threads and threads[0])
     log.info(f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
+    if threads is not None:
+        log.info(f"cpu threads: {threads[0]} ({threads[1]}); data-loader workers: {data.workers}")
     return run
 
 
@@ -391,14 +395,18 @@ def change_ratio(before: float, after: float) -> str:
 
 def run_training(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> dict[str, Any]:
     """setup -> fit -> report for a config whose output folder and resume are settled (see run())."""
-    run = setup(cfg, accelerator, sim)
+    threads = torch.get_num_threads()  # --cpu-threads is this run's: a caller in the same process keeps its own
     try:
-        summary = fit(run)
-        report(run)
+        run = setup(cfg, accelerator, sim)
+        try:
+            summary = fit(run)
+            report(run)
+        finally:
+            workers.stop_workers(run.data.loader)  # now, not at the interpreter's exit (they ignore SIGTERM)
+            accelerator.free_memory()
+            accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
     finally:
-        workers.stop_workers(run.data.loader)  # now, not at the interpreter's exit (they ignore SIGTERM)
-        accelerator.free_memory()
-        accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
+        torch.set_num_threads(threads)
     return summary
 
 

@@ -76,3 +76,4 @@ def test_a_run_refused_before_it_logs_leaves_no_folder(policy_dir, dataset_root,
     except SystemExit as exit_:
         assert exit_.code == 2
     assert "stats" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
