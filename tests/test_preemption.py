@@ -208,8 +208,8 @@ def test_sigterm_to_the_group_under_plain_accelerate_launch_still_checkpoints(po
     that time (a small checkpoint) and says how to resume; its workers leave the signal to it. launch.sh is what
     lets a long save finish and turns a preemption into exit 75 for a cluster's requeue."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs/cpu.yaml"),
-           str(REPO / "finetune/train.py"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs/cpu.yaml"), str(REPO / "finetune/train.py"),
            *train_args(policy_dir, dataset_root, out, "--steps", LONG, "--checkpoint.every", "1000",
                        "--dataset.num-workers", "1")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
