@@ -24,9 +24,12 @@ def test_a_run_uses_its_cpu_threads_and_gives_the_callers_back(policy_dir, datas
     import torch
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # a caller with two threads (an earlier test may have left one)
     before = torch.get_num_threads()
     summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "a", "--steps", "1"))
     assert summary["cpu_threads"] == 1 and torch.get_num_threads() == before
     assert "cpu threads: 1 (a small model" in capsys.readouterr().out
     summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "b", "--steps", "1", "--cpu-threads", "3"))
     assert summary["cpu_threads"] == 3 and torch.get_num_threads() == before
+    torch.set_num_threads(previous)
