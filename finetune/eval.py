@@ -30,6 +30,7 @@ from finetune import _quiet  # noqa: F401 - first: silences notices raised while
 from finetune.config import read_train_config
 from finetune.data import COLORS, LeRobotDataset, load_dataset_meta
 from finetune.data.multi import parse_episodes, split_selection
+from finetune.data.v21 import ensure_v30
 from finetune.entry import console_script, exit_on
 from finetune.envs import ReachEnv
 from finetune.inference.predict import Predictor
@@ -340,6 +341,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if dataset_root is None:
         raise ValueError("no dataset: pass --dataset-root (the checkpoint's train_config.json names none)")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps)
+    dataset_root = ensure_v30(dataset_root)  # a v2.x dataset: its v3.0 conversion, as training read it
     meta = load_dataset_meta(dataset_root)
     episodes = list(cfg.episodes) if cfg.episodes is not None else heldout_episodes(checkpoint, meta.total_episodes)
     results: dict[str, Any] = {"offline": offline_metrics(predictor, dataset_root, episodes, cfg.batch_size,
