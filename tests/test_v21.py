@@ -26,8 +26,9 @@ CAMERA = "observation.images.top"
 
 @pytest.fixture(scope="module")
 def small_v3(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp("v3") / "small", num_episodes=5, target_colors=["red", "blue"],
-                                  episode_length=6, image_size=32, seed=3, episodes_per_file=2)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("v3") / "small", num_episodes=5,
+                                  target_colors=["red", "blue"], episode_length=6, image_size=32, seed=3,
+                                  episodes_per_file=2)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def test_datasets_of_mixed_versions_train_together(small_v3, small_v21, tmp_path
 def test_finetune_convert_writes_beside_the_dataset_and_refuses_v3(small_v21, small_v3, tmp_path, capsys):
     source = shutil.copytree(small_v21, tmp_path / "ds")
     assert main([str(source)]) == tmp_path / "ds_v30"
-    assert capsys.readouterr().out.strip() == f"{tmp_path / 'ds_v30'}: LeRobotDataset v3.0 converted from {source} (v2.1)"
+    out = capsys.readouterr().out.strip()
+    assert out == f"{tmp_path / 'ds_v30'}: LeRobotDataset v3.0 converted from {source} (v2.1)"
     with pytest.raises(SystemExit) as exit_info:
         main([str(small_v3)])
     assert exit_info.value.code == 2
