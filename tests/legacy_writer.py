@@ -15,6 +15,7 @@ from finetune.data.stats import array_stats, image_stats, to_json
 
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+LEGACY_STATS = ("mean", "std", "min", "max", "count")
 
 
 def write_legacy_dataset(v3_root: Path, dest: Path, version: str = "v2.1", chunks_size: int = 1000) -> Path:
@@ -40,7 +41,9 @@ def write_legacy_dataset(v3_root: Path, dest: Path, version: str = "v2.1", chunk
                 encode_video(frames, dest / VIDEO_PATH.format(episode_chunk=chunk, video_key=key, episode_index=index),
                              meta.fps)
         episodes_rows.append({"episode_index": index, "tasks": list(ep["tasks"]), "length": hi - lo})
-        stats_rows.append({"episode_index": index, "stats": to_json(stats)})
+        # as LeRobot v2.1 writes them: mean, std, min, max and count, no quantiles
+        stats_rows.append({"episode_index": index, "stats": {k: {n: v for n, v in s.items() if n in LEGACY_STATS}
+                                                             for k, s in to_json(stats).items()}})
     info = {k: v for k, v in meta.info.items() if k not in ("data_files_size_in_mb", "video_files_size_in_mb")}
     info |= {"codebase_version": version, "data_path": DATA_PATH, "video_path": VIDEO_PATH if meta.video_keys else None,
              "chunks_size": chunks_size, "total_chunks": meta.episodes[-1]["episode_index"] // chunks_size + 1,
