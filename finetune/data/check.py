@@ -82,11 +82,11 @@ class _Dataset:
     def legacy(self) -> bool:
         return self.version in LEGACY_VERSIONS
 
-    def stats_fix(self) -> str:
+    def stats_fix(self, verb: str = "recompute", missing_only: bool = False) -> str:
         if self.legacy:
-            return (f"convert it (`{CONVERT_COMMAND} {self.root}`) and run `finetune-stats` on the converted folder, "
-                    "or train on it (the conversion keeps the per-episode stats)")
-        return f"recompute them with `finetune-stats {self.root}`"
+            return (f"{verb} them on its v3.0 conversion: `{CONVERT_COMMAND} {self.root}`, then `finetune-stats` on "
+                    "the converted folder (which training can read)")
+        return f"{verb} them with `finetune-stats {self.root}" + (" --missing-only`" if missing_only else "`")
 
 
 class _Findings(list):
@@ -302,7 +302,7 @@ def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Gene
                 values = v3._column_to_numpy(table.column(key), key, {**feature, "shape": feature.get("shape", [1])},
                                              path)
             except (DatasetError, pa.ArrowException, ValueError) as e:
-                found.add(ERROR, "features", where, str(e).removeprefix(f"{path}: "),
+                found.add(ERROR, "features", where, str(e).removeprefix(f"{path}: ").split("; ")[0],
                           "fix the feature's shape in meta/info.json or rewrite the column")
                 continue
             columns[key] = values.reshape(len(values), -1)
@@ -428,10 +428,12 @@ def _check_videos(ds: _Dataset, found: _Findings, rng: np.random.Generator, samp
                           f"{tuple(ds.features[key]['shape'])}", "fix the feature's shape in meta/info.json")
 
 
-def _check_stats(ds: _Dataset, found: _Findings, policies: Sequence[str]) -> None:
+def _check_stats(ds: _Dataset, found: _Findings, policies: Sequence[str], presence: bool) -> None:
+    if ds.stats is None and not presence:
+        return
     if ds.stats is None:
         found.add(ERROR if policies else WARNING, "stats", ds.stats_where, "no normalization stats",
-                  f"compute them: {ds.stats_fix()}")
+                  ds.stats_fix("compute"))
         return
     for key, values in ds.stats.items():
         if key not in ds.features:
@@ -443,9 +445,10 @@ def _check_stats(ds: _Dataset, found: _Findings, policies: Sequence[str]) -> Non
     for key in (*vectors, *cameras):
         values = ds.stats.get(key)
         core = key in ("observation.state", "action")
-        if values is None:
+        if values is None and presence:
             found.add(ERROR if core else WARNING, "stats", ds.stats_where, f"no stats for {key!r}",
-                      f"compute them: {ds.stats_fix()}")
+                      ds.stats_fix("compute", missing_only=True))
+        if values is None:
             continue
         shape = (3, 1, 1) if key in cameras else tuple(ds.features[key]["shape"])
         for name, array in values.items():
@@ -453,7 +456,7 @@ def _check_stats(ds: _Dataset, found: _Findings, policies: Sequence[str]) -> Non
                 continue
             if not np.isfinite(array).all():
                 found.add(ERROR, "stats", ds.stats_where, f"{key!r} {name!r} holds NaN/inf",
-                          f"normalization would turn every batch into NaN: {ds.stats_fix()} from finite data")
+                          "normalization would turn every batch into NaN: " + ds.stats_fix())
             elif array.shape != shape and array.size != int(np.prod(shape)):
                 found.add(ERROR, "stats", ds.stats_where, f"{key!r} {name!r} has shape {array.shape}, the feature "
                           f"{shape}", ds.stats_fix())
@@ -471,20 +474,21 @@ def _check_stats(ds: _Dataset, found: _Findings, policies: Sequence[str]) -> Non
             if low in values and high in values and values[low].shape == values[high].shape \
                     and (values[low] > values[high]).any():
                 found.add(ERROR, "stats", ds.stats_where, f"{key!r} {low} > {high}", ds.stats_fix())
-        if core:
+        if core and presence:
             lacking = [n for n in sorted(needed or set(QUANTILES) & {"q01", "q99"}) if n not in values]
             if lacking:
                 who = ", ".join(p for p in policies if set(POLICY_STATS[p]) & set(lacking)) or "pi05"
                 found.add(ERROR if needed else WARNING, "stats", ds.stats_where,
-                          f"{key!r} lacks {lacking}, which {who} normalizes with", f"compute them: {ds.stats_fix()}"
-                          + ("" if ds.legacy else " --missing-only"))
+                          f"{key!r} lacks {lacking}, which {who} normalizes with",
+                          ds.stats_fix("add", missing_only=True))
 
 
 def check_dataset(root: str | Path, *, quick: bool = False, policies: Sequence[str] = (), samples: int = 3,
-                  seed: int = 0) -> list[Finding]:
+                  seed: int = 0, presence: bool = True) -> list[Finding]:
     """Every finding about the dataset at `root` (errors first). `quick`: no video is opened and no image decoded;
     `policies`: the policy types whose normalization stats must be present; `samples`: random frames decoded per
-    video file (and image cells per data file)."""
+    video file (and image cells per data file); `presence=False` leaves out absent stats (training checks those
+    against its policy)."""
     unknown = [p for p in policies if p not in POLICY_STATS]
     if unknown:
         raise ValueError(f"unknown policy type(s) {unknown}; choose from {sorted(POLICY_STATS)}")
@@ -496,7 +500,7 @@ def check_dataset(root: str | Path, *, quick: bool = False, policies: Sequence[s
         _check_data(ds, found, quick, rng, samples)
         if not quick:
             _check_videos(ds, found, rng, samples)
-        _check_stats(ds, found, policies)
+        _check_stats(ds, found, policies, presence)
     return sorted(found, key=lambda f: f.level != ERROR)
 
 
@@ -523,13 +527,13 @@ def _relative(where: str, root: Path) -> str:
         return where
 
 
-def check_for_training(root: str | Path, policies: Sequence[str] = (), log=print) -> None:
+def check_for_training(root: str | Path, log=print) -> None:
     """The quick checks at the start of a run: warnings printed, the first error raised as a DatasetError."""
-    findings = check_dataset(root, quick=True, policies=policies)
+    findings = check_dataset(root, quick=True, presence=False)
     errors = [f for f in findings if f.level == ERROR]
     if errors:
-        more = f" ({len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-        raise DatasetError(f"{errors[0].line()}{more}; `{CHECK_COMMAND} {root}` lists every finding")
+        more = f" (and {len(errors) - 1} more error(s): `{CHECK_COMMAND} {root}` lists them)" if len(errors) > 1 else ""
+        raise DatasetError(errors[0].line() + more)
     for finding in findings:
         log(f"warning: {finding.line()}")
 

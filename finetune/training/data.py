@@ -4,6 +4,7 @@ with its resumable sampler, and the fixed held-out batches."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from finetune.config import TrainConfig
 from finetune.data import LeRobotDataset, workers
+from finetune.data.check import check_for_training
 from finetune.data.multi import DataMix, MixtureDataset, WeightedMixtureSampler
 from finetune.data.stats import aggregate_stats, relative_action_stats
 from finetune.hub import load_tokenizer, resolve_repo
@@ -25,10 +27,13 @@ from finetune.training.preemption import ignore_stop_signals
 from finetune.training.sampling import ResumableBatchSampler
 
 
-def load_data_mix(cfg: TrainConfig) -> tuple[TrainConfig, DataMix]:
-    """One dataset or several (--dataset.root A B), checked to line up; with several, the config records each one's
-    resolved weight (so train_config.json says what ran)."""
+def load_data_mix(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[TrainConfig, DataMix]:
+    """One dataset or several (--dataset.root A B), checked to line up and by finetune-check's quick checks (errors
+    stop the run, warnings go to `log`); with several, the config records each one's resolved weight (so
+    train_config.json says what ran)."""
     mix = DataMix.load(cfg.dataset, lambda hub_id: resolve_repo(hub_id, "dataset", "--dataset.root"))
+    for source in mix.sources:
+        check_for_training(source.root, log)
     if len(mix) > 1:
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
     return cfg, mix
