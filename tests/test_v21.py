@@ -76,6 +76,8 @@ def test_stats_are_aggregated_from_the_per_episode_stats(small_v21, tmp_path):
     assert stats["action"]["mean"] == pytest.approx(actions.mean(0).tolist(), abs=1e-6)
     assert stats["action"]["std"] == pytest.approx(actions.std(0).tolist(), abs=1e-6)
     assert stats["action"]["min"] == pytest.approx(actions.min(0).tolist())
+    # v2.1 stats have no quantiles; the conversion adds them (pi0.5 normalizes with q01/q99)
+    assert stats["action"]["q99"] == pytest.approx(np.quantile(actions, 0.99, axis=0).tolist(), abs=2e-3)
     assert np.asarray(stats[CAMERA]["mean"]).shape == (3, 1, 1)
 
 

@@ -478,9 +478,14 @@ def _check_stats(ds: _Dataset, found: _Findings, policies: Sequence[str], presen
             lacking = [n for n in sorted(needed or set(QUANTILES) & {"q01", "q99"}) if n not in values]
             if lacking:
                 who = ", ".join(p for p in policies if set(POLICY_STATS[p]) & set(lacking)) or "pi05"
-                found.add(ERROR if needed else WARNING, "stats", ds.stats_where,
-                          f"{key!r} lacks {lacking}, which {who} normalizes with",
-                          ds.stats_fix("add", missing_only=True))
+                if ds.legacy and set(lacking) <= set(QUANTILES):  # the conversion adds them
+                    found.add(WARNING, "stats", ds.stats_where, f"{key!r} lacks {lacking}, which {who} normalizes "
+                              "with", f"none needed to train: the v3.0 conversion (training's, or `{CONVERT_COMMAND} "
+                              f"{ds.root}`) computes them")
+                else:
+                    found.add(ERROR if needed else WARNING, "stats", ds.stats_where,
+                              f"{key!r} lacks {lacking}, which {who} normalizes with",
+                              ds.stats_fix("add", missing_only=True))
 
 
 def check_dataset(root: str | Path, *, quick: bool = False, policies: Sequence[str] = (), samples: int = 3,

@@ -7,8 +7,10 @@ The conversion writes v3.0 as LeRobot's `convert_dataset_v21_to_v30` does: episo
 at most `data_file_size_mb` and video files of at most `video_file_size_mb` (videos remuxed, never re-encoded, so every
 decoded frame is the source's), each episode located by `videos/<key>/from_timestamp`; meta/episodes with the
 per-episode stats as `stats/<feature>/<stat>` columns; meta/stats.json aggregated from the per-episode stats (v2.1)
-or copied (v2.0). Unlike LeRobot it keeps the episode indices of meta/episodes.jsonl (gaps included) and rewrites
-the `index` column to run 0..N-1 in episode order, which v3.0's dataset_from_index/to_index need.
+or copied (v2.0), then given the quantiles (q01..q99) of the numeric features, which v2.x stats lack, as LeRobot's
+`augment_dataset_quantile_stats` adds them. Unlike LeRobot it keeps the episode indices of meta/episodes.jsonl (gaps
+included) and rewrites the `index` column to run 0..N-1 in episode order, which v3.0's dataset_from_index/to_index
+need.
 
 Training reads a v2.x folder through `ensure_v30`: converted once into `<dataset>_v30` beside it (or, when that
 folder cannot be written, under the Hugging Face cache), reused while the source files are unchanged.
@@ -33,7 +35,7 @@ import pyarrow.parquet as pq
 import tyro
 
 from finetune.data.lerobot_dataset import DatasetError
-from finetune.data.stats import aggregate_stats, to_json
+from finetune.data.stats import BOOKKEEPING, QUANTILES, aggregate_stats, compute_dataset_stats, to_json
 from finetune.entry import console_script, exit_on
 
 LEGACY_VERSIONS = ("v2.0", "v2.1")
@@ -194,8 +196,9 @@ def _flat_stats(stats: dict[str, dict[str, np.ndarray]]) -> dict[str, list]:
 
 
 def convert_to_v30(src: str | Path, dest: str | Path, data_file_size_mb: int = DATA_FILE_SIZE_MB,
-                   video_file_size_mb: int = VIDEO_FILE_SIZE_MB) -> Path:
-    """Write the v3.0 conversion of the v2.x dataset `src` into the new folder `dest` (see the module docstring)."""
+                   video_file_size_mb: int = VIDEO_FILE_SIZE_MB, quantiles: bool = True) -> Path:
+    """Write the v3.0 conversion of the v2.x dataset `src` into the new folder `dest` (see the module docstring);
+    `quantiles`: add the quantiles v2.x stats lack (add_missing_quantiles)."""
     legacy = load_legacy(src)
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
@@ -277,7 +280,27 @@ def convert_to_v30(src: str | Path, dest: str | Path, data_file_size_mb: int = D
              "features": {k: (f if f.get("dtype") == "video" else {**f, "fps": fps}) for k, f in
                           info["features"].items()}}
     (dest / "meta/info.json").write_text(json.dumps(info, indent=4))
+    if quantiles:
+        add_missing_quantiles(dest)
     return dest
+
+
+def add_missing_quantiles(root: Path) -> list[str]:
+    """Add q01..q99 of every numeric feature that lacks them to meta/stats.json (LeRobot's
+    augment_dataset_quantile_stats does this for converted datasets: v2.x stats have no quantiles, pi0.5 normalizes
+    with q01/q99); the other stats are kept. Returns the features completed."""
+    path = root / "meta/stats.json"
+    stats = json.loads(path.read_text()) if path.is_file() else {}
+    features = json.loads((root / "meta/info.json").read_text())["features"]
+    keys = [k for k, f in features.items() if f.get("dtype") not in ("video", "image", "string", "language")
+            and k not in BOOKKEEPING and any(q not in stats.get(k, {}) for q in QUANTILES)]
+    if not keys:
+        return []
+    computed = to_json(compute_dataset_stats(root, keys, progress=False))
+    for key in keys:
+        stats[key] = computed[key] | stats.get(key, {})  # quantiles added, the converted stats kept
+    path.write_text(json.dumps(stats, indent=4))
+    return keys
 
 
 # --- convert on first use ---------------------------------------------------------------------------------------------
