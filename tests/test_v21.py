@@ -18,7 +18,7 @@ from PIL import Image
 from finetune import train
 from finetune.data import DatasetError, LeRobotDataset, decode_video, load_dataset_meta, make_synthetic_dataset
 from finetune.data.multi import DataMix
-from finetune.data.v21 import convert_to_v30, ensure_v30, main
+from finetune.data.v21 import concat_videos, convert_to_v30, ensure_v30, main
 from finetune.training.metrics import read_metrics
 
 CAMERA = "observation.images.top"
@@ -160,3 +160,35 @@ def test_a_v21_dataset_trains_evaluates_and_resumes_as_its_v30_conversion(reach_
 
     assert evals(runs["v21"]) == evals(runs["v30"]) and sorted(evals(runs["v21"])) == [0, 4]
     assert evals(resumed)[4] == evals(runs["v21"])[4]
+
+
+def _write_h264(path, frames, fps=30):
+    """An mp4 as many recorders write it: H.264 with B-frames (decode order differs from presentation order)."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        stream.options = {"bf": "3", "g": "12", "crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_remuxed_videos_with_b_frames_decode_to_the_same_frames_at_their_offsets(tmp_path):
+    rng = np.random.default_rng(0)
+    paths, sources = [], []
+    for i, n in enumerate((25, 17, 31)):
+        frames = np.clip(np.arange(n)[:, None, None, None] * 8 + rng.integers(0, 30, (1, 32, 32, 3)), 0, 255)
+        paths.append(tmp_path / f"episode_{i}.mp4")
+        _write_h264(paths[-1], frames.astype(np.uint8))
+        sources.append(decode_video(paths[-1]))
+    starts = concat_videos(paths, tmp_path / "file-000.mp4")
+    assert starts == pytest.approx([0, 25 / 30, 42 / 30])
+    frames, times = decode_video(tmp_path / "file-000.mp4")
+    assert np.array_equal(frames, np.concatenate([f for f, _ in sources]))
+    assert times == pytest.approx(np.concatenate([s + t for s, (_, t) in zip(starts, sources)]), abs=1e-9)
+    _write_h264(tmp_path / "wide.mp4", np.zeros((3, 32, 64, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"wide\.mp4 is encoded as \('h264', 64, 32\), unlike .+ \('h264', 32, 32\): "
+                                           r".+; convert with `finetune-convert DATASET --video-file-size-mb 0`"):
+        concat_videos([paths[0], tmp_path / "wide.mp4"], tmp_path / "mixed.mp4")

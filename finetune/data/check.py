@@ -263,7 +263,8 @@ def _numeric(feature: dict) -> bool:
     return feature.get("dtype") not in (*CAMERA_DTYPES, "string", "language")
 
 
-def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Generator, samples: int) -> None:
+def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Generator, samples: int,
+                tolerance_s: float) -> None:
     """Every data file: columns against features, shapes, finite values, rows per episode, frame_index, index,
     timestamps and task_index."""
     by_file: dict[Path, list[_Episode]] = {}
@@ -321,7 +322,7 @@ def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Gene
             found.add(ERROR, "episodes", where, f"holds rows of episode(s) {strays[:5]}, the file of episode "
                       f"{eps[0].index}", "rewrite the file with its own episode's rows only")
         for ep in eps:
-            _check_episode(ds, ep, columns, episode_col, position, where, found)
+            _check_episode(ds, ep, columns, episode_col, position, where, found, tolerance_s)
             position += ep.length
         bad = columns["task_index"][:, 0]
         bad = bad[(bad < 0) | (bad >= len(ds.tasks))]
@@ -333,7 +334,7 @@ def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Gene
 
 
 def _check_episode(ds: _Dataset, ep: _Episode, columns: dict[str, np.ndarray], episode_col: np.ndarray,
-                   position: int, where: str, found: _Findings) -> None:
+                   position: int, where: str, found: _Findings, tolerance_s: float) -> None:
     rows = np.flatnonzero(episode_col == ep.index)
     rows = rows[np.argsort(columns["frame_index"][rows, 0], kind="stable")]
     name = f"episode {ep.index}"
@@ -353,7 +354,7 @@ def _check_episode(ds: _Dataset, ep: _Episode, columns: dict[str, np.ndarray], e
                       else (WARNING, "fine here (the v3.0 conversion renumbers it); LeRobot's v2.1 reader expects it"))
         found.add(level, "episodes", where, f"{name}: 'index' is not {lo}..{lo + ep.length - 1} (found "
                   f"{int(index[0])}..{int(index[-1])})", fix)
-    problem = check_timestamp_sync(columns["timestamp"][rows, 0], ds.fps)
+    problem = check_timestamp_sync(columns["timestamp"][rows, 0], ds.fps, tolerance_s)
     if problem:
         found.add(ERROR, "timestamps", where, f"{name}: {problem}",
                   "the episode dropped or repeated frames: re-record it, leave it out with --dataset.episodes, or "
@@ -381,7 +382,8 @@ def _check_image_cells(ds: _Dataset, path: Path, keys: list[str], rng: np.random
                 break
 
 
-def _check_videos(ds: _Dataset, found: _Findings, rng: np.random.Generator, samples: int) -> None:
+def _check_videos(ds: _Dataset, found: _Findings, rng: np.random.Generator, samples: int, tolerance_s: float
+                  ) -> None:
     """Each video file: readable, at the dataset's fps, long enough for its episodes, random frames decoding at
     their episode's timestamps with the feature's shape."""
     frame_tolerance = 0.5 / ds.fps  # the reader's limit
@@ -418,7 +420,7 @@ def _check_videos(ds: _Dataset, found: _Findings, rng: np.random.Generator, samp
         picks = [(eps[int(e)], int(rng.integers(eps[int(e)].length))) for e in rng.integers(len(eps), size=samples)]
         times = [ep.videos[key][1] + frame / ds.fps for ep, frame in picks]
         for (ep, frame), t, (level, problem, image) in zip(picks, times,
-                                                          check_random_frames(path, times, TOLERANCE_S,
+                                                          check_random_frames(path, times, tolerance_s,
                                                                               frame_tolerance)):
             if problem:
                 found.add(level, "video", where, f"episode {ep.index} frame {frame} ({key!r}): {problem}",
@@ -489,11 +491,11 @@ def _check_stats(ds: _Dataset, found: _Findings, policies: Sequence[str], presen
 
 
 def check_dataset(root: str | Path, *, quick: bool = False, policies: Sequence[str] = (), samples: int = 3,
-                  seed: int = 0, presence: bool = True) -> list[Finding]:
+                  seed: int = 0, presence: bool = True, tolerance_s: float = TOLERANCE_S) -> list[Finding]:
     """Every finding about the dataset at `root` (errors first). `quick`: no video is opened and no image decoded;
     `policies`: the policy types whose normalization stats must be present; `samples`: random frames decoded per
     video file (and image cells per data file); `presence=False` leaves out absent stats (training checks those
-    against its policy)."""
+    against its policy); `tolerance_s`: how far timestamps may be off 1/fps and frames off their timestamps."""
     unknown = [p for p in policies if p not in POLICY_STATS]
     if unknown:
         raise ValueError(f"unknown policy type(s) {unknown}; choose from {sorted(POLICY_STATS)}")
@@ -502,9 +504,9 @@ def check_dataset(root: str | Path, *, quick: bool = False, policies: Sequence[s
     if ds is not None:
         rng = np.random.default_rng(seed)
         _check_metadata(ds, found)
-        _check_data(ds, found, quick, rng, samples)
+        _check_data(ds, found, quick, rng, samples, tolerance_s)
         if not quick:
-            _check_videos(ds, found, rng, samples)
+            _check_videos(ds, found, rng, samples, tolerance_s)
         _check_stats(ds, found, policies, presence)
     return sorted(found, key=lambda f: f.level != ERROR)
 
@@ -532,9 +534,9 @@ def _relative(where: str, root: Path) -> str:
         return where
 
 
-def check_for_training(root: str | Path, log=print) -> None:
+def check_for_training(root: str | Path, log=print, tolerance_s: float = TOLERANCE_S) -> None:
     """The quick checks at the start of a run: warnings printed, the first error raised as a DatasetError."""
-    findings = check_dataset(root, quick=True, presence=False)
+    findings = check_dataset(root, quick=True, presence=False, tolerance_s=tolerance_s)
     errors = [f for f in findings if f.level == ERROR]
     if errors:
         more = f" (and {len(errors) - 1} more error(s): `{CHECK_COMMAND} {root}` lists them)" if len(errors) > 1 else ""
@@ -555,13 +557,16 @@ class CheckConfig:
     """Seed of the random frame choice."""
     quick: bool = False
     """Skip opening videos and decoding images (what training runs at start)."""
+    tolerance_s: float = TOLERANCE_S
+    """How far timestamps may be off 1/fps, and decoded frames off their timestamps (LeRobot's tolerance_s)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = tyro.cli(CheckConfig, args=argv, description="Check LeRobot datasets before training on them.")
     status = 0
     for root in cfg.datasets:
-        findings = check_dataset(root, quick=cfg.quick, policies=cfg.policy, samples=cfg.samples, seed=cfg.seed)
+        findings = check_dataset(root, quick=cfg.quick, policies=cfg.policy, samples=cfg.samples, seed=cfg.seed,
+                                 tolerance_s=cfg.tolerance_s)
         print(format_findings(root, findings))
         status = max(status, int(any(f.level == ERROR for f in findings)))
     return status

@@ -157,6 +157,12 @@ def _groups(sizes: list[int], max_bytes: int) -> list[list[int]]:
     return groups
 
 
+def _encoding(stream: av.video.stream.VideoStream) -> tuple:
+    """What must match for two streams to be remuxed into one: codec, size, pixel format, codec headers."""
+    ctx = stream.codec_context
+    return ctx.name, ctx.width, ctx.height, ctx.pix_fmt, bytes(ctx.extradata or b"")
+
+
 def concat_videos(paths: list[Path], dest: Path) -> list[float]:
     """Remux mp4 files (same codec and size) into one without re-encoding; each input's start time (s) in dest."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +176,12 @@ def concat_videos(paths: list[Path], dest: Path) -> list[float]:
                 source = src.streams.video[0]
                 if stream is None:
                     stream, time_base = out.add_stream_from_template(source, opaque=True), source.time_base
+                    encoding = _encoding(source)
+                elif _encoding(source) != encoding:
+                    raise DatasetError(f"{path} is encoded as {_encoding(source)[:3]}, unlike {paths[0]} "
+                                       f"{encoding[:3]}: videos of one file must share codec, size and settings; "
+                                       f"convert with `{CONVERT_COMMAND} DATASET --video-file-size-mb 0` (one video "
+                                       "file per episode) and train on its output")
                 scale = Fraction(source.time_base) / Fraction(time_base)
                 origin = source.start_time or 0
                 packets = [p for p in src.demux(source) if p.dts is not None]
@@ -221,6 +233,11 @@ def convert_to_v30(src: str | Path, dest: str | Path, data_file_size_mb: int = D
         for i in group:
             table = pq.read_table(files[i])
             length = table.num_rows
+            missing = [c for c in ("index", "episode_index", "frame_index", "timestamp", "task_index")
+                       if c not in table.column_names]
+            if missing:
+                raise DatasetError(f"{files[i]}: missing column(s) {missing}; every LeRobot data file has them, "
+                                   "restore the file from the dataset's source")
             index = pa.array(np.arange(total, total + length, dtype=np.int64))
             table = table.set_column(table.schema.get_field_index("index"), "index", index)
             rows[i] |= {"data/chunk_index": chunk, "data/file_index": file, "dataset_from_index": total,
@@ -317,7 +334,8 @@ def source_fingerprint(root: Path) -> str:
 def cache_dir(root: Path) -> Path:
     """Where a v2.x dataset's conversion goes: `<dataset>_v30` beside it, else under the Hugging Face cache."""
     root = root.resolve()
-    if os.access(root.parent, os.W_OK):
+    in_hub_cache = any(part.startswith("datasets--") for part in root.parts)  # never write into a Hub snapshot
+    if os.access(root.parent, os.W_OK) and not in_hub_cache:
         return root.parent / f"{root.name}_v30"
     home = Path(os.environ.get("HF_LEROBOT_HOME") or Path(os.environ.get("HF_HOME") or "~/.cache/huggingface")
                 / "lerobot").expanduser()
@@ -349,11 +367,14 @@ def ensure_v30(root: str | Path, log=print) -> Path:
             f"the source is unchanged, or convert it yourself with `{CONVERT_COMMAND} {root}`)")
         tmp = dest.parent / f".{dest.name}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        convert_to_v30(root, tmp)
-        (tmp / SOURCE_RECORD).write_text(json.dumps({"source": str(root.resolve()), "fingerprint": fingerprint,
-                                                     "codebase_version": dataset_version(root)}, indent=4))
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        try:
+            convert_to_v30(root, tmp)
+            (tmp / SOURCE_RECORD).write_text(json.dumps({"source": str(root.resolve()), "fingerprint": fingerprint,
+                                                         "codebase_version": dataset_version(root)}, indent=4))
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
