@@ -15,6 +15,7 @@ from helpers import losses, train_args
 from legacy_writer import write_legacy_dataset
 from PIL import Image
 
+from finetune import eval as evaluation
 from finetune import train
 from finetune.data import DatasetError, LeRobotDataset, decode_video, load_dataset_meta, make_synthetic_dataset
 from finetune.data.multi import DataMix
@@ -160,6 +161,12 @@ def test_a_v21_dataset_trains_evaluates_and_resumes_as_its_v30_conversion(reach_
 
     assert evals(runs["v21"]) == evals(runs["v30"]) and sorted(evals(runs["v21"])) == [0, 4]
     assert evals(resumed)[4] == evals(runs["v21"])[4]
+    # finetune-eval reads the run's dataset: the v2.1 folder through its conversion, the same held-out episodes
+    offline = {name: evaluation.main(["--checkpoint", str(run / "checkpoints/last"), "--rollout-episodes", "0",
+                                      "--output-dir", str(tmp_path / f"eval_{name}")])["offline"]
+               for name, run in runs.items()}
+    assert offline["v21"]["episodes"] == offline["v30"]["episodes"] == [8, 9]
+    assert offline["v21"]["action_mse"] == offline["v30"]["action_mse"] > 0
 
 
 def _write_h264(path, frames, fps=30):
