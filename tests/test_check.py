@@ -214,3 +214,18 @@ def test_training_stops_at_start_on_a_dataset_error(policy_dir, dataset_root, tm
                    "it, leave it out with --dataset.episodes, or fix its timestamps (frame_index / fps) if only they "
                    "are wrong")
     assert not (tmp_path / "out/checkpoints").exists()
+
+
+def test_frames_that_do_not_decode_are_reported(clean, tmp_path):
+    root = shutil.copytree(clean["v3"], tmp_path / "ds")
+    video = bytearray((root / VIDEO).read_bytes())
+    start = int(len(video) * 0.3)  # inside the frames' data, past the header
+    video[start : start + 400] = np.random.default_rng(0).integers(0, 255, 400, dtype=np.uint8).tobytes()
+    (root / VIDEO).write_bytes(bytes(video))
+    findings = check_dataset(root, samples=12)  # every frame of the file's 2 episodes
+    broken = [f for f in findings if f.where == str(root / VIDEO)]
+    assert broken and all(f.level == "error" and f.check == "video" for f in broken)
+    assert re.fullmatch(rf"episode [01] frame \d \('{CAM}'\): decoding the frame at t=\S+ s fails \(.+\)",
+                        broken[0].problem)
+    assert broken[0].fix == "the file is damaged: restore it from the dataset's source"
+    assert len({f.problem for f in broken}) == len(broken)  # each frame once

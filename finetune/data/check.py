@@ -417,14 +417,18 @@ def _check_videos(ds: _Dataset, found: _Findings, rng: np.random.Generator, samp
                 found.add(ERROR, "timestamps", where, f"episode {ep.index} needs {key!r} frames up to t={needed:.3f} s "
                           f"but the video ends at {header.last_time:.3f} s", "re-encode the video or fix the episode's "
                           "from_timestamp / data rows")
-        picks = [(eps[int(e)], int(rng.integers(eps[int(e)].length))) for e in rng.integers(len(eps), size=samples)]
+        ends = np.cumsum([ep.length for ep in eps])  # distinct random frames of the file's episodes, in time order
+        flat = np.sort(rng.choice(int(ends[-1]), min(samples, int(ends[-1])), replace=False))
+        which = np.searchsorted(ends, flat, side="right")
+        picks = [(eps[e], int(f - (ends[e - 1] if e else 0))) for e, f in zip(which.tolist(), flat.tolist())]
         times = [ep.videos[key][1] + frame / ds.fps for ep, frame in picks]
         for (ep, frame), t, (level, problem, image) in zip(picks, times,
                                                           check_random_frames(path, times, tolerance_s,
                                                                               frame_tolerance)):
             if problem:
-                found.add(level, "video", where, f"episode {ep.index} frame {frame} ({key!r}): {problem}",
-                          "re-encode the video from the source frames, or fix the episode's from_timestamp")
+                fix = ("re-encode the video from the source frames, or fix the episode's from_timestamp"
+                       if image is not None else "the file is damaged: restore it from the dataset's source")
+                found.add(level, "video", where, f"episode {ep.index} frame {frame} ({key!r}): {problem}", fix)
             if image is not None and image.shape != expected:
                 found.add(ERROR, "video", where, f"{key!r} decodes to {image.shape}, meta/info.json says "
                           f"{tuple(ds.features[key]['shape'])}", "fix the feature's shape in meta/info.json")
