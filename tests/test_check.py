@@ -229,3 +229,13 @@ def test_frames_that_do_not_decode_are_reported(clean, tmp_path):
                         broken[0].problem)
     assert broken[0].fix == "the file is damaged: restore it from the dataset's source"
     assert len({f.problem for f in broken}) == len(broken)  # each frame once
+
+
+def test_unreadable_metadata_is_one_finding_with_the_readers_fix(clean, tmp_path):
+    root = shutil.copytree(clean["v21"], tmp_path / "v21")
+    (root / "meta/tasks.jsonl").write_text('{"task": "no index"}\n')
+    [finding] = check_dataset(root)
+    assert (finding.level, finding.check, finding.where) == ("error", "layout", str(root / "meta"))
+    assert finding.problem == (f"{root / 'meta/tasks.jsonl'}: a row lacks an integer 'task_index' or a 'task' "
+                               "(KeyError('task_index'))")
+    assert finding.fix == "restore the file from the dataset's source"

@@ -166,10 +166,9 @@ def _load(root: Path, found: _Findings) -> _Dataset | None:
         if version in LEGACY_VERSIONS:
             legacy = load_legacy(root)
             info = legacy.info
-            chunk_tasks = {ep["episode_index"]: list(ep.get("tasks") or []) for ep in legacy.episodes}
             episodes = [_Episode(ep["episode_index"], ep["length"], legacy.data_file(ep["episode_index"]), None,
                                  {k: (legacy.video_file(ep["episode_index"], k), 0.0) for k in legacy.video_keys},
-                                 chunk_tasks[ep["episode_index"]]) for ep in legacy.episodes]
+                                 list(ep.get("tasks") or [])) for ep in legacy.episodes]
             tasks: list[str | None] = [None] * (max(legacy.tasks, default=-1) + 1)
             for i, text in legacy.tasks.items():
                 tasks[i] = text
@@ -189,8 +188,9 @@ def _load(root: Path, found: _Findings) -> _Dataset | None:
                 lo, hi = ep["dataset_from_index"], ep["dataset_to_index"]
                 episodes.append(_Episode(ep["episode_index"], hi - lo, data, (lo, hi), videos,
                                          list(ep.get("tasks") or [])))
-    except DatasetError as e:
-        found.add(ERROR, "layout", str(root / "meta"), str(e), "restore the metadata from the dataset's source")
+    except DatasetError as e:  # "<file>: <problem>; <fix>", as the readers word it
+        problem, _, fix = str(e).partition("; ")
+        found.add(ERROR, "layout", str(root / "meta"), problem, fix or "restore the metadata from the dataset's source")
         return None
     stats, stats_where = _load_stats(root, version, found)
     return _Dataset(root, version, info, info["features"], float(info["fps"]), tasks, episodes, stats, stats_where)

@@ -131,13 +131,21 @@ def load_legacy(root: str | Path) -> LegacyDataset:
             raise DatasetError(f"{root / 'meta/episodes.jsonl'}: row {ep} needs integer 'episode_index' and 'length'")
     if not episodes:
         raise DatasetError(f"{root / 'meta/episodes.jsonl'} lists no episode")
-    tasks = {int(t["task_index"]): str(t["task"]) for t in read_jsonl(root / "meta/tasks.jsonl")}
+    try:
+        tasks = {int(t["task_index"]): str(t["task"]) for t in read_jsonl(root / "meta/tasks.jsonl")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{root / 'meta/tasks.jsonl'}: a row lacks an integer 'task_index' or a 'task' ({e!r}); "
+                           "restore the file from the dataset's source") from e
     stats: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     stats_path = root / "meta/episodes_stats.jsonl"
     if stats_path.is_file():  # v2.1; v2.0 has one meta/stats.json instead
-        for row in read_jsonl(stats_path):
-            stats[int(row["episode_index"])] = {k: {n: np.asarray(v, np.float64) for n, v in s.items()}
-                                                for k, s in row["stats"].items()}
+        try:
+            for row in read_jsonl(stats_path):
+                stats[int(row["episode_index"])] = {k: {n: np.asarray(v, np.float64) for n, v in s.items()}
+                                                    for k, s in row["stats"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DatasetError(f"{stats_path}: a row is not {{episode_index, stats: {{feature: {{stat: values}}}}}} "
+                               f"({e!r}); restore the file from the dataset's source") from e
     return LegacyDataset(root, info, episodes, tasks, stats)
 
 
