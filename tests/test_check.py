@@ -239,3 +239,19 @@ def test_unreadable_metadata_is_one_finding_with_the_readers_fix(clean, tmp_path
     assert finding.problem == (f"{root / 'meta/tasks.jsonl'}: a row lacks an integer 'task_index' or a 'task' "
                                "(KeyError('task_index'))")
     assert finding.fix == "restore the file from the dataset's source"
+
+
+def test_the_command_exits_1_when_any_dataset_has_an_error(clean, tmp_path):
+    import subprocess
+    import sys
+
+    broken = shutil.copytree(clean["v3"], tmp_path / "broken")
+    _rewrite(broken / DATA, _bad_task)
+    proc = subprocess.run([sys.executable, "-m", "finetune.data.check", str(clean["v3"]), str(broken), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{clean['v3']}: 0 error(s), 0 warning(s): ready to train"
+    assert lines[1].split() == ["LEVEL", "CHECK", "WHERE", "PROBLEM", "->", "FIX"]
+    assert lines[2].startswith(f"ERROR  tasks  {DATA}  task_index 7 is not in the tasks table (2 tasks) -> fix: ")
+    assert lines[3] == f"{broken}: 1 error(s), 0 warning(s): not ready to train"
