@@ -196,13 +196,15 @@ def concat_videos(paths: list[Path], dest: Path) -> list[float]:
                 if not packets:
                     raise DatasetError(f"{path}: no video packets; the file is empty or truncated, restore it")
                 first_dts = round((packets[0].dts - origin) * scale)
+                rate = source.average_rate or source.guessed_rate  # for packets that carry no duration
+                frame_ticks = round(1 / (Fraction(rate) * Fraction(time_base))) if rate else 1
                 # a decoder that reorders frames starts dts below pts: shift so dts keeps increasing across files
                 offset = end if last_dts is None else max(end, last_dts + 1 - first_dts)
                 starts.append(float(offset * time_base))
                 for packet in packets:
                     pts = offset + round((packet.pts - origin) * scale)
                     dts = offset + round((packet.dts - origin) * scale)
-                    duration = round((packet.duration or 0) * scale)
+                    duration = round(packet.duration * scale) if packet.duration else frame_ticks
                     packet.pts, packet.dts, packet.time_base, packet.duration = pts, dts, time_base, duration
                     packet.stream = stream
                     end, last_dts = max(end, pts + duration), dts
