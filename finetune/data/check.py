@@ -5,7 +5,8 @@ file the metadata names), features against the data files (columns, vector shape
 (rows against their length, frame_index runs, index continuity, episode numbering), timestamp sync (consecutive
 timestamps 1/fps apart within LeRobot's 1e-4 s), tasks, stats sanity (present, finite, std > 0, min <= max, shapes
 against features, the quantiles pi0.5 normalizes with) and, unless `quick`, each video file's header, its coverage
-of its episodes' timestamps and a sample of random frames decoded at their timestamps.
+of its episodes and a sample of random frames decoded at from_timestamp + frame_index / fps (where the parquet
+timestamps put them once they pass the sync check).
 
 Training runs the quick part (no video is opened) on every dataset at start: errors stop it, warnings are printed.
 """
