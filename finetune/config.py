@@ -283,6 +283,12 @@ class TrainConfig:
     progress_every_s: float = 30.0
     """When stderr is not a terminal (a cluster log, a file): one plain progress line every this many seconds instead
     of a progress bar."""
+    cpu_threads: int | None = None
+    """Intra-op threads of a training process on CPU; None: one for models under 50M parameters (their speed
+    survives a shared CPU), else torch's default (or OMP_NUM_THREADS when set). GPU runs are not affected."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Messages shown (and written to <output_dir>/train.log) on the main rank; other ranks show warnings and errors
+    only, prefixed with their rank. `warning` also hides the progress lines."""
     eval_every: int = 500
     """Held-out action MSE every N optimizer updates (and before the first and after the last)."""
     eval_batches: int = 4
@@ -322,6 +328,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
         (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
         (cfg.progress_every_s > 0, f"--progress-every-s must be > 0, got {cfg.progress_every_s}"),
+        (cfg.cpu_threads is None or cfg.cpu_threads >= 1, f"--cpu-threads must be >= 1, got {cfg.cpu_threads}"),
         (cfg.wait_for_lock is None or cfg.wait_for_lock >= 0,
          f"--wait-for-lock must be >= 0 seconds, got {cfg.wait_for_lock}"),
         (all(v > 0 for v in cfg.peft.rank_pattern.values()),
@@ -367,7 +374,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 # pushes, how data is read. Every other field changes the training trajectory, so resume refuses a difference.
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
-    "wait_for_lock", "progress_every_s",
+    "wait_for_lock", "progress_every_s", "log_level", "cpu_threads",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.trust_pickles", "dataset.num_workers",
     "dataset.video_cache_mb",
     "policy.repo_id", "policy.merged_repo_id", "nonfinite",

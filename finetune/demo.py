@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make `finetune` importable and
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -41,10 +42,13 @@ from finetune.config import (
     TrainConfig,
 )
 from finetune.data import COLORS, instruction, load_dataset_meta, make_synthetic_dataset
+from finetune.logs import setup_logging
 from finetune.policies import make_policy, save_policy
 from finetune.policies.smolvla import SmolVLAConfig
 from finetune.training.run_dir import move_aside, run_contents
 from finetune.training.run_lock import RunLock
+
+log = logging.getLogger("finetune.demo")  # not __name__: "__main__" when run as a script
 
 IMAGE_SIZE = 64
 CHUNK_SIZE = 10
@@ -178,7 +182,7 @@ def prepare_assets(cfg: DemoConfig) -> tuple[Path, Path]:
                     (finetune_ds, cfg.finetune_colors, 2, cfg.finetune_action_sign, cfg.finetune_episodes)):
                 if not (root / "meta" / "info.json").is_file():
                     shutil.rmtree(root, ignore_errors=True)
-                    print(f"demo: writing synthetic dataset {root} (targets: {', '.join(colors)})", flush=True)
+                    log.info(f"demo: writing synthetic dataset {root} (targets: {', '.join(colors)})")
                     make_synthetic_dataset(root, num_episodes=episodes, target_colors=list(colors), seed=data_seed,
                                            image_size=IMAGE_SIZE, action_sign=sign)
 
@@ -189,7 +193,7 @@ def prepare_assets(cfg: DemoConfig) -> tuple[Path, Path]:
             shutil.rmtree(assets / "pretrain_run", ignore_errors=True)  # an interrupted attempt starts over
         state.wait_for_everyone()
         if state.is_main_process:
-            print(f"demo: pretraining the base policy in full for {cfg.pretrain_steps} steps", flush=True)
+            log.info(f"demo: pretraining the base policy in full for {cfg.pretrain_steps} steps")
         summary: dict[str, Any] = train.run(pretrain_config(cfg, init, pretrain_ds))
         if state.is_main_process:
             export_base(Path(summary["checkpoint"]), init, base)
@@ -216,6 +220,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     moves to <output_dir>.previous), then the closed-loop report."""
 
     state = PartialState()
+    setup_logging(cfg.train.log_level)
     base, dataset = prepare_assets(cfg)
     tune = replace(cfg.train, policy=replace(cfg.train.policy, path=str(base)),
                    dataset=replace(cfg.train.dataset, root=str(dataset)))
@@ -224,7 +229,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     try:
         if state.is_main_process and not tune.resume and run_contents(out):
             aside = move_aside(out, out.with_name(out.name + ".previous"))
-            print(f"demo: starting over in {out}; the previous run there was moved to {aside}", flush=True)
+            log.info(f"demo: starting over in {out}; the previous run there was moved to {aside}")
         state.wait_for_everyone()
         summary = train.run(tune)
     finally:
@@ -288,8 +293,8 @@ def report_closed_loop(cfg: TrainConfig, colors: Sequence[str], episodes: int, s
     out_dir = Path(cfg.output_dir) / "eval"
     result = closed_loop(predictors, settings, out_dir, Path(cfg.output_dir), checkpoint)
     summary.update(success_before=result["before"]["success_rate"], success_after=result["after"]["success_rate"])
-    print(success_line(result))
-    print(f"rollout GIFs and metrics plot in {out_dir}")
+    log.info(success_line(result))
+    log.info(f"rollout GIFs and metrics plot in {out_dir}")
     return result
 
 

@@ -1,8 +1,10 @@
 """Does the fine-tune help? Offline action errors on held-out episodes, and closed-loop rollouts in simulation.
 
-    finetune-eval --checkpoint runs/my_task/checkpoints/last [--dataset-root DIR] [--rollout-episodes 50]
-    finetune-eval --checkpoint POLICY --env metaworld --tasks push-v3,reach-v3 --episodes 50
-    finetune-eval --checkpoint POLICY --env libero --suite libero_spatial
+    finetune-eval dataset --checkpoint runs/my_task/checkpoints/last [--dataset-root DIR] [--rollout-episodes 50]
+    finetune-eval sim --checkpoint POLICY --env metaworld --tasks push-v3,reach-v3 --episodes 50
+    finetune-eval sim --checkpoint POLICY --env libero --suite libero_spatial
+
+(The mode word may be left out: `--env metaworld|libero` selects `sim`, anything else `dataset`.)
 
 Offline: action MSE and L1 per dimension (robot units), per position in the chunk and per chunk, on the episodes the
 run held out (the last --dataset.eval-episodes). Closed loop, for the synthetic reach task (finetune.envs): N seeded
@@ -20,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -543,6 +545,15 @@ def evaluate_in_sim(cfg: SimEvalConfig) -> dict[str, Any]:
     return summary
 
 
+DATASET_MODE, SIM_MODE = "dataset", "sim"
+Mode = (Annotated[EvalConfig, tyro.conf.subcommand(
+            DATASET_MODE, description="Held-out episodes of a dataset: offline action errors per dimension and "
+            "chunk position, and closed-loop rollouts of the synthetic reach task (GIFs, metrics plot).")]
+        | Annotated[SimEvalConfig, tyro.conf.subcommand(
+            SIM_MODE, description="Closed loop in a simulator (--env metaworld or libero): success rate per task "
+            "over seeded episodes, videos, a plot. Needs the '.[sim]' or '.[libero]' extra.")])
+
+
 def _env_flag(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith("--env="):
@@ -552,22 +563,32 @@ def _env_flag(argv: list[str]) -> str | None:
     return None
 
 
+def with_mode(argv: list[str]) -> list[str]:
+    """`finetune-eval dataset|sim [flags]`; without the word, `--env metaworld|libero` means sim, anything else
+    (or `--env reach`) dataset; `--help` alone lists both modes."""
+    if argv and argv[0] in (DATASET_MODE, SIM_MODE):
+        return argv
+    if all(arg in ("-h", "--help") for arg in argv):
+        return argv or ["--help"]
+    env = _env_flag(argv)
+    if env is not None and env != "reach":
+        return [SIM_MODE, *argv]
+    if env == "reach":
+        i = argv.index("--env") if "--env" in argv else argv.index("--env=reach")
+        argv = argv[:i] + argv[i + (2 if argv[i] == "--env" else 1):]
+    return [DATASET_MODE, *argv]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """`--env metaworld|libero`: closed loop in that simulator; otherwise (or `--env reach`) the dataset-based
-    evaluation: offline metrics and rollouts in the synthetic reach task."""
+    """Two modes, as subcommands: `dataset` (offline metrics and reach rollouts) and `sim` (Meta-World, LIBERO)."""
     from finetune.envs import EnvUnavailable
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    env = _env_flag(argv)
+    argv = with_mode(list(sys.argv[1:] if argv is None else argv))
     with exit_on(ValueError, FileNotFoundError, EnvUnavailable):
-        if env is not None and env != "reach":
-            sim_cfg = tyro.cli(SimEvalConfig, args=argv, description="Closed-loop evaluation in a simulator.")
-            return evaluate_in_sim(sim_cfg)
-        if env == "reach":
-            i = argv.index("--env") if "--env" in argv else argv.index("--env=reach")
-            del argv[i : i + (2 if argv[i] == "--env" else 1)]
-        cfg = tyro.cli(EvalConfig, args=argv, description="Offline and closed-loop evaluation of a trained policy.")
-        return evaluate(cfg)
+        cfg = tyro.cli(Mode, args=argv, prog="finetune-eval",
+                       description="Evaluate a trained policy: `finetune-eval dataset --help` or `finetune-eval sim "
+                       "--help` for each mode's flags.")
+        return evaluate_in_sim(cfg) if isinstance(cfg, SimEvalConfig) else evaluate(cfg)
 
 
 cli = console_script(main)

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: make `finetune` importable and
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from finetune.config import RESUME_AUTO, ConfigError, TrainConfig, cli, flat_fie
 from finetune.data import DatasetError, workers
 from finetune.data.transforms import ImageTransforms
 from finetune.hub import check_can_push, resolve_repo
+from finetune.logs import LogFile, info_enabled, setup_logging
 from finetune.policies import save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
 from finetune.policies.processor import PolicyProcessor, image_keys, images_to_float, save_stats
@@ -53,8 +55,10 @@ from finetune.training.preemption import STOP, Preempted, StopRequest, report_pr
 from finetune.training.preflight import check_dataset_stats, check_policy_folder, earlier_checkpoint_fix
 from finetune.training.progress import Progress
 from finetune.training.run_dir import check_resume, claim_output_dir, hold_output_dir, resolve_resume
+from finetune.training.threads import apply_cpu_threads
 
 EXIT_NONFINITE = 3  # training diverged (NaN/inf); exit 2 is a bad input, 75 a preemption
+log = logging.getLogger("finetune.train")  # not __name__: "__main__" when run as a script
 
 
 @dataclass
@@ -81,12 +85,6 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def main_print(accelerator: Accelerator, *args: Any) -> None:
-    """Print on the global main process only (accelerator.print prints once per node)."""
-    if accelerator.is_main_process:
-        print(*args, flush=True)
-
-
 # --- setup: one builder per concern -----------------------------------------------------------------------------------
 
 
@@ -103,6 +101,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     data = build_data(cfg, mix, processor, policy.config.chunk_size, accelerator)
     optimizer, scheduler = build_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
     trainable, total = count_parameters(model)  # before prepare: ZeRO-3 leaves each rank a shard
+    threads = apply_cpu_threads(cfg.cpu_threads, total, accelerator.device.type == "cpu")
     dist.fill_deepspeed_config(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, saved with the state
@@ -117,8 +116,10 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     if resume_from is not None:
         restore(run, resume_from)
     run.summary.update(trainable_params=trainable, total_params=total, data_workers=data.workers,
-                       decoder_threads=data.decoder_threads)
-    main_print(accelerator, f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
+                       decoder_threads=data.decoder_threads, cpu_threads=threads and threads[0])
+    log.info(f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
+    if threads is not None:
+        log.info(f"cpu threads: {threads[0]} ({threads[1]}); data-loader workers: {data.workers}")
     return run
 
 
@@ -145,8 +146,8 @@ def restore(run: Run, checkpoint: Path) -> None:
     run.resumed_step = run.step
     run.data.sampler.set_position(state["batches_seen"])
     if run.ema is not None and not run.ema.load(checkpoint):
-        main_print(run.accelerator, f"{checkpoint} has no EMA weights: the average starts from the resumed weights")
-    main_print(run.accelerator, f"resumed from {checkpoint} at step {run.step}")
+        log.warning(f"{checkpoint} has no EMA weights: the average starts from the resumed weights")
+    log.info(f"resumed from {checkpoint} at step {run.step}")
 
 
 def check_pickles(folder: Path, trusted: bool) -> None:
@@ -292,14 +293,15 @@ def fit(run: Run) -> dict[str, Any]:
     if accelerator.is_main_process:
         (output_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     stop = STOP.install()
-    bar = Progress(cfg.steps, run.step, enabled=accelerator.is_main_process, every_s=cfg.progress_every_s)
+    bar = Progress(cfg.steps, run.step, enabled=accelerator.is_main_process and info_enabled(),
+                   every_s=cfg.progress_every_s)
     try:
         if run.resumed_step is None:
             mse = evaluate(run)
             if mse is not None:
                 run.summary.setdefault("eval_mse_before", mse)
                 logger.log(run.step, {"eval/action_mse": mse, **run.eval_by_dataset})
-                main_print(accelerator, f"step {run.step}: held-out action MSE {mse:.4f}")
+                log.info(f"step {run.step}: held-out action MSE {mse:.4f}")
         elif accelerator.is_main_process:  # the figure before training, as the first attempt logged it
             before = [m["eval/action_mse"] for m in read_metrics(output_dir / "metrics.jsonl")
                       if m.get("step") == 0 and "eval/action_mse" in m]
@@ -378,7 +380,7 @@ def report(run: Run) -> None:
                      f"({change_ratio(s['eval_mse_before'], s['eval_mse_after'])})")
     if s.get("skipped_updates"):
         lines.append(f"skipped updates (non-finite loss/gradient): {s['skipped_updates']}")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
     s.update(trained_bytes=trained, base_bytes=base)
 
 
@@ -393,14 +395,18 @@ def change_ratio(before: float, after: float) -> str:
 
 def run_training(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> dict[str, Any]:
     """setup -> fit -> report for a config whose output folder and resume are settled (see run())."""
-    run = setup(cfg, accelerator, sim)
+    threads = torch.get_num_threads()  # --cpu-threads is this run's: a caller in the same process keeps its own
     try:
-        summary = fit(run)
-        report(run)
+        run = setup(cfg, accelerator, sim)
+        try:
+            summary = fit(run)
+            report(run)
+        finally:
+            workers.stop_workers(run.data.loader)  # now, not at the interpreter's exit (they ignore SIGTERM)
+            accelerator.free_memory()
+            accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
     finally:
-        workers.stop_workers(run.data.loader)  # now, not at the interpreter's exit (they ignore SIGTERM)
-        accelerator.free_memory()
-        accelerator._custom_objects.clear()  # the next run in this process registers its own scheduler
+        torch.set_num_threads(threads)
     return summary
 
 
@@ -420,7 +426,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole command for a parsed config: checks, the output folder and resume policy, training, and the push
     when asked. Raises the project's errors; main() turns them into one line and an exit status."""
     STOP.install()  # from the start: a preemption during setup stops the run after its first update
-    lock = None
+    setup_logging(cfg.log_level)
+    lock = log_file = None
     try:
         validate(cfg)
         check_trackers(cfg.log_with)
@@ -434,11 +441,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if not cfg.resume:
             claim_output_dir(cfg, accelerator, auto)
         dist.check_shared_output_dir(accelerator, Path(cfg.output_dir))
+        log_file = LogFile(Path(cfg.output_dir), enabled=accelerator.is_main_process)
         if cfg.resume:
             state = check_resume(cfg, accelerator)
             if state["step"] >= cfg.steps:
-                main_print(accelerator, f"{state['checkpoint']} already reached step {state['step']} (--steps "
-                                        f"{cfg.steps}): nothing to train. Pass a larger --steps to continue.")
+                log.info(f"{state['checkpoint']} already reached step {state['step']} (--steps {cfg.steps}): "
+                         "nothing to train. Pass a larger --steps to continue.")
                 return {"checkpoint": state["checkpoint"], "step": state["step"], "finished": True}
         summary = run_training(cfg, accelerator, sim)
         if cfg.push_repo_ids and accelerator.is_main_process:
@@ -446,7 +454,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
             push_run(cfg, summary)
         return summary
+    except BaseException as err:
+        if log_file is not None:
+            log_file.record_failure(err)
+        raise
     finally:
+        if log_file is not None:
+            log_file.close()
         if lock is not None:
             lock.release()
         STOP.uninstall()

@@ -257,3 +257,25 @@ def test_eval_names_the_missing_simulator_extra(tmp_path, capsys, monkeypatch):
         evaluation.main(["--checkpoint", str(tmp_path / "none"), "--env", "metaworld", "--tasks", "push-v3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Meta-World is not installed" in err[0] and "pip install -e '.[sim]'" in err[0]
+
+
+def test_help_names_both_modes_and_each_mode_has_its_own_flags(capsys):
+    import pytest
+
+    from finetune.eval import main, with_mode
+
+    for argv in ([], ["--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "dataset" in out and "sim" in out and "Closed loop in a simulator" in out
+    with pytest.raises(SystemExit):
+        main(["sim", "--help"])
+    out = capsys.readouterr().out
+    assert "--suite" in out and "--rollout-episodes" not in out
+    with pytest.raises(SystemExit):
+        main(["--env", "libero", "--help"])  # the mode word left out: --env picks it
+    assert "--suite" in capsys.readouterr().out
+    assert with_mode(["--checkpoint", "c", "--env", "metaworld"]) == ["sim", "--checkpoint", "c", "--env", "metaworld"]
+    assert with_mode(["--checkpoint", "c", "--env", "reach"]) == ["dataset", "--checkpoint", "c"]
+    assert with_mode(["--checkpoint", "c"]) == ["dataset", "--checkpoint", "c"]

@@ -174,7 +174,7 @@ def test_without_flock_a_heartbeat_file_holds_the_folder(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
     lock = RunLock.acquire(folder)
-    assert "without file locks" in capsys.readouterr().out
+    assert "without file locks" in capsys.readouterr().err  # a warning
     assert read_holder(folder)["locking"] == "heartbeat"
     code = "import sys; from finetune.training.run_lock import RunLock; RunLock.acquire(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, str(folder)], env=env(), capture_output=True, text=True)

@@ -4,6 +4,7 @@ training reaches the simulators. finetune.train imports this module only when --
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,8 @@ from finetune.config import ConfigError, TrainConfig
 from finetune.envs import check_env, default_tasks, make_env, rollout
 from finetune.policies.base import OBS_STATE, TASK
 from finetune.policies.processor import PolicyProcessor
+
+log = logging.getLogger(__name__)
 
 
 class SimEvaluation:
@@ -86,8 +89,8 @@ class SimEvaluation:
         policy.train(was_training)
         per_task = result["per_task"]
         episodes = sum(r["episodes"] for r in per_task.values())
-        print(f"step {step}: {cfg.env.type} {cfg.env.task} success rate {result['success_rate']:.1%} "
-              f"({episodes} episodes)", flush=True)
+        log.info(f"step {step}: {cfg.env.type} {cfg.env.task} success rate {result['success_rate']:.1%} "
+                 f"({episodes} episodes)")
         return {"sim/success_rate": result["success_rate"],
                 **{f"sim/{task}/success_rate": r["success_rate"] for task, r in per_task.items()}}
 

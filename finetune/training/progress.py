@@ -3,10 +3,14 @@ pipe) one plain line every few seconds and at the end, never a carriage-return f
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
 from datetime import timedelta
 from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -49,13 +53,9 @@ class Progress:
                 f"{rate:.2f} steps/s eta {eta}").replace("  ", " ")
 
     def write(self, text: str) -> None:
-        """A message between bar frames (or a plain line)."""
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+        """An info message, logged with the bar cleared around it (the logger decides whether this rank shows it)."""
+        with self.bar.external_write_mode() if self.bar is not None else contextlib.nullcontext():
+            log.info(text)
 
     def close(self) -> None:
         if self.bar is not None:

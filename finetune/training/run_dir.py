@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -19,10 +20,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from finetune.config import RESUME_AUTO, ConfigError, TrainConfig, from_dict, trajectory_changes
+from finetune.logs import LOG_FILE
 from finetune.training import checkpoint as ckpt
 from finetune.training import distributed as dist
 from finetune.training.preflight import earlier_checkpoint_fix
 from finetune.training.run_lock import LOCK_FILE, READ_LOCK_FILE, RunLock
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DEFAULT_LOCK_WAIT_S = 300.0  # --resume auto: how long a requeued job waits for its predecessor to let go
@@ -51,8 +55,7 @@ def resolve_resume(cfg: TrainConfig, accelerator: Accelerator) -> TrainConfig:
     found = decide_on_main(accelerator, lambda: (cfg.checkpoints_dir / ckpt.LAST).exists())
     what = f"resuming from {cfg.checkpoints_dir / ckpt.LAST}" if found else \
         f"no checkpoint in {cfg.checkpoints_dir}, starting fresh"
-    if accelerator.is_main_process:
-        print(f"--resume auto: {what}", flush=True)
+    log.info(f"--resume auto: {what}")
     return dataclasses.replace(cfg, resume=bool(found))
 
 
@@ -66,7 +69,7 @@ def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator, auto: bool) -> 
             return
         if cfg.overwrite:
             aside = move_aside(out, out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-            print(f"--overwrite: starting a new run in {out}; the previous run there was moved to {aside}", flush=True)
+            log.info(f"--overwrite: starting a new run in {out}; the previous run there was moved to {aside}")
             return
         saved = out / "train_config.json"
         if auto and saved.is_file() and not (cfg.checkpoints_dir / ckpt.LAST).exists():
@@ -78,8 +81,8 @@ def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator, auto: bool) -> 
                 for name in ("metrics.jsonl", "tensorboard"):
                     path = out / name
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                print(f"--resume auto: {out} holds the same run stopped before its first checkpoint; "
-                      "starting it again from step 0 (its partial metrics were dropped)", flush=True)
+                log.info(f"--resume auto: {out} holds the same run stopped before its first checkpoint; "
+                         "starting it again from step 0 (its partial metrics were dropped)")
                 return
         held = ", ".join(p.name + ("/" if p.is_dir() else "") for p in run_contents(out)[:4])
         raise ConfigError(f"--output-dir {out} is not empty ({held}): continue that run with --resume (or --resume "
@@ -103,8 +106,11 @@ def move_aside(folder: Path, aside: Path) -> str:
 
 
 def run_contents(folder: Path) -> list[Path]:
-    """What a run folder holds, less the locks (finetune.training.run_lock)."""
-    return sorted(p for p in folder.iterdir() if p.name not in (LOCK_FILE, READ_LOCK_FILE)) if folder.is_dir() else []
+    """What a run folder holds, less the locks (finetune.training.run_lock) and the log of attempts that never got as
+    far as training (a run appends to it)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name not in (LOCK_FILE, READ_LOCK_FILE, LOG_FILE))
 
 
 def hold_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> RunLock | None:

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -34,6 +35,7 @@ READ_LOCK_FILE = ".read.lock"
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+log = logging.getLogger(__name__)
 
 
 class RunLock:
@@ -67,8 +69,8 @@ class RunLock:
                 raise ConfigError(held_message(folder, wait_s))
             if not said:
                 holder = read_holder(folder)
-                print(f"waiting up to {wait_s:.0f} s for the run holding {folder} (process {holder.get('pid')} on "
-                      f"{holder.get('host')}) to finish", flush=True)
+                log.info(f"waiting up to {wait_s:.0f} s for the run holding {folder} (process {holder.get('pid')} "
+                         f"on {holder.get('host')}) to finish")
                 said = True
             time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.01)))
 
@@ -117,8 +119,8 @@ class RunLock:
                     os.utime(path)
 
         threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True).start()
-        print(f"note: {folder} is on a filesystem without file locks; holding it with a heartbeat file instead "
-              f"(a run whose heartbeat stopped {STALE_S:.0f} s ago is taken over)", flush=True)
+        log.warning(f"note: {folder} is on a filesystem without file locks; holding it with a heartbeat file instead "
+                    f"(a run whose heartbeat stopped {STALE_S:.0f} s ago is taken over)")
         return cls(folder, fd, stop)
 
     def release(self) -> None:
