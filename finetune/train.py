@@ -92,7 +92,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     set_seed(cfg.seed)
     policy_dir = resolve_repo(cfg.policy.path, "model", "--policy.path")
     check_policy_folder(cfg, policy_dir, cfg.batch_size)  # a readable, known policy before anything reads it
-    cfg, mix = load_data_mix(cfg, lambda line: main_print(accelerator, line))
+    cfg, mix = load_data_mix(cfg)
     check_dataset_stats(cfg, policy_dir, mix.sources)  # missing stats stop now, before any model is built
     policy = load_base_policy(cfg, policy_dir, mix.merged_meta())
     processor = build_processor(cfg, policy, policy_dir, mix)

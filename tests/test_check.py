@@ -255,3 +255,18 @@ def test_the_command_exits_1_when_any_dataset_has_an_error(clean, tmp_path):
     assert lines[1].split() == ["LEVEL", "CHECK", "WHERE", "PROBLEM", "->", "FIX"]
     assert lines[2].startswith(f"ERROR  tasks  {DATA}  task_index 7 is not in the tasks table (2 tasks) -> fix: ")
     assert lines[3] == f"{broken}: 1 error(s), 0 warning(s): not ready to train"
+
+
+def test_training_logs_the_quick_checks_warnings_and_goes_on(policy_dir, dataset_root, tmp_path, capsys):
+    from helpers import set_up_run
+
+    from finetune.logs import setup_logging
+
+    setup_logging("info", process_rank=0)  # as finetune-train routes messages
+    root = shutil.copytree(dataset_root, tmp_path / "ds")
+    _edit_json(root / "meta/info.json", lambda info: info.update(total_frames=999))
+    run = set_up_run(train_args(policy_dir, root, tmp_path / "out", "--steps", "1"))
+    assert len(run.data.loader.dataset) == 8 * 16  # training episodes: all but the 2 held out
+    assert (f"warning: {root / 'meta/info.json'}: total_frames is 999 but the metadata lists 160; set total_frames "
+            "to 160") in capsys.readouterr().err
+    run.accelerator.free_memory()

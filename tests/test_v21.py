@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 
@@ -95,17 +96,34 @@ def test_image_columns_and_v20_convert(small_v3, tmp_path):
     assert np.array_equal(dataset[11][CAMERA].permute(1, 2, 0).numpy(), expected)
 
 
-def test_ensure_v30_converts_once_and_again_when_the_source_changes(small_v21, tmp_path, capsys):
+@pytest.fixture
+def conversion_log():
+    """The messages finetune.data.v21 logs, whatever logging setup an earlier test left."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("finetune.data.v21")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_ensure_v30_converts_once_and_again_when_the_source_changes(small_v21, tmp_path, conversion_log):
     source = shutil.copytree(small_v21, tmp_path / "ds")
     dest = ensure_v30(source)
-    assert dest == tmp_path / "ds_v30" and "is LeRobotDataset v2.1: converting it to v3.0 in" in capsys.readouterr().out
+    assert dest == tmp_path / "ds_v30"
+    assert conversion_log == [f"{source} is LeRobotDataset v2.1: converting it to v3.0 in {dest} (once; reused while "
+                              f"the source is unchanged, or convert it yourself with `finetune-convert {source}`)"]
     stamp = (dest / "meta/info.json").stat().st_mtime_ns
-    assert ensure_v30(source) == dest and capsys.readouterr().out == ""  # reused
+    assert ensure_v30(source) == dest and len(conversion_log) == 1  # reused
     assert (dest / "meta/info.json").stat().st_mtime_ns == stamp
     episodes = source / "meta/episodes.jsonl"
     episodes.write_text(episodes.read_text().replace('"move to the blue ball"', '"reach blue"'))
     os.utime(episodes, ns=(stamp + 10**9, stamp + 10**9))
-    assert ensure_v30(source) == dest and "converting" in capsys.readouterr().out
+    assert ensure_v30(source) == dest and len(conversion_log) == 2
     assert pq.read_table(dest / "meta/episodes/chunk-000/file-000.parquet").column("tasks")[1].as_py() == ["reach blue"]
     assert ensure_v30(dest) == dest  # a v3.0 folder is itself
 

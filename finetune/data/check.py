@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -34,6 +35,7 @@ from finetune.data.stats import BOOKKEEPING, QUANTILES, aggregate_stats
 from finetune.data.v21 import CONVERT_COMMAND, LEGACY_VERSIONS, load_legacy
 from finetune.data.video import probe_video
 
+log = logging.getLogger(__name__)
 TOLERANCE_S = 1e-4  # LeRobot's tolerance_s, for timestamps against 1/fps and for video frame lookup
 ERROR, WARNING = "error", "warning"
 # The stats each policy's default normalization reads for state and action (its config's normalization_mapping;
@@ -539,15 +541,18 @@ def _relative(where: str, root: Path) -> str:
         return where
 
 
-def check_for_training(root: str | Path, log=print, tolerance_s: float = TOLERANCE_S) -> None:
-    """The quick checks at the start of a run: warnings printed, the first error raised as a DatasetError."""
+def check_for_training(root: str | Path, warn: Callable[[str], object] | None = None,
+                       tolerance_s: float = TOLERANCE_S) -> None:
+    """The quick checks at the start of a run: the first error raised as a DatasetError, warnings passed to `warn`
+    (default: this module's logger)."""
+    warn = warn or log.warning
     findings = check_dataset(root, quick=True, presence=False, tolerance_s=tolerance_s)
     errors = [f for f in findings if f.level == ERROR]
     if errors:
         more = f" (and {len(errors) - 1} more error(s): `{CHECK_COMMAND} {root}` lists them)" if len(errors) > 1 else ""
         raise DatasetError(errors[0].line() + more)
     for finding in findings:
-        log(f"warning: {finding.line()}")
+        warn(f"warning: {finding.line()}")
 
 
 @dataclass(frozen=True)

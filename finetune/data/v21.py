@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from finetune.data.lerobot_dataset import DatasetError
 from finetune.data.stats import BOOKKEEPING, QUANTILES, aggregate_stats, compute_dataset_stats, to_json
 from finetune.entry import console_script, exit_on
 
+log = logging.getLogger(__name__)
 LEGACY_VERSIONS = ("v2.0", "v2.1")
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
@@ -360,7 +362,7 @@ def _is_current(dest: Path, fingerprint: str) -> bool:
     return record.get("fingerprint") == fingerprint
 
 
-def ensure_v30(root: str | Path, log=print) -> Path:
+def ensure_v30(root: str | Path) -> Path:
     """`root` itself unless it is a v2.x dataset; then its v3.0 conversion (made once, under a file lock so that the
     ranks of a distributed run convert it once, and redone when a source file changed)."""
     root = Path(root)
@@ -373,8 +375,8 @@ def ensure_v30(root: str | Path, log=print) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_current(dest, fingerprint):
             return dest
-        log(f"{root} is LeRobotDataset {dataset_version(root)}: converting it to v3.0 in {dest} (once; reused while "
-            f"the source is unchanged, or convert it yourself with `{CONVERT_COMMAND} {root}`)")
+        log.info(f"{root} is LeRobotDataset {dataset_version(root)}: converting it to v3.0 in {dest} (once; reused "
+                 f"while the source is unchanged, or convert it yourself with `{CONVERT_COMMAND} {root}`)")
         tmp = dest.parent / f".{dest.name}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
