@@ -83,13 +83,18 @@ def test_stats_are_aggregated_from_the_per_episode_stats(small_v21, tmp_path):
     assert np.asarray(stats[CAMERA]["mean"]).shape == (3, 1, 1)
 
 
-def test_image_columns_and_v20_convert(small_v3, tmp_path):
+@pytest.mark.parametrize("version", ["v2.1", "v2.0"])
+def test_image_columns_convert(tmp_path, version):
     v3_images = make_synthetic_dataset(tmp_path / "images", num_episodes=3, target_colors=["green"], episode_length=4,
                                        image_size=16, use_videos=False)
-    legacy = write_legacy_dataset(v3_images, tmp_path / "images_v20", version="v2.0")
+    legacy = write_legacy_dataset(v3_images, tmp_path / "images_legacy", version=version)
     out = convert_to_v30(legacy, tmp_path / "images_v30")
     assert not (out / "videos").exists()
-    assert (out / "meta/stats.json").read_text() == (v3_images / "meta/stats.json").read_text()  # v2.0: copied
+    if version == "v2.0":  # one stats.json: copied
+        assert (out / "meta/stats.json").read_text() == (v3_images / "meta/stats.json").read_text()
+    else:  # per-episode image stats aggregated, per channel
+        image_stats = json.loads((out / "meta/stats.json").read_text())[CAMERA]
+        assert np.asarray(image_stats["mean"]).shape == (3, 1, 1) and image_stats["count"] == [12]
     dataset = LeRobotDataset(out, 2, uint8_images=True)
     cell = pq.read_table(legacy / "data/chunk-000/episode_000002.parquet").column(CAMERA)[3].as_py()
     expected = np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
@@ -217,3 +222,20 @@ def test_remuxed_videos_with_b_frames_decode_to_the_same_frames_at_their_offsets
     with pytest.raises(DatasetError, match=r"wide\.mp4 is encoded as \('h264', 64, 32\), unlike .+ \('h264', 32, 32\): "
                                            r".+; convert with `finetune-convert DATASET --video-file-size-mb 0`"):
         concat_videos([paths[0], tmp_path / "wide.mp4"], tmp_path / "mixed.mp4")
+
+
+def test_a_mixture_of_v21_and_v30_datasets_trains_as_its_all_v30_version(reach_v21, dataset_root, policy_dir,
+                                                                         tmp_path):
+    legacy, converted = reach_v21
+
+    def run(second, name):
+        args = train_args(policy_dir, dataset_root, tmp_path / name, "--steps", "2", "--dataset.eval-episodes", "1")
+        at = args.index("--dataset.root")
+        args[at + 1 : at + 2] = [str(dataset_root), str(second)]
+        summary = train.main([*args, "--dataset.weights", "0.5", "0.5"])
+        return losses(tmp_path / name), summary
+
+    mixed, all_v30 = run(legacy, "mixed"), run(converted, "all_v30")
+    assert mixed[0] == all_v30[0] and len(mixed[0]) == 2
+    config = json.loads((tmp_path / "mixed/train_config.json").read_text())
+    assert config["dataset"]["root"] == [str(dataset_root), str(legacy)]  # the run records what the user named
