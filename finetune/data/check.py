@@ -276,7 +276,8 @@ def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Gene
     stored = [k for k, f in ds.features.items() if f.get("dtype") != "video" and "shape" in f]
     numeric = [k for k in stored if _numeric(ds.features[k]) and k not in INDEX_COLUMNS]
     images = [k for k in stored if ds.features[k].get("dtype") == "image"]
-    position = 0  # expected global index, in episode order (v2.x)
+    # v2.x: the global index each episode should start at, in episode order
+    starts = dict(zip([ep.index for ep in ds.episodes], np.cumsum([0] + [ep.length for ep in ds.episodes]).tolist()))
     for path, eps in by_file.items():
         where = str(path)
         if not path.is_file():
@@ -325,8 +326,7 @@ def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Gene
             found.add(ERROR, "episodes", where, f"holds rows of episode(s) {strays[:5]}, the file of episode "
                       f"{eps[0].index}", "rewrite the file with its own episode's rows only")
         for ep in eps:
-            _check_episode(ds, ep, columns, episode_col, position, where, found, tolerance_s)
-            position += ep.length
+            _check_episode(ds, ep, columns, episode_col, starts[ep.index], where, found, tolerance_s)
         bad = columns["task_index"][:, 0]
         bad = bad[(bad < 0) | (bad >= len(ds.tasks))]
         if len(bad):
