@@ -181,6 +181,9 @@ def _load(root: Path, found: _Findings) -> _Dataset | None:
                     raise DatasetError(f"{info_path}: field {name!r} is missing or empty; every v3 info.json has it")
             tasks = list(v3._load_tasks(root))
             video_keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+            if video_keys and not info.get("video_path"):
+                raise DatasetError(f"{info_path}: has video features but no 'video_path' template; add LeRobot's "
+                                   "'videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4'")
             episodes = []
             for ep in v3._load_episodes(root, info):
                 data = root / info["data_path"].format(chunk_index=ep["data/chunk_index"],
