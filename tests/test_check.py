@@ -270,3 +270,18 @@ def test_training_logs_the_quick_checks_warnings_and_goes_on(policy_dir, dataset
     assert (f"warning: {root / 'meta/info.json'}: total_frames is 999 but the metadata lists 160; set total_frames "
             "to 160") in capsys.readouterr().err
     run.accelerator.free_memory()
+
+
+@pytest.mark.parametrize("version", ["v3", "v21"])
+@pytest.mark.parametrize("change, field", [
+    (lambda i: i.update(fps="30"), "'fps' must be a positive number (found '30')"),
+    (lambda i: i["features"]["action"].update(shape=None), "features['action'] must be an object with a 'dtype' "
+                                                           "string and a 'shape' list of positive integers"),
+    (lambda i: i["features"].update({CAM: "video"}), f"features['{CAM}'] must be an object"),
+])
+def test_a_malformed_info_json_is_one_finding_not_a_crash(clean, tmp_path, version, change, field):
+    root = shutil.copytree(clean[version], tmp_path / "ds")
+    _edit_json(root / "meta/info.json", change)
+    [finding] = check_dataset(root)
+    assert finding.level == "error" and finding.problem.startswith(f"{root / 'meta/info.json'}: {field}")
+    assert finding.fix == "restore the file from the dataset's source"

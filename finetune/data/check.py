@@ -32,7 +32,7 @@ from PIL import Image
 from finetune.data import lerobot_dataset as v3
 from finetune.data.lerobot_dataset import CAMERA_DTYPES, INDEX_COLUMNS, DatasetError
 from finetune.data.stats import BOOKKEEPING, QUANTILES, aggregate_stats
-from finetune.data.v21 import CONVERT_COMMAND, LEGACY_VERSIONS, load_legacy
+from finetune.data.v21 import CONVERT_COMMAND, LEGACY_VERSIONS, check_info, load_legacy
 from finetune.data.video import probe_video
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,13 @@ def _load(root: Path, found: _Findings) -> _Dataset | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         found.add(ERROR, "layout", str(info_path), f"invalid JSON ({e})", "restore the file from the dataset's source")
         return None
-    version = str(info.get("codebase_version", ""))
+    version = str(info.get("codebase_version", "")) if isinstance(info, dict) else ""
     if not version.startswith("v3") and version not in LEGACY_VERSIONS:
         found.add(ERROR, "version", str(info_path), f"codebase_version {version or 'missing'!r} is not supported",
                   "convert it with LeRobot's tools to v2.1 or v3.0 (v2.1 / v2.0 are read here)")
         return None
     try:
+        check_info(info, info_path)
         if version in LEGACY_VERSIONS:
             legacy = load_legacy(root)
             info = legacy.info
@@ -216,7 +217,7 @@ def _load_stats(root: Path, version: str, found: _Findings) -> tuple[dict | None
                 return aggregate_stats(parts), str(path)
         raw = json.loads(path.read_text())
         return {k: {n: np.asarray(v, np.float64) for n, v in s.items()} for k, s in raw.items()}, str(path)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         found.add(ERROR, "stats", str(path), f"cannot be read ({type(e).__name__}: {e})",
                   "recompute the stats (`finetune-stats DATASET`) or restore the file")
         return None, str(path)

@@ -109,6 +109,33 @@ class LegacyDataset:
                                                           episode_index=episode_index)
 
 
+def check_info(info: object, path: Path) -> None:
+    """Refuse an info.json whose fields the readers rely on have the wrong type (one DatasetError naming the field)."""
+    def bad(field: str, what: str) -> DatasetError:
+        return DatasetError(f"{path}: {field} must be {what}; restore the file from the dataset's source")
+
+    if not isinstance(info, dict):
+        raise bad("the file", "a JSON object")
+    fps = info.get("fps")
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
+        raise bad("'fps'", f"a positive number (found {fps!r})")
+    for field in ("data_path", "video_path"):
+        if info.get(field) is not None and not isinstance(info[field], str):
+            raise bad(f"{field!r}", "a path template string")
+    if "chunks_size" in info and (not isinstance(info["chunks_size"], int) or info["chunks_size"] < 1):
+        raise bad("'chunks_size'", "a positive integer")
+    features = info.get("features")
+    if not isinstance(features, dict) or not features:
+        raise bad("'features'", "an object of feature name -> {dtype, shape, names}")
+    for key, feature in features.items():
+        shape = feature.get("shape") if isinstance(feature, dict) else None
+        if not isinstance(feature, dict) or not isinstance(feature.get("dtype"), str) or not isinstance(shape, list) \
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+            raise bad(f"features[{key!r}]", "an object with a 'dtype' string and a 'shape' list of positive integers")
+        if feature["dtype"] in ("video", "image") and len(shape) != 3:
+            raise bad(f"features[{key!r}]['shape']", "3 sizes (height, width, channels) for a camera")
+
+
 def load_legacy(root: str | Path) -> LegacyDataset:
     """Read and check the meta/ folder of a LeRobotDataset v2.0 / v2.1."""
     root = Path(root)
@@ -119,6 +146,7 @@ def load_legacy(root: str | Path) -> LegacyDataset:
         raise DatasetError(f"{info_path} not found; point to the root of a LeRobotDataset (with meta/)") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{info_path}: invalid JSON ({e})") from e
+    check_info(info, info_path)
     if str(info.get("codebase_version")) not in LEGACY_VERSIONS:
         raise DatasetError(f"{info_path}: 'codebase_version' is {info.get('codebase_version')!r}, not one of "
                            f"{LEGACY_VERSIONS}")
@@ -127,10 +155,13 @@ def load_legacy(root: str | Path) -> LegacyDataset:
             raise DatasetError(f"{info_path}: field {field!r} is missing or empty; every v2.x info.json has it")
     if any(f.get("dtype") == "video" for f in info["features"].values()) and not info.get("video_path"):
         raise DatasetError(f"{info_path}: has video features but no 'video_path' template")
-    episodes = sorted(read_jsonl(root / "meta/episodes.jsonl"), key=lambda e: e.get("episode_index", -1))
+    episodes = read_jsonl(root / "meta/episodes.jsonl")
     for ep in episodes:
-        if not isinstance(ep.get("episode_index"), int) or not isinstance(ep.get("length"), int):
-            raise DatasetError(f"{root / 'meta/episodes.jsonl'}: row {ep} needs integer 'episode_index' and 'length'")
+        if not isinstance(ep, dict) or not isinstance(ep.get("episode_index"), int) \
+                or not isinstance(ep.get("length"), int):
+            raise DatasetError(f"{root / 'meta/episodes.jsonl'}: row {ep} needs integer 'episode_index' and "
+                               "'length'; restore the file from the dataset's source")
+    episodes.sort(key=lambda e: e["episode_index"])
     if not episodes:
         raise DatasetError(f"{root / 'meta/episodes.jsonl'} lists no episode")
     try:
