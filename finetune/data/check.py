@@ -307,6 +307,17 @@ def _check_data(ds: _Dataset, found: _Findings, quick: bool, rng: np.random.Gene
         columns: dict[str, np.ndarray] = {}
         for key in present:
             feature = ds.features.get(key, {"shape": [1]})
+            kind = table.schema.field(key).type
+            while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+                kind = kind.value_type
+            integer = key in INDEX_COLUMNS and key != "timestamp"
+            if not (pa.types.is_integer(kind) if integer else pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                    or pa.types.is_boolean(kind)) or table.column(key).null_count:
+                what = f"{table.column(key).null_count} null(s)" if table.column(key).null_count else f"{kind} values"
+                found.add(ERROR, "features", where, f"column {key!r} holds {what}, not "
+                          + ("integers" if integer else "numbers"), "rewrite the column with the values it should "
+                          "hold (see LeRobot's data files), or restore the file from the dataset's source")
+                continue
             try:
                 values = v3._column_to_numpy(table.column(key), key, {**feature, "shape": feature.get("shape", [1])},
                                              path)
