@@ -42,6 +42,12 @@ def _rewrite(path: Path, change: Callable[[dict], None]) -> None:
                              for k, v in columns.items()}), path)
 
 
+def _retype(path: Path, column: str, kind: pa.DataType) -> None:
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, table.column(column).cast(kind)),
+                   path)
+
+
 def _edit_json(path: Path, change: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text())
     change(data)
@@ -96,6 +102,9 @@ V3_DEFECTS = {
                                      ("error", "features", DATA, r"column 'action' holds vectors of shape \(2,\) "
                                       r"but meta/info\.json features\['action'\]\['shape'\] is \(3,\)",
                                       r"fix the feature")),
+    "floats in an index column": (lambda r: _retype(r / DATA, "task_index", pa.float64()),
+                                  ("error", "features", DATA, r"column 'task_index' holds double values, not integers",
+                                   r"rewrite the column with the values it should hold")),
     "an unknown task_index": (lambda r: _rewrite(r / DATA, _bad_task),
                               ("error", "tasks", DATA, r"task_index 7 is not in the tasks table \(2 tasks\)",
                                r"add the task to the tasks table")),
