@@ -239,3 +239,21 @@ def test_a_mixture_of_v21_and_v30_datasets_trains_as_its_all_v30_version(reach_v
     assert mixed[0] == all_v30[0] and len(mixed[0]) == 2
     config = json.loads((tmp_path / "mixed/train_config.json").read_text())
     assert config["dataset"]["root"] == [str(dataset_root), str(legacy)]  # the run records what the user named
+
+
+def test_a_damaged_v21_dataset_is_refused_in_one_line_naming_the_file(small_v21, tmp_path):
+    source = shutil.copytree(small_v21, tmp_path / "ds")
+    episode = source / "data/chunk-000/episode_000003.parquet"
+    table = pq.read_table(episode)
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                                    table.column("timestamp").cast("float64")), episode)
+    with pytest.raises(DatasetError) as info:
+        convert_to_v30(source, tmp_path / "out")
+    assert str(info.value) == (f"{episode}: its columns differ from the dataset's first data file (timestamp: double "
+                               "here, float in episode_000000.parquet); rewrite it with the same columns and types "
+                               f"(`finetune-check {source}` lists every file)")
+    episode.write_bytes(episode.read_bytes()[:100])
+    with pytest.raises(DatasetError, match=r"episode_000003\.parquet: cannot read parquet \(.+\); the file is "
+                                           r"truncated or not parquet"):
+        ensure_v30(source)
+    assert not list(tmp_path.glob(".ds_v30.tmp*")) and not (tmp_path / "ds_v30").exists()  # nothing half-written

@@ -245,6 +245,23 @@ def concat_videos(paths: list[Path], dest: Path) -> list[float]:
     return starts
 
 
+def _read_episode_file(path: Path, root: Path, first: Path, reference: pa.Schema | None) -> pa.Table:
+    """One episode's data file, refused unless readable and with the columns and types of the first one."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{path}: cannot read parquet ({e}); the file is truncated or not parquet, restore it "
+                           "from the dataset's source") from e
+    if reference is not None and not table.schema.remove_metadata().equals(reference.remove_metadata()):
+        theirs, ours = dict(zip(reference.names, reference.types)), dict(zip(table.schema.names, table.schema.types))
+        differ = sorted(k for k in theirs.keys() | ours.keys() if str(theirs.get(k)) != str(ours.get(k)))
+        shown = ", ".join(f"{k}: {ours.get(k, 'absent')} here, {theirs.get(k, 'absent')} in {first.name}"
+                          for k in differ[:3])
+        raise DatasetError(f"{path}: its columns differ from the dataset's first data file ({shown}); rewrite it "
+                           f"with the same columns and types (`finetune-check {root}` lists every file)")
+    return table
+
+
 def _flat_stats(stats: dict[str, dict[str, np.ndarray]]) -> dict[str, list]:
     return {f"stats/{key}/{name}": np.asarray(v).tolist() for key, values in stats.items()
             for name, v in values.items()}
@@ -270,11 +287,13 @@ def convert_to_v30(src: str | Path, dest: str | Path, data_file_size_mb: int = D
             raise DatasetError(f"{path} not found (episode {ep['episode_index']} of meta/episodes.jsonl, "
                                "info.json 'data_path'); restore it or remove the episode from meta/episodes.jsonl")
     total = 0
+    reference: pa.Schema | None = None  # every episode file must have the first one's columns and types
     for n, group in enumerate(_groups([p.stat().st_size for p in files], data_file_size_mb << 20)):
         chunk, file = divmod(n, chunks_size)
         tables = []
         for i in group:
-            table = pq.read_table(files[i])
+            table = _read_episode_file(files[i], legacy.root, files[0], reference)
+            reference = reference or table.schema
             length = table.num_rows
             missing = [c for c in ("index", "episode_index", "frame_index", "timestamp", "task_index")
                        if c not in table.column_names]
