@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -29,6 +30,9 @@ def write_legacy_dataset(v3_root: Path, dest: Path, version: str = "v2.1", chunk
         index, lo, hi = ep["episode_index"], ep["dataset_from_index"], ep["dataset_to_index"]
         chunk = index // chunks_size
         rows = table.filter(pc.equal(table.column("episode_index"), index))
+        for name in ("observation.state", "action"):  # Hugging Face datasets writes vectors as variable-size lists
+            rows = rows.set_column(rows.schema.get_field_index(name), name,
+                                   rows.column(name).cast(pa.list_(pa.float32())))
         path = dest / DATA_PATH.format(episode_chunk=chunk, episode_index=index)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(rows, path)
