@@ -15,7 +15,8 @@ optimizer step. `precision` bf16 runs the step under bf16 autocast (weights stay
 - `sdpa`: torch's scaled_dot_product_attention in the joint layers and SigLIP (the default).
 
 Linear kernels (`linear`): `aten` is torch's own (MKL's sgemm on CPU, the baseline's), `onednn` the float32 linears
-through oneDNN (`--policy.cpu-linear onednn`, the default; finetune/policies/cpu_linear.py). Under bf16 autocast both
+through oneDNN (`--policy.cpu-linear onednn`; finetune/policies/cpu_linear.py), `auto` the default: the faster of the
+two per layer shape, measured on this machine and cached. Under bf16 autocast both
 are torch's bf16 kernel, so bf16 rows run `aten` only.
 
 The rows of one batch size run in one process, interleaved step by step (a busy neighbour slows every row alike);
@@ -254,8 +255,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--attn", nargs="+", default=["main", "sdpa"], choices=["main", "eager", "sdpa"])
-    parser.add_argument("--linears", nargs="+", default=["aten", "onednn"], choices=["aten", "onednn"],
-                        help="CPU float32 linear kernels (bf16 rows always run aten)")
+    parser.add_argument("--linears", nargs="+", default=["aten", "onednn", "auto"], choices=["aten", "onednn", "auto"],
+                        help="CPU float32 linear kernels (bf16 rows always run aten); auto: measured per shape "
+                             "(its one-time probe runs outside the timed steps)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row before timing")
     parser.add_argument("--gpu", action="store_true", help="the CUDA rows (SmolVLA and pi0 on 8/4-bit bases)")

@@ -65,9 +65,11 @@ class PolicyOptions:
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel in the joint VLM/expert layers and the vision tower: torch's fused scaled_dot_product_attention
     (same loss as eager to float32 rounding) or LeRobot's eager float32-softmax path. Not written to config.json."""
-    cpu_linear: Literal["onednn", "aten"] = "onednn"
-    """Kernel of float32 linear layers on CPU: oneDNN's GEMM (AVX-512 wherever the CPU has it; about 2x MKL's on AMD
-    CPUs, same float32 math) or torch's default (MKL). CUDA, bf16 and autocast always use torch's. Not under ZeRO-3."""
+    cpu_linear: Literal["auto", "onednn", "aten"] = "auto"
+    """Kernel of float32 linear layers on CPU: auto measures oneDNN's GEMM and torch's (MKL) on the model's own layer
+    shapes at start and keeps the faster per shape (cached per CPU model, torch version and threads in
+    ~/.cache/finetune/cpu_linear.json); onednn or aten force one. Same float32 math either way. CUDA, bf16 and
+    autocast always use torch's. Not under ZeRO-3."""
 
 
 @dataclass(frozen=True)

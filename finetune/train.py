@@ -95,13 +95,14 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     cfg, mix = load_data_mix(cfg)
     check_dataset_stats(cfg, policy_dir, mix.sources)  # missing stats stop now, before any model is built
     policy = load_base_policy(cfg, policy_dir, mix.merged_meta())
+    threads = apply_cpu_threads(cfg.cpu_threads, sum(p.numel() for p in policy.parameters()),
+                                accelerator.device.type == "cpu")  # before the linears are timed (cpu-linear auto)
     processor = build_processor(cfg, policy, policy_dir, mix)
     resume_from = ckpt.resolve_last(cfg.checkpoints_dir) if cfg.resume else None
     model = build_model(cfg, policy, accelerator, resume_from)
     data = build_data(cfg, mix, processor, policy.config.chunk_size, accelerator)
     optimizer, scheduler = build_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
     trainable, total = count_parameters(model)  # before prepare: ZeRO-3 leaves each rank a shard
-    threads = apply_cpu_threads(cfg.cpu_threads, total, accelerator.device.type == "cpu")
     dist.fill_deepspeed_config(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per update, saved with the state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import set_up_run, tiny_batch, train_args
@@ -33,7 +35,7 @@ def test_onednn_linear_matches_float64_products_and_gradients(bias, layout):
     upstream = torch.randn(*x.shape[:-1], 80)
     fast = nn.Linear(96, 80, bias=bias)
     fast.load_state_dict(dense.state_dict())
-    assert use_cpu_linear(fast, "onednn") == 1 and type(fast) is OneDNNLinear
+    assert use_cpu_linear(fast, "onednn") == {"onednn": 1, "aten": 0} and type(fast) is OneDNNLinear
     exact = nn.Linear(96, 80, bias=bias).double()
     exact.load_state_dict({k: v.double() for k, v in dense.state_dict().items()})
 
@@ -81,12 +83,12 @@ def test_switch_is_reversible_keeps_state_dict_and_leaves_subclasses_alone():
 
     model = nn.Sequential(nn.Linear(4, 4), Quantized(4, 4), nn.Sequential(nn.Linear(4, 2)))
     keys = list(model.state_dict())
-    assert use_cpu_linear(model, "onednn") == 2
+    assert use_cpu_linear(model, "onednn") == {"onednn": 2, "aten": 0}
     assert [type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)] == \
         ["OneDNNLinear", "Quantized", "OneDNNLinear"]
     assert list(model.state_dict()) == keys
-    assert use_cpu_linear(model, "onednn") == 0  # already switched
-    assert use_cpu_linear(model, "aten") == 2
+    assert use_cpu_linear(model, "onednn") == {"onednn": 2, "aten": 0}  # again: nothing changes
+    assert use_cpu_linear(model, "aten") == {"onednn": 0, "aten": 2}
     assert [type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)] == \
         ["Linear", "Quantized", "Linear"]
     with pytest.raises(ValueError, match="unknown CPU linear kernel 'mkl'"):
@@ -121,8 +123,19 @@ def test_smolvla_lora_step_on_onednn_equals_torchs(policy_dir, checkpointing):
         torch.testing.assert_close(grads_fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_training_and_inference_use_the_configured_kernel(policy_dir, dataset_root, lora_run, tmp_path):
-    run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "a"))
+def test_training_and_inference_use_the_configured_kernel(policy_dir, dataset_root, lora_run, tmp_path,
+                                                          monkeypatch):
+    from finetune.policies import cpu_linear
+
+    monkeypatch.setenv(cpu_linear.CACHE_ENV, str(tmp_path / "cpu_linear.json"))
+    run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "auto"))  # the default: measured per shape
+    measured = json.loads((tmp_path / "cpu_linear.json").read_text())
+    chosen = next(iter(measured.values()))
+    for module in run.model.modules():
+        if type(module) in (nn.Linear, OneDNNLinear):
+            shape = f"{module.in_features}x{module.out_features}{' trained' if module.weight.requires_grad else ''}"
+            assert (type(module) is OneDNNLinear) == (chosen[shape] == "onednn"), shape
+    run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "a", "--policy.cpu-linear", "onednn"))
     assert sum(type(m) is OneDNNLinear for m in run.model.modules()) > 100
     run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "b", "--policy.cpu-linear", "aten"))
     assert not any(type(m) is OneDNNLinear for m in run.model.modules())
@@ -134,3 +147,41 @@ def test_training_and_inference_use_the_configured_kernel(policy_dir, dataset_ro
     fast = model.eval().predict_action_chunk(batch, noise=noise)
     use_cpu_linear(model, "aten")
     torch.testing.assert_close(fast, model.predict_action_chunk(batch, noise=noise), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_measures_each_shape_once_per_machine_and_follows_the_measurement(tmp_path, monkeypatch):
+    """auto times both kernels on each (in, out, trained) shape, keeps the faster, and caches it: a later model on
+    the same machine (CPU model, torch version, threads) is not timed again, and its layers follow the cache."""
+    from finetune.policies import cpu_linear
+
+    monkeypatch.setenv(cpu_linear.CACHE_ENV, str(tmp_path / "cpu_linear.json"))
+    timed = []
+    original = cpu_linear.time_kernel
+    monkeypatch.setattr(cpu_linear, "time_kernel", lambda kind, shape: timed.append((kind, shape)) or
+                        original(kind, shape))
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64), nn.Linear(64, 32))
+    model[2].weight.requires_grad_(False)
+    counts = use_cpu_linear(model, "auto")
+    assert sorted(timed) == sorted((kind, shape) for kind in ("onednn", "aten")
+                                   for shape in ((64, 32, True), (32, 64, True), (64, 32, False)))
+    assert sum(counts.values()) == 3
+    cache = json.loads((tmp_path / "cpu_linear.json").read_text())[cpu_linear.machine_key()]
+    assert set(cache) == {"64x32 trained", "32x64 trained", "64x32"} and set(cache.values()) <= {"onednn", "aten"}
+    assert [type(m) is OneDNNLinear for m in model] == [cache[n] == "onednn"
+                                                         for n in ("64x32 trained", "32x64 trained", "64x32")]
+
+    timed.clear()  # a second model on this machine: the cache decides, nothing is timed
+    forced = {"64x32 trained": "aten", "32x64 trained": "onednn", "64x32": "onednn"}
+    (tmp_path / "cpu_linear.json").write_text(json.dumps({cpu_linear.machine_key(): forced}))
+    again = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64))
+    assert use_cpu_linear(again, "auto") == {"onednn": 1, "aten": 1} and timed == []
+    assert [type(m) for m in again] == [nn.Linear, OneDNNLinear]
+
+
+def test_a_kernel_that_is_twice_as_slow_is_not_chosen(tmp_path, monkeypatch):
+    from finetune.policies import cpu_linear
+
+    monkeypatch.setenv(cpu_linear.CACHE_ENV, str(tmp_path / "cache.json"))
+    monkeypatch.setattr(cpu_linear, "time_kernel", lambda kind, shape: {"onednn": 2e-3, "aten": 1e-3}[kind])
+    layer = nn.Linear(8, 8)
+    assert use_cpu_linear(layer, "auto") == {"onednn": 0, "aten": 1} and type(layer) is nn.Linear

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A module may import its own layer or lower ones, never a higher one (lazy imports included).
 LAYERS = [
-    ("finetune._quiet", "finetune.logs", "finetune.entry", "finetune.lerobot_cli", "finetune.policies", "finetune.data"),
+    ("finetune._quiet", "finetune.logs", "finetune.entry", "finetune.lerobot_cli", "finetune.policies",
+     "finetune.data"),
     ("finetune.config", "finetune.hub", "finetune.quant", "finetune.adapters", "finetune.envs"),
     ("finetune.training",),
     ("finetune.inference",),

@@ -200,3 +200,27 @@ def test_a_bad_flag_under_launch_sh_is_one_line_and_exit_2(policy_dir, dataset_r
         ["bash", str(REPO / "launch.sh"), "--config", "cpu", *train_args(policy_dir, dataset_root, tmp_path / "r",
                                                                           "--steps", "0")],
         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180).stderr
+
+
+def test_sigterm_to_the_group_under_plain_accelerate_launch_still_checkpoints(policy_dir, dataset_root, tmp_path):
+    """The README's `accelerate launch` (not launch.sh): accelerate's launcher takes SIGTERM itself, passes it on and
+    gives its child 5 s before SIGKILL, then exits 143. The run, signalled twice, finishes its step, saves within
+    that time (a small checkpoint) and says how to resume; its workers leave the signal to it. launch.sh is what
+    lets a long save finish and turns a preemption into exit 75 for a cluster's requeue."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs/cpu.yaml"), str(REPO / "finetune/train.py"),
+           *train_args(policy_dir, dataset_root, out, "--steps", LONG, "--checkpoint.every", "1000",
+                       "--dataset.num-workers", "1")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until_training(proc, out)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=180)  # until the run, which holds the pipe too, has exited
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "continue with --resume auto" in stderr and "DataLoader worker" not in stderr, stderr[-4000:]
+    checkpoint_of_the_stop(out)

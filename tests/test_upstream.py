@@ -72,11 +72,16 @@ def test_the_lock_pins_every_declared_dependency_within_its_range():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = [Requirement(r) for r in project["dependencies"]]
     declared += [Requirement(r) for extra in ("dev", "sim") for r in project["optional-dependencies"][extra]]
-    locked = {}
+    locked, hashes = {}, {}
     for line in (REPO / "requirements.lock").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, pinned = line.partition("==")
-            locked[re.sub(r"[-_.]+", "-", name).lower()] = pinned
+        if line and not line.startswith(("#", " ")):
+            name, _, pinned = line.rstrip(" \\").partition("==")
+            name = re.sub(r"[-_.]+", "-", name).lower()
+            locked[name], hashes[name] = pinned, 0
+        elif line.strip().startswith("--hash=sha256:"):
+            assert re.fullmatch(r"--hash=sha256:[0-9a-f]{64}( \\)?", line.strip()), line
+            hashes[name] += 1
+    assert all(hashes.values()), [n for n, count in hashes.items() if not count]  # pip --require-hashes needs them
     for req in declared:
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         if name == "torch":  # pinned by setup.sh (TORCH_VERSION), the CPU build installed first

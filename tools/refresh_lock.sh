@@ -14,9 +14,10 @@ pip install "torch==${TORCH_VERSION}"
 pip install -c <(echo "torch==${TORCH_VERSION}") -e ".[dev,sim]"
 "$venv/bin/python" -m pytest
 {
-  sed -n '1,2p' requirements.lock
-  "$venv/bin/python" -m pip freeze --exclude-editable | grep -v "^torch=="
+  sed -n '1,3p' requirements.lock
+  "$venv/bin/python" -m pip freeze --all --exclude-editable | grep -v -e "^torch==" -e "^pip=="
 } > requirements.lock.new
+"$venv/bin/python" tools/hash_lock.py requirements.lock.new  # the SHA-256 of every file of each pinned version
 mv requirements.lock.new requirements.lock
 rm -rf "$venv"
 echo "tools/refresh_lock.sh: requirements.lock refreshed and the suite passed on it; review the diff and commit"

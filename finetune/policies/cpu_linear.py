@@ -7,6 +7,11 @@ the same two cores, forward and both backward products (`bench/linear.py`; the w
 math is the same float32 multiply-accumulate in another order: outputs agree with MKL's to float32 rounding (tested
 against float64).
 
+Which is faster depends on the CPU (MKL's AVX-512 kernels on Intel, none on AMD), the shapes and the threads, so the
+default, `auto`, measures: `choose_kernels` times both kernels on each of the model's linear shapes (forward and the
+backward products the layer needs, a few milliseconds each), keeps the faster per shape, and caches the choice per
+CPU model, torch version and thread count (`~/.cache/finetune/cpu_linear.json`), so later runs skip the probe.
+
 `use_cpu_linear(model, "onednn")` turns every plain `nn.Linear` (base layers, LoRA's A/B, heads) into a
 `OneDNNLinear`, a subclass with the same parameters and state dict, so PEFT wrappers, saving and merging see no
 difference. It takes the oneDNN path only for float32 CPU inputs outside autocast and torch.compile; anything else
@@ -16,14 +21,22 @@ difference. It takes the oneDNN path only for float32 CPU inputs outside autocas
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import time
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CPU_LINEARS = ("onednn", "aten")
-CpuLinear = Literal["onednn", "aten"]
+CPU_LINEARS = ("auto", "onednn", "aten")
+CpuLinear = Literal["auto", "onednn", "aten"]
+PROBE_TOKENS = 512  # rows of the probe's products: the order of a training batch's tokens per layer call
+PROBE_REPEATS = 3
+CACHE_ENV = "FINETUNE_CPU_LINEAR_CACHE"
 
 
 def _onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -75,18 +88,105 @@ def onednn_available() -> bool:
     return True
 
 
-def use_cpu_linear(model: nn.Module, kind: CpuLinear) -> int:
-    """Route the model's plain linear layers through `kind` ("onednn" or "aten"); returns how many were switched.
+Shape = tuple[int, int, bool]  # (in_features, out_features, weight trained)
 
-    "onednn" falls back to "aten" where oneDNN is not available."""
+
+def linear_shapes(model: nn.Module) -> dict[Shape, list[nn.Linear]]:
+    """The model's plain float32 CPU linear layers grouped by shape and whether their weight trains."""
+    groups: dict[Shape, list[nn.Linear]] = {}
+    for module in model.modules():
+        if type(module) in (nn.Linear, OneDNNLinear) and module.weight.dtype == torch.float32 \
+                and module.weight.device.type == "cpu":
+            shape = (module.in_features, module.out_features, module.weight.requires_grad)
+            groups.setdefault(shape, []).append(module)
+    return groups
+
+
+def _products(kind: str, x: Tensor, w: Tensor, dy: Tensor, trained: bool) -> None:
+    """The products a training step runs for one layer: y = x W^T, dx = dy W, and dW = dy^T x when W trains."""
+    if kind == "onednn":
+        _onednn_matmul(x, w, None)
+        _onednn_matmul(dy, w.t(), None)
+        if trained:
+            _onednn_matmul(dy.t(), x.t(), None)
+    else:
+        F.linear(x, w)
+        dy.mm(w)
+        if trained:
+            dy.t().mm(x)
+
+
+def time_kernel(kind: str, shape: Shape, tokens: int = PROBE_TOKENS, repeats: int = PROBE_REPEATS) -> float:
+    """Seconds for one layer's step products with `kind` (the fastest of `repeats`, after one warm-up)."""
+    k, n, trained = shape
+    x, w, dy = torch.randn(tokens, k), torch.randn(n, k), torch.randn(tokens, n)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            _products(kind, x, w, dy, trained)
+            if i:  # the first call JITs oneDNN's kernel and warms the caches
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "finetune" / "cpu_linear.json")
+
+
+def machine_key() -> str:
+    """What a measured choice holds for: the CPU model, torch's version and its thread count."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def choose_kernels(shapes: list[Shape]) -> dict[Shape, str]:
+    """The faster kernel per shape: from the cache when this machine measured it before, else measured now."""
+    path, key = cache_path(), machine_key()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    known = cache.get(key, {})
+    chosen: dict[Shape, str] = {}
+    for shape in shapes:
+        name = f"{shape[0]}x{shape[1]}{' trained' if shape[2] else ''}"
+        if known.get(name) not in ("onednn", "aten"):
+            known[name] = min(("onednn", "aten"), key=lambda kind: time_kernel(kind, shape))
+        chosen[shape] = known[name]
+    if cache.get(key) != known:
+        cache[key] = known
+        try:  # a read-only home only costs the next run the probe again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return chosen
+
+
+def use_cpu_linear(model: nn.Module, kind: CpuLinear) -> dict[str, int]:
+    """Route the model's plain linear layers through `kind`: "onednn", "aten", or "auto" (the faster per shape on
+    this machine, see choose_kernels); returns how many layers run on each. oneDNN falls back to aten where it is
+    not available."""
     if kind not in CPU_LINEARS:
         raise ValueError(f"unknown CPU linear kernel {kind!r}; choose one of {CPU_LINEARS}")
-    if kind == "onednn" and not onednn_available():
-        kind = "aten"
-    source, target = (nn.Linear, OneDNNLinear) if kind == "onednn" else (OneDNNLinear, nn.Linear)
-    switched = 0
-    for module in model.modules():
-        if type(module) is source:
-            module.__class__ = target
-            switched += 1
-    return switched
+    groups = linear_shapes(model)
+    if kind == "aten" or not onednn_available():
+        chosen = dict.fromkeys(groups, "aten")
+    elif kind == "onednn":
+        chosen = dict.fromkeys(groups, "onednn")
+    else:
+        chosen = choose_kernels(sorted(groups))
+    counts = {"onednn": 0, "aten": 0}
+    for shape, layers in groups.items():
+        for layer in layers:
+            layer.__class__ = OneDNNLinear if chosen[shape] == "onednn" else nn.Linear
+            counts[chosen[shape]] += 1
+    return counts

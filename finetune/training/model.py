@@ -3,6 +3,7 @@ when asked), the resumed adapter, or the whole policy for FULL training; and the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from finetune.policies.relative_actions import configure as configure_relative_a
 from finetune.training import distributed as dist
 from finetune.training.ema import EMA
 from finetune.training.preflight import check_checkpoint_files
+
+log = logging.getLogger(__name__)
 
 
 def policy_features(meta, rename_map: dict[str, str]) -> tuple[dict, dict]:
@@ -84,7 +87,10 @@ def build_model(cfg: TrainConfig, policy: nn.Module, accelerator: Accelerator, r
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     # ZeRO-3 gathers and frees weights around each module and handles torch's linear only
-    use_cpu_linear(model, "aten" if dist.zero_stage(accelerator) == 3 else cfg.policy.cpu_linear)
+    kind = "aten" if dist.zero_stage(accelerator) == 3 else cfg.policy.cpu_linear
+    counts = use_cpu_linear(model, kind)
+    if accelerator.device.type == "cpu" and sum(counts.values()):
+        log.info(f"cpu linears ({kind}): {counts['onednn']} on oneDNN, {counts['aten']} on torch's (MKL)")
     return model
 
 
