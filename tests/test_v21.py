@@ -21,6 +21,7 @@ from finetune import train
 from finetune.data import DatasetError, LeRobotDataset, decode_video, load_dataset_meta, make_synthetic_dataset
 from finetune.data.multi import DataMix
 from finetune.data.v21 import concat_videos, convert_to_v30, ensure_v30, main
+from finetune.inference import predict
 from finetune.training.metrics import read_metrics
 
 CAMERA = "observation.images.top"
@@ -190,6 +191,10 @@ def test_a_v21_dataset_trains_evaluates_and_resumes_as_its_v30_conversion(reach_
                for name, run in runs.items()}
     assert offline["v21"]["episodes"] == offline["v30"]["episodes"] == [8, 9]
     assert offline["v21"]["action_mse"] == offline["v30"]["action_mse"] > 0
+    # finetune-predict on frames of the v2.1 folder: the same as on its conversion
+    predicted = [predict.main(["--checkpoint", str(runs["v21"] / "checkpoints/last"), "--dataset-root", str(root),
+                               "--episode", "9", "--frames", "0", "15"])["predicted"] for root in (legacy, converted)]
+    assert predicted[0].shape == (2, 10, 2) and np.array_equal(predicted[0], predicted[1])
 
 
 def _write_h264(path, frames, fps=30):
