@@ -286,7 +286,7 @@ class EvalConfig:
     base: str | None = None
     """Base policy for an adapter checkpoint; default: the one in its train_config.json."""
     dataset_root: str | None = None
-    """LeRobotDataset v3.0 folder; default: the run's --dataset.root."""
+    """LeRobotDataset v3.0 folder (v2.1 / v2.0: read through its v3.0 conversion); default: the run's --dataset.root."""
     episodes: tuple[int, ...] | None = None
     """Episodes for the offline metrics; default: the ones the run held out."""
     batch_size: int = 32

@@ -183,7 +183,7 @@ class PredictConfig:
     checkpoint: str
     """Adapter checkpoint (output_dir/checkpoints/last) or a merged / full policy folder."""
     dataset_root: str
-    """LeRobotDataset v3.0 folder to take frames from."""
+    """LeRobotDataset v3.0 folder to take frames from (v2.1 / v2.0: read through its v3.0 conversion)."""
     base: str | None = None
     """Base policy for an adapter checkpoint; default: the one in its train_config.json."""
     episode: int | None = None
