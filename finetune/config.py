@@ -157,7 +157,8 @@ class ImageTransformOptions:
 class DataOptions:
     root: tuple[str, ...] | None = None
     """Local LeRobotDataset v3.0 folder (meta/info.json, data/, videos/); several (or Hub ids ORG/NAME) train on one
-    weighted mixture of them (see --dataset.weights, --dataset.renames)."""
+    weighted mixture of them (see --dataset.weights, --dataset.renames). A v2.1 / v2.0 folder is converted to v3.0
+    once, into <folder>_v30 beside it (see finetune-convert)."""
     repo_id: str | None = None
     """Hub dataset id, fetched through the Hugging Face cache when online (ignored when root is given)."""
     rename_map: dict[str, str] = field(default_factory=dict)

@@ -32,6 +32,7 @@ from finetune import _quiet  # noqa: F401 - first: silences notices raised while
 from finetune.config import read_train_config
 from finetune.data import COLORS, LeRobotDataset, load_dataset_meta
 from finetune.data.multi import parse_episodes, split_selection
+from finetune.data.v21 import ensure_v30
 from finetune.entry import console_script, exit_on
 from finetune.envs import ReachEnv
 from finetune.inference.predict import Predictor
@@ -285,7 +286,7 @@ class EvalConfig:
     base: str | None = None
     """Base policy for an adapter checkpoint; default: the one in its train_config.json."""
     dataset_root: str | None = None
-    """LeRobotDataset v3.0 folder; default: the run's --dataset.root."""
+    """LeRobotDataset v3.0 folder (v2.1 / v2.0: read through its v3.0 conversion); default: the run's --dataset.root."""
     episodes: tuple[int, ...] | None = None
     """Episodes for the offline metrics; default: the ones the run held out."""
     batch_size: int = 32
@@ -342,6 +343,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if dataset_root is None:
         raise ValueError("no dataset: pass --dataset-root (the checkpoint's train_config.json names none)")
     predictor = Predictor.from_checkpoint(checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps)
+    dataset_root = ensure_v30(dataset_root)  # a v2.x dataset: its v3.0 conversion, as training read it
     meta = load_dataset_meta(dataset_root)
     episodes = list(cfg.episodes) if cfg.episodes is not None else heldout_episodes(checkpoint, meta.total_episodes)
     results: dict[str, Any] = {"offline": offline_metrics(predictor, dataset_root, episodes, cfg.batch_size,

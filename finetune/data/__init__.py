@@ -1,4 +1,5 @@
-"""LeRobotDataset v3.0 reading, video helpers and the synthetic reach task."""
+"""LeRobotDataset reading (v3.0; v2.1 / v2.0 through finetune.data.v21), dataset checks (finetune.data.check), video
+helpers and the synthetic reach task."""
 
 from finetune.data.lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
 from finetune.data.synthetic import (

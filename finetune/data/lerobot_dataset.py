@@ -146,7 +146,7 @@ def load_dataset_meta(root: str | Path) -> DatasetMeta:
     if not version.startswith("v3"):
         raise DatasetError(
             f"{info_path}: 'codebase_version' is {version or 'missing'!r}; this reader needs v3.x "
-            "(convert older datasets with LeRobot's v2.1 -> v3.0 conversion script)"
+            "(convert a v2.1 / v2.0 dataset with `finetune-convert DATASET`; finetune-train converts it itself)"
         )
     for field in ("fps", "features", "data_path"):
         if not info.get(field):

@@ -21,6 +21,7 @@ import torch
 
 from finetune.data.lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
 from finetune.data.stats import aggregate_stats
+from finetune.data.v21 import ensure_v30
 
 _EPISODE_TOKEN = re.compile(r"^(?:(\d+):)?(\d+)(?:-(\d+))?$")
 
@@ -103,8 +104,8 @@ def check_data_options(options) -> None:
     for root in roots:
         if not (Path(root) / "meta" / "info.json").is_file() and not looks_like_hub_id(root):
             what = "does not exist" if not Path(root).exists() else "has no meta/info.json"
-            raise DatasetError(f"--dataset.root {root} {what}: it must be a LeRobotDataset v3.0 folder (or a Hub "
-                               "dataset id ORG/NAME)")
+            raise DatasetError(f"--dataset.root {root} {what}: it must be a LeRobotDataset v3.0 (or v2.1 / v2.0) "
+                               "folder, or a Hub dataset id ORG/NAME")
     parse_episodes(options.episodes or (), n)
     if options.weights is not None:
         if len(options.weights) != n:
@@ -171,6 +172,7 @@ class DataMix:
         for i, (root, rename) in enumerate(zip(roots, renames)):
             name = root.name if root.name not in seen else f"{root.name}_{i}"
             seen.add(name)
+            root = ensure_v30(root)  # a v2.x dataset is read through its v3.0 conversion
             sources.append(Source(name, root, load_dataset_meta(root), rename))
         return cls(sources, options.weights)
 

@@ -183,7 +183,7 @@ class PredictConfig:
     checkpoint: str
     """Adapter checkpoint (output_dir/checkpoints/last) or a merged / full policy folder."""
     dataset_root: str
-    """LeRobotDataset v3.0 folder to take frames from."""
+    """LeRobotDataset v3.0 folder to take frames from (v2.1 / v2.0: read through its v3.0 conversion)."""
     base: str | None = None
     """Base policy for an adapter checkpoint; default: the one in its train_config.json."""
     episode: int | None = None
@@ -203,12 +203,14 @@ class PredictConfig:
 
 def predict_on_dataset(cfg: PredictConfig) -> dict[str, np.ndarray]:
     from finetune.data import LeRobotDataset, load_dataset_meta
+    from finetune.data.v21 import ensure_v30
 
     predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps,
                                           use_ema=cfg.use_ema)
-    meta = load_dataset_meta(cfg.dataset_root)
+    root = ensure_v30(cfg.dataset_root)  # a v2.x dataset: its v3.0 conversion
+    meta = load_dataset_meta(root)
     episode = cfg.episode if cfg.episode is not None else meta.episodes[-1]["episode_index"]
-    dataset = LeRobotDataset(cfg.dataset_root, predictor.chunk_size, episodes=[episode])
+    dataset = LeRobotDataset(root, predictor.chunk_size, episodes=[episode])
     if any(not 0 <= f < len(dataset) for f in cfg.frames):
         raise ValueError(f"--frames {cfg.frames}: episode {episode} has frames 0..{len(dataset) - 1}")
     samples = [dataset[f] for f in cfg.frames]

@@ -4,6 +4,7 @@ with its resumable sampler, and the fixed held-out batches."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from torch.utils.data import DataLoader
 
 from finetune.config import TrainConfig
 from finetune.data import LeRobotDataset, workers
+from finetune.data.check import check_for_training
 from finetune.data.multi import DataMix, MixtureDataset, WeightedMixtureSampler
 from finetune.data.stats import aggregate_stats, relative_action_stats
 from finetune.hub import load_tokenizer, resolve_repo
+from finetune.logs import rank
 from finetune.policies.base import ACTION, OBS_STATE
 from finetune.policies.processor import PolicyProcessor
 from finetune.policies.relative_actions import config_mask, uses_relative_actions
@@ -24,11 +27,16 @@ from finetune.training.evaluation import EvalBatch, fixed_eval_batches
 from finetune.training.preemption import ignore_stop_signals
 from finetune.training.sampling import ResumableBatchSampler
 
+log = logging.getLogger(__name__)
+
 
 def load_data_mix(cfg: TrainConfig) -> tuple[TrainConfig, DataMix]:
-    """One dataset or several (--dataset.root A B), checked to line up; with several, the config records each one's
-    resolved weight (so train_config.json says what ran)."""
+    """One dataset or several (--dataset.root A B), checked to line up and by finetune-check's quick checks (errors
+    stop the run, warnings are logged by the main rank); with several, the config records each one's resolved weight
+    (so train_config.json says what ran)."""
     mix = DataMix.load(cfg.dataset, lambda hub_id: resolve_repo(hub_id, "dataset", "--dataset.root"))
+    for source in mix.sources:  # every rank stops on an error; one reports the warnings
+        check_for_training(source.root, log.warning if rank() == 0 else lambda _: None)
     if len(mix) > 1:
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
     return cfg, mix
