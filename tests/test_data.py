@@ -266,11 +266,18 @@ def test_error_video_timestamps_off(video_ds, tmp_path):
         LeRobotDataset(root, chunk_size=2)
     ds = LeRobotDataset(root, chunk_size=2, episodes=[4])
     assert ds[0][CAM].shape == (3, 64, 64)
-    # A start before the video's first frame is still caught when the frame is read.
+    # A start before the video's first frame is caught at load too: frames are decoded there.
     rows[5][f"videos/{CAM}/from_timestamp"] = -1.0
     pq.write_table(pa.Table.from_pylist(rows), path)
-    with pytest.raises(DatasetError, match=r"episode 5, frame 0: .*file-001.mp4: no frame within 0.0500s of t=-1.0"):
-        LeRobotDataset(root, chunk_size=2, episodes=[5])[0]
+    with pytest.raises(DatasetError, match=rf"copy: '{CAM}' of episode 5, frame \d+ \(parquet timestamp [\d.]+s \+ "
+                                           rf"videos/{CAM}/from_timestamp -1.000000s\): the nearest frame of \S+/"
+                                           r"file-001.mp4 is at 0.000000s, .* or relax --dataset.tolerance-s$"):
+        LeRobotDataset(root, chunk_size=2, episodes=[5])
+    # Without the load check, the same line comes from the read.
+    with pytest.raises(DatasetError, match=rf"copy: '{CAM}' of episode 5, frame 0 \(parquet timestamp 0.000000s \+ "
+                                           r"videos/\S+/from_timestamp -1.000000s\): the nearest frame of \S+/"
+                                           r"file-001.mp4 is at 0.000000s, 1.000000s from t=-1.000000s"):
+        LeRobotDataset(root, chunk_size=2, episodes=[5], check_frames_per_file=0)[0]
 
 
 def test_error_unknown_key(video_ds):

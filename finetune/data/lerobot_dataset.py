@@ -16,11 +16,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from finetune.data.video import VideoFrameReader, probe_video
+from finetune.data.video import FrameNotFound, VideoFrameReader, probe_video
 
 CAMERA_DTYPES = ("video", "image")
 # Bookkeeping columns every v3 data file has; loaded whatever the caller asked for.
 INDEX_COLUMNS = ("episode_index", "frame_index", "index", "timestamp", "task_index")
+# LeRobot's tolerance_s: how far a parquet timestamp may be from its place on the 1/fps grid, and from its video frame.
+DEFAULT_TOLERANCE_S = 1e-4
+TOLERANCE_HINT = "or relax --dataset.tolerance-s"
 
 
 class DatasetError(ValueError):
@@ -244,6 +247,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         video_cache_bytes: int = 1 << 30,
         uint8_images: bool = False,
         decoder_threads: int = 1,
+        tolerance_s: float = DEFAULT_TOLERANCE_S,
+        check_frames_per_file: int = 3,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -274,11 +279,16 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._video_keys = [k for k in self.keys if meta.features[k]["dtype"] == "video"]
         self._image_keys = [k for k in self.keys if meta.features[k]["dtype"] == "image"]
         self._value_keys = [k for k in self.keys if meta.features[k]["dtype"] not in CAMERA_DTYPES]
-        self._tolerance = 0.5 / meta.fps
+        if not tolerance_s >= 0:
+            raise ValueError(f"--dataset.tolerance-s must be >= 0 seconds, got {tolerance_s}")
+        self._tolerance = tolerance_s
         self.uint8_images = uint8_images
         self._videos = VideoFrameReader(video_cache_bytes, decoder_threads)
         self._load(selected)
+        self.check_timestamps()
         self._check_videos(selected)
+        if check_frames_per_file:
+            self.check_video_frames(check_frames_per_file)
 
     def _data_path(self, ep: dict) -> tuple[Path, str]:
         chunk, file = ep["data/chunk_index"], ep["data/file_index"]
@@ -405,6 +415,69 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         "re-encode the video or fix the episode's from_timestamp / data rows"
                     )
 
+    def check_timestamps(self) -> None:
+        """LeRobot's check_timestamps_sync: within each episode, consecutive parquet timestamps are 1/fps apart
+        within the tolerance (plus the float32 rounding of the timestamps). DatasetError names the first violation."""
+        ts = self._timestamp
+        if len(ts) < 2:
+            return
+        gaps = np.diff(ts)
+        off = np.abs(gaps - 1.0 / self.meta.fps)
+        allowed = self._tolerance + 1e-9 + np.spacing(np.abs(ts[1:]).astype(np.float32)).astype(np.float64)
+        bad = off > allowed
+        bad[self._episode_end[:-1] - 1] = False  # the step from one episode's last frame to the next one's first
+        if bad.any():
+            row = int(np.argmax(bad)) + 1
+            raise DatasetError(
+                f"{self.meta.root}: episode {int(self._episode_index[row])}, frame {int(self._frame_index[row])}: "
+                f"parquet timestamp {ts[row]:.6f}s is {gaps[row - 1]:.6f}s after the previous frame's, not "
+                f"1/fps = {1 / self.meta.fps:.6f}s (off by {off[row - 1]:.6f}s, over the {self._tolerance:g}s "
+                f"tolerance): fix the data's timestamps, {TOLERANCE_HINT}"
+            )
+
+    def check_video_frames(self, frames_per_file: int | None = 3, seed: int = 0) -> int:
+        """Decode frames by random access, as training does: `frames_per_file` random rows of each video file (None:
+        every row), each checked to have a frame within the tolerance. DatasetError names the first failure; returns
+        the number of frames checked. Decoding is by a reader of its own (no cache), closed after."""
+        rng = np.random.default_rng(seed)
+        reader = VideoFrameReader(cache_bytes=0, decoder_threads=self._videos.decoder_threads)
+        checked = 0
+        try:
+            for key, places in self._video_at.items():
+                paths = np.asarray([path for path, _ in places])[self._frame_episode]
+                for path in dict.fromkeys(paths.tolist()):
+                    rows = np.flatnonzero(paths == path)
+                    if frames_per_file is not None and len(rows) > frames_per_file:
+                        rows = np.sort(rng.choice(rows, frames_per_file, replace=False))
+                    for i in rows.tolist():
+                        start = places[int(self._frame_episode[i])][1]
+                        try:
+                            reader.frame_at(path, start + float(self._timestamp[i]), self._tolerance)
+                        except FrameNotFound as err:
+                            raise self._frame_not_found(key, i, start, err) from err
+                        except (av.FFmpegError, OSError) as err:
+                            raise DatasetError(
+                                f"{path}: cannot decode the {key!r} frame of episode {int(self._episode_index[i])}, "
+                                f"frame {int(self._frame_index[i])} ({err}); re-encode the video"
+                            ) from err
+                        checked += 1
+        finally:
+            reader.close()
+        return checked
+
+    def _frame_not_found(self, key: str, i: int, start: float, err: FrameNotFound) -> DatasetError:
+        episode, frame = int(self._episode_index[i]), int(self._frame_index[i])
+        where = (f"{self.meta.root}: {key!r} of episode {episode}, frame {frame}"
+                 f" (parquet timestamp {float(self._timestamp[i]):.6f}s + videos/{key}/from_timestamp {start:.6f}s)")
+        if err.nearest is None:
+            return DatasetError(f"{where}: {err.path} has no frame near t={err.t:.6f}s; re-encode the video or fix "
+                                "the episode's from_timestamp")
+        return DatasetError(
+            f"{where}: the nearest frame of {err.path} is at {err.nearest:.6f}s, {err.gap:.6f}s from "
+            f"t={err.t:.6f}s (over the {self._tolerance:g}s tolerance): the timestamps and the video disagree; fix "
+            f"the timestamps or from_timestamp, {TOLERANCE_HINT}"
+        )
+
     @staticmethod
     def _raise_index_mismatch(path: Path, group: list[dict], counts: np.ndarray, found: np.ndarray) -> None:
         offset = 0
@@ -427,10 +500,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
             path, start = self._video_at[key][e]
             try:
                 frame = self._videos.frame_at(path, start + float(self._timestamp[i]), self._tolerance)
-            except RuntimeError as err:
-                raise DatasetError(
-                    f"{key!r}, episode {int(self._episode_index[i])}, frame {int(self._frame_index[i])}: {err}"
-                ) from err
+            except FrameNotFound as err:
+                raise self._frame_not_found(key, i, start, err) from err
             source = path
         else:
             cell = self._images[key][i]
