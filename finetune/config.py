@@ -171,6 +171,9 @@ class DataOptions:
     """Video decoder threads per loading process; None: what the cores left by ranks x workers allow (1-2)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    tolerance_s: float = 1e-4
+    """Seconds a frame's parquet timestamp may be off the 1/fps grid, and off its video frame (LeRobot's tolerance_s);
+    checked at load. Raise it for a dataset recorded with a jittery clock."""
     image_transforms: ImageTransformOptions = ImageTransformOptions()
     weights: tuple[float, ...] | None = None
     """Sampling weight per --dataset.root entry (normalized); None: proportional to each dataset's frames."""
@@ -368,7 +371,7 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
     "wait_for_lock", "progress_every_s",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.trust_pickles", "dataset.num_workers",
-    "dataset.video_cache_mb",
+    "dataset.video_cache_mb", "dataset.tolerance_s",
     "policy.repo_id", "policy.merged_repo_id", "nonfinite",
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",
     "policy.cpu_linear",

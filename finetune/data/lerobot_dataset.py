@@ -229,6 +229,16 @@ def _column_to_numpy(column: pa.ChunkedArray, key: str, feature: dict, path: Pat
     return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
 
 
+def _spread_sample(rows: np.ndarray, episodes: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """`k` of `rows` (sorted), one from each of min(k, #episodes) random episodes first, the rest at random."""
+    shuffled = rng.permutation(len(rows))
+    _, first = np.unique(episodes[shuffled], return_index=True)  # one random row of each episode
+    picked = shuffled[first[rng.permutation(len(first))[:k]]]
+    rest = np.setdiff1d(shuffled, picked)
+    picked = np.concatenate([picked, rng.choice(rest, k - len(picked), replace=False)])
+    return np.sort(rows[picked])
+
+
 class LeRobotDataset(torch.utils.data.Dataset):
     """Frames of a local LeRobotDataset v3 folder, each with the action chunk that starts there.
 
@@ -436,9 +446,10 @@ class LeRobotDataset(torch.utils.data.Dataset):
             )
 
     def check_video_frames(self, frames_per_file: int | None = 3, seed: int = 0) -> int:
-        """Decode frames by random access, as training does: `frames_per_file` random rows of each video file (None:
-        every row), each checked to have a frame within the tolerance. DatasetError names the first failure; returns
-        the number of frames checked. Decoding is by a reader of its own (no cache), closed after."""
+        """Decode frames by random access, as training does, each checked to have a frame within the tolerance:
+        `frames_per_file` random rows of each video file, from as many different episodes (None: every row).
+        DatasetError names the first failure; returns the number of frames checked. Decoding is by a reader of its
+        own (no cache), closed after."""
         rng = np.random.default_rng(seed)
         reader = VideoFrameReader(cache_bytes=0, decoder_threads=self._videos.decoder_threads)
         checked = 0
@@ -448,7 +459,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 for path in dict.fromkeys(paths.tolist()):
                     rows = np.flatnonzero(paths == path)
                     if frames_per_file is not None and len(rows) > frames_per_file:
-                        rows = np.sort(rng.choice(rows, frames_per_file, replace=False))
+                        rows = _spread_sample(rows, self._frame_episode[rows], frames_per_file, rng)
                     for i in rows.tolist():
                         start = places[int(self._frame_episode[i])][1]
                         try:

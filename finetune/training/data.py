@@ -65,7 +65,8 @@ def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk
     num_workers = workers.resolve_num_workers(cfg.dataset.num_workers, local_ranks)
     threads = cfg.dataset.decoder_threads or workers.default_decoder_threads(workers.available_cpus(), local_ranks,
                                                                              num_workers)
-    data_kwargs = dict(video_cache_bytes=cfg.dataset.video_cache_mb << 20, uint8_images=True, decoder_threads=threads)
+    data_kwargs = dict(video_cache_bytes=cfg.dataset.video_cache_mb << 20, uint8_images=True, decoder_threads=threads,
+                       tolerance_s=cfg.dataset.tolerance_s)
     members = [LeRobotDataset(s.root, chunk_size, episodes=train, keys=s.keys, **data_kwargs)
                for s, (train, _) in zip(mix.sources, splits)]
     if len(mix) == 1:
