@@ -165,8 +165,9 @@ class DataOptions:
     num_workers: int | None = None
     """DataLoader worker processes per rank; None: from the CPU count and the ranks on this machine (cores per rank
     less one, at most 8); 0 decodes in the training process."""
-    video_cache_mb: int = 1024
-    """Decoded-frame cache per loading process, in MiB (frames are kept singly, LRU; 0 disables it)."""
+    video_cache_mb: int | None = None
+    """Decoded-frame cache for the whole node, in MiB, split evenly across ranks x loading processes (frames are kept
+    singly, LRU; 0 disables it); None: 1/32 of the node's memory, at most 4 GiB."""
     decoder_threads: int | None = None
     """Video decoder threads per loading process; None: what the cores left by ranks x workers allow (1-2)."""
     prefetch_factor: int = 2
@@ -321,6 +322,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.every >= 1, f"--checkpoint.every must be >= 1, got {cfg.checkpoint.every}"),
         (cfg.checkpoint.keep_last >= 1, f"--checkpoint.keep-last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
+        (cfg.dataset.tolerance_s >= 0, f"--dataset.tolerance-s must be >= 0 seconds, got {cfg.dataset.tolerance_s}"),
+        (cfg.dataset.video_cache_mb is None or cfg.dataset.video_cache_mb >= 0,
+         f"--dataset.video-cache-mb must be >= 0 (0 disables the cache), got {cfg.dataset.video_cache_mb}"),
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
         (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
         (cfg.progress_every_s > 0, f"--progress-every-s must be > 0, got {cfg.progress_every_s}"),

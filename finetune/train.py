@@ -117,7 +117,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     if resume_from is not None:
         restore(run, resume_from)
     run.summary.update(trainable_params=trainable, total_params=total, data_workers=data.workers,
-                       decoder_threads=data.decoder_threads)
+                       decoder_threads=data.decoder_threads, video_cache_mb_per_process=data.cache_bytes >> 20)
     main_print(accelerator, f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
     return run
 

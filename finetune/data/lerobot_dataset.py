@@ -229,6 +229,28 @@ def _column_to_numpy(column: pa.ChunkedArray, key: str, feature: dict, path: Pat
     return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
 
 
+_IMAGE_CELL = pa.struct([("bytes", pa.large_binary()), ("path", pa.large_string())])
+
+
+def _image_cells(column: pa.ChunkedArray, key: str, path: Path) -> pa.StructArray:
+    """An image column's cells as one Arrow array of {bytes, path}, checked to hold one or the other in every row."""
+    cells = column.combine_chunks()
+    names = [cells.type.field(i).name for i in range(cells.type.num_fields)] if pa.types.is_struct(cells.type) else []
+    if "bytes" not in names and "path" not in names:
+        raise DatasetError(f"{path}: image column {key!r} is {cells.type}, not a struct of 'bytes' and 'path' "
+                           "(LeRobot's image feature); rewrite the column")
+
+    def field(name: str, kind: pa.DataType) -> pa.Array:  # pc.struct_field: a null row gives a null field
+        return pc.struct_field(cells, name).cast(kind) if name in names else pa.nulls(len(cells), kind)
+
+    data, file = field("bytes", pa.large_binary()), field("path", pa.large_string())
+    has = pc.or_(pc.fill_null(pc.greater(pc.binary_length(data), 0), False),
+                 pc.fill_null(pc.greater(pc.binary_length(file), 0), False))
+    if not pc.all(has).as_py():
+        raise DatasetError(f"{path}: image column {key!r} has a row with neither 'bytes' nor 'path'")
+    return pa.StructArray.from_arrays([data, file], fields=list(_IMAGE_CELL))
+
+
 def _spread_sample(rows: np.ndarray, episodes: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """`k` of `rows` (sorted), one from each of min(k, #episodes) random episodes first, the rest at random."""
     shuffled = rng.permutation(len(rows))
@@ -329,7 +351,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def _load(self, selected: list[dict]) -> None:
         meta = self.meta
         parts: dict[str, list[np.ndarray]] = {k: [] for k in (*INDEX_COLUMNS, *self._value_keys)}
-        images: dict[str, list[bytes | str]] = {k: [] for k in self._image_keys}
+        images: dict[str, list[pa.StructArray]] = {k: [] for k in self._image_keys}
         # Consecutive selected episodes in one data file form a run: the file is read and sorted once, and the run's
         # rows are taken and converted together (loading is O(rows), not O(episodes x rows)).
         runs: list[tuple[Path, str, list[dict]]] = []
@@ -357,10 +379,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 values = _column_to_numpy(part.column(key), key, feature, path)
                 parts[key].append(values[:, 0] if key in INDEX_COLUMNS else values)
             for key in self._image_keys:
-                for cell in part.column(key).to_pylist():
-                    if not (cell and (cell.get("bytes") or cell.get("path"))):
-                        raise DatasetError(f"{path}: image column {key!r} has a row with neither 'bytes' nor 'path'")
-                    images[key].append(cell["bytes"] or str(meta.root / cell["path"]))
+                images[key].append(_image_cells(part.column(key), key, path))
         self._video_at: dict[str, list[tuple[str, float]]] = {k: [] for k in self._video_keys}
         for ep in selected:
             for key in self._video_keys:
@@ -379,7 +398,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         for key in self._value_keys:
             dtype = np.float32 if np.issubdtype(parts[key][0].dtype, np.floating) else parts[key][0].dtype
             self._values[key] = np.concatenate(parts[key]).astype(dtype, copy=False)
-        self._images = images
+        # Arrow buffers, not Python objects: forked workers read them without touching (and so copying) their pages.
+        self._images = {k: pa.concat_arrays(v) if v else pa.array([], _IMAGE_CELL) for k, v in images.items()}
         # Per frame: the position of its episode in `selected`, and that episode's frame range here.
         self._frame_episode = np.repeat(np.arange(len(selected)), np.diff([0, *ends]))
         self._episode_end = np.asarray(ends, np.int64)
@@ -515,7 +535,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 raise self._frame_not_found(key, i, start, err) from err
             source = path
         else:
-            cell = self._images[key][i]
+            data, file = self._images[key].field("bytes")[i], self._images[key].field("path")[i]
+            cell = data.as_py() if data.is_valid and len(data.as_buffer()) else str(self.meta.root / file.as_py())
             source = cell if isinstance(cell, str) else f"{key} column, frame {int(self._global_index[i])}"
             with Image.open(cell if isinstance(cell, str) else io.BytesIO(cell)) as img:
                 frame = np.array(img.convert("RGB"))  # writable, as torch.from_numpy wants

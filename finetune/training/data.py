@@ -54,6 +54,7 @@ class TrainData:
     eval_sources: list[str]  # with several datasets: each eval batch's dataset (empty with one)
     workers: int
     decoder_threads: int
+    cache_bytes: int  # each loading process's decoded-frame cache
 
 
 def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk_size: int,
@@ -65,7 +66,8 @@ def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk
     num_workers = workers.resolve_num_workers(cfg.dataset.num_workers, local_ranks)
     threads = cfg.dataset.decoder_threads or workers.default_decoder_threads(workers.available_cpus(), local_ranks,
                                                                              num_workers)
-    data_kwargs = dict(video_cache_bytes=cfg.dataset.video_cache_mb << 20, uint8_images=True, decoder_threads=threads,
+    cache = workers.cache_bytes_per_process(cfg.dataset.video_cache_mb, local_ranks, num_workers)
+    data_kwargs = dict(video_cache_bytes=cache, uint8_images=True, decoder_threads=threads,
                        tolerance_s=cfg.dataset.tolerance_s)
     members = [LeRobotDataset(s.root, chunk_size, episodes=train, keys=s.keys, **data_kwargs)
                for s, (train, _) in zip(mix.sources, splits)]
@@ -93,4 +95,4 @@ def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk
                                   accelerator)
         eval_batches += held
         eval_sources += [source.name] * len(held) if len(mix) > 1 else []
-    return TrainData(loader, sampler, eval_batches, eval_sources, num_workers, threads)
+    return TrainData(loader, sampler, eval_batches, eval_sources, num_workers, threads, cache)
