@@ -19,22 +19,28 @@ Prints a table with samples/s, samples/s per worker, frames decoded per sample, 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import av
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.data import LeRobotDataset, decode_video, encode_video  # noqa: E402
+from finetune.data.workers import cache_bytes_per_process  # noqa: E402
 from finetune.training.sampling import ResumableBatchSampler  # noqa: E402
 
 CAMERAS = ("observation.images.front", "observation.images.wrist")
@@ -43,6 +49,11 @@ H, W, FPS = 480, 640, 30
 # files (600-700 frames, 530-620 MiB) fit the cache alone but not together, and the 3-episode file (1500 frames,
 # 1.3 GiB) never fits.
 FILES = ((300, 330), (350, 320), (400, 900, 200))
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+# The memory bench (--memory): 240x320 and a third of the frames, so that 8 workers can cycle through it on 2 cores.
+MEMORY_H, MEMORY_W = 240, 320
+MEMORY_FILES = ((100, 110), (120, 100), (130, 300, 70))
+BEFORE_CACHE_MB = 1024  # the cache each loading process had before the node budget (--dataset.video-cache-mb)
 
 
 def scene_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -57,30 +68,39 @@ def scene_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return (out.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def episode_frames(rng: np.random.Generator, length: int, camera: int) -> np.ndarray:
+def episode_frames(rng: np.random.Generator, length: int, camera: int, h: int = H, w: int = W) -> np.ndarray:
     """A camera panning over a textured scene, with a gripper-like blob moving across it."""
-    scene = scene_texture(rng, H + 160, W + 240)
+    scene = scene_texture(rng, h + h // 3, w + w * 3 // 8)
     t = np.arange(length) / length
     phase = rng.random(2) * 2 * np.pi
-    dy = ((np.sin(2 * np.pi * t + phase[0]) + 1) * 80).astype(int)
-    dx = ((np.sin(2 * np.pi * t * (1 + camera) + phase[1]) + 1) * 120).astype(int)
-    yy, xx = np.mgrid[0:H, 0:W]
-    frames = np.empty((length, H, W, 3), np.uint8)
+    dy = ((np.sin(2 * np.pi * t + phase[0]) + 1) * (h // 6)).astype(int)
+    dx = ((np.sin(2 * np.pi * t * (1 + camera) + phase[1]) + 1) * (w * 3 // 16)).astype(int)
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.empty((length, h, w, 3), np.uint8)
     for i in range(length):
-        frame = scene[dy[i] : dy[i] + H, dx[i] : dx[i] + W].astype(np.int16)
-        cy, cx = H * (0.3 + 0.4 * t[i]), W * (0.2 + 0.6 * (0.5 + 0.5 * np.sin(3 * np.pi * t[i])))
-        blob = ((yy - cy) ** 2 / 60**2 + (xx - cx) ** 2 / 40**2) < 1
+        frame = scene[dy[i] : dy[i] + h, dx[i] : dx[i] + w].astype(np.int16)
+        cy, cx = h * (0.3 + 0.4 * t[i]), w * (0.2 + 0.6 * (0.5 + 0.5 * np.sin(3 * np.pi * t[i])))
+        blob = ((yy - cy) ** 2 / (h / 8) ** 2 + (xx - cx) ** 2 / (w / 16) ** 2) < 1
         frame[blob] = frame[blob] // 3 + 150
         frames[i] = np.clip(frame, 0, 255)
     return frames
 
 
-def make_dataset(root: Path) -> Path:
+def png(frame: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def make_dataset(root: Path, h: int = H, w: int = W, files: tuple[tuple[int, ...], ...] = FILES,
+                 images: bool = False) -> Path:
+    """The dataset described above (`h` x `w`, episodes `files`); with `images`, the frames are PNG bytes in image
+    columns of the parquet files, as LeRobot's image datasets, instead of videos."""
     if (root / "meta/info.json").is_file():
         return root
     rng = np.random.default_rng(0)
     episodes, index, ep_no = [], 0, 0
-    for file_no, lengths in enumerate(FILES):
+    for file_no, lengths in enumerate(files):
         columns: dict[str, list] = {k: [] for k in ("state", "frame_index", "episode_index", "index", "timestamp")}
         videos: dict[str, list[np.ndarray]] = {c: [] for c in CAMERAS}
         start = 0.0
@@ -88,9 +108,11 @@ def make_dataset(root: Path) -> Path:
             row = {"episode_index": ep_no, "length": length, "data/chunk_index": 0, "data/file_index": file_no,
                    "dataset_from_index": index, "dataset_to_index": index + length}
             for c, camera in enumerate(CAMERAS):
-                videos[camera].append(episode_frames(rng, length, c))
-                row |= {f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": file_no,
-                        f"videos/{camera}/from_timestamp": start, f"videos/{camera}/to_timestamp": start + length / FPS}
+                videos[camera].append(episode_frames(rng, length, c, h, w))
+                if not images:
+                    row |= {f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": file_no,
+                            f"videos/{camera}/from_timestamp": start,
+                            f"videos/{camera}/to_timestamp": start + length / FPS}
             episodes.append(row)
             columns["state"].append(rng.standard_normal((length, 6)).cumsum(0).astype(np.float32) * 0.01)
             columns["frame_index"].append(np.arange(length))
@@ -107,21 +129,26 @@ def make_dataset(root: Path) -> Path:
             **{k: pa.array(np.concatenate(columns[k])) for k in ("timestamp", "frame_index", "episode_index", "index")},
             "task_index": pa.array(np.zeros(len(state), np.int64)),
         })
+        if images:
+            for camera in CAMERAS:
+                cells = [{"bytes": png(f), "path": None} for f in np.concatenate(videos[camera])]
+                table = table.append_column(camera, pa.array(cells, pa.struct([("bytes", pa.binary()),
+                                                                               ("path", pa.string())])))
         path = root / f"data/chunk-000/file-{file_no:03d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
-        for camera in CAMERAS:
+        for camera in CAMERAS if not images else ():
             print(f"encoding {camera} file {file_no} ({sum(lengths)} frames)", flush=True)
             encode_video(np.concatenate(videos[camera]), root / f"videos/{camera}/chunk-000/file-{file_no:03d}.mp4",
                          FPS)
     (root / "meta/episodes/chunk-000").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(episodes), root / "meta/episodes/chunk-000/file-000.parquet")
     pq.write_table(pa.table({"task_index": [0], "task": ["pick the cube"]}), root / "meta/tasks.parquet")
-    video = {"dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"]}
+    video = {"dtype": "image" if images else "video", "shape": [h, w, 3], "names": ["height", "width", "channels"]}
     vector = {"dtype": "float32", "shape": [6], "names": None}
     info = {"codebase_version": "v3.0", "fps": FPS, "total_episodes": ep_no, "total_frames": index,
             "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+            "video_path": None if images else VIDEO_PATH,
             "features": {**{c: video for c in CAMERAS}, "observation.state": vector, "action": vector}}
     (root / "meta/info.json").write_text(json.dumps(info, indent=2))
     stats = {k: {"mean": [0.0] * 6, "std": [1.0] * 6} for k in ("observation.state", "action")}
@@ -235,6 +262,115 @@ def interleaved(root: Path, samples: int, cache_mb: int, batch: int) -> dict[str
     return {name: (samples // batch) * batch / t for name, t in seconds.items()}
 
 
+class PeakMemory:
+    """Peak over time of the memory of this process and its children (DataLoader workers), summed, sampled by a
+    thread: RSS (each process's resident pages, shared ones counted in every process) and PSS (shared pages split
+    among the processes sharing them: the memory the processes really take together)."""
+
+    def __init__(self, every_s: float = 0.05):
+        self.rss = self.pss = 0
+        self._every, self._stop = every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me, tick = psutil.Process(), 0
+        while not self._stop.is_set():
+            procs = [me, *me.children(recursive=True)]
+            rss = pss = 0
+            for p in procs:
+                try:
+                    rss += p.memory_info().rss
+                    pss += p.memory_full_info().pss if tick % 5 == 0 else 0
+                except psutil.Error:  # a worker that just exited
+                    pass
+            self.rss = max(self.rss, rss)
+            if tick % 5 == 0:
+                self.pss = max(self.pss, pss)
+            tick += 1
+            self._stop.wait(self._every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class BeforeImages(CountingDataset):
+    """Image cells as Python lists of bytes, as the reader kept them before (for comparison only)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._old = {k: v.field("bytes").to_pylist() for k, v in self._images.items()}
+        self._images = {}
+
+    def _camera(self, key: str, i: int, e: int) -> torch.Tensor:
+        if key not in self._old:
+            return super()._camera(key, i, e)
+        with Image.open(io.BytesIO(self._old[key][i])) as img:
+            frame = np.array(img.convert("RGB"))
+        return torch.from_numpy(frame).permute(2, 0, 1).contiguous()
+
+
+def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int) -> dict:
+    """One setting, in this (fresh) process: peak RSS / PSS summed over it and its workers while `samples` random
+    samples are read, and samples/s. `variant` "now": the node's default cache budget split across the loading
+    processes, image cells in Arrow; "before": BEFORE_CACHE_MB per process, image cells as Python lists."""
+    idle = psutil.Process().memory_info().rss
+    if variant == "now":
+        ds = CountingDataset(root, chunk_size=50, uint8_images=True,
+                             video_cache_bytes=cache_bytes_per_process(None, 1, workers))
+    else:
+        ds = BeforeImages(root, chunk_size=50, uint8_images=True, video_cache_bytes=BEFORE_CACHE_MB << 20)
+    loaded = psutil.Process().memory_info().rss
+    monitor = PeakMemory()
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), batch, seed=0),
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         prefetch_factor=2 if workers else None)
+    it = iter(loader)
+    next(it)  # workers started
+    start, seen, decoded = time.perf_counter(), 0, 0
+    while seen < samples:
+        b = next(it)
+        seen += len(b["index"])
+        decoded += int(b["decoded_frames"].sum())
+    elapsed = time.perf_counter() - start
+    monitor.stop()
+    del it, loader
+    return {"variant": variant, "workers": workers, "samples": seen, "samples_s": seen / elapsed,
+            "decoded_per_sample": decoded / seen, "idle_mib": idle / 2**20, "loaded_mib": loaded / 2**20,
+            "peak_rss_mib": monitor.rss / 2**20, "peak_pss_mib": monitor.pss / 2**20,
+            "cache_mib_per_process": (cache_bytes_per_process(None, 1, workers) if variant == "now"
+                                      else BEFORE_CACHE_MB << 20) / 2**20}
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Each (dataset, variant, workers) in a fresh process, so that no run inherits another's memory."""
+    roots = {"video": make_dataset(Path(args.root + "_memory_video"), MEMORY_H, MEMORY_W, MEMORY_FILES),
+             "image": make_dataset(Path(args.root + "_memory_image"), MEMORY_H, MEMORY_W, MEMORY_FILES, images=True)}
+    print(f"node memory {psutil.virtual_memory().total / 2**30:.1f} GiB; {os.cpu_count()} CPUs; default cache "
+          f"budget {cache_bytes_per_process(None, 1, 0) / 2**20:.0f} MiB per node", flush=True)
+    rows = []
+    for kind, root in roots.items():
+        for variant in ("before", "now"):
+            for workers in args.workers:
+                if variant == "before" and workers not in args.before_workers:
+                    continue
+                out = subprocess.run([sys.executable, __file__, "--memory-run", str(root), variant, str(workers),
+                                      "--samples", str(args.samples), "--batch", str(args.batch)],
+                                     check=True, capture_output=True, text=True).stdout
+                rows.append({"dataset": kind, **json.loads(out.strip().splitlines()[-1])})
+                print(rows[-1], flush=True)
+    one = {(r["dataset"], r["variant"]): r for r in rows if r["workers"] == 1}
+    print(f"\n{'dataset':<7} {'variant':<7} {'workers':>7} {'cache MiB/proc':>14} {'peak RSS MiB':>12} "
+          f"{'vs 1 worker':>11} {'peak PSS MiB':>12} {'vs 1 worker':>11} {'samples/s':>9} {'decoded/sample':>14}")
+    for r in rows:
+        base = one.get((r["dataset"], r["variant"]))
+        ratio = (lambda key: f"{r[key] / base[key]:>10.2f}x" if base else f"{'-':>11}")  # noqa: E731
+        print(f"{r['dataset']:<7} {r['variant']:<7} {r['workers']:>7} {r['cache_mib_per_process']:>14.0f} "
+              f"{r['peak_rss_mib']:>12.0f} {ratio('peak_rss_mib')} {r['peak_pss_mib']:>12.0f} "
+              f"{ratio('peak_pss_mib')} {r['samples_s']:>9.1f} {r['decoded_per_sample']:>14.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/tmp/finetune_bench_video")
@@ -244,9 +380,21 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=int, default=700)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting, alternating; the best is kept")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak RSS / PSS summed over the loading processes, video and image datasets")
+    parser.add_argument("--before-workers", type=int, nargs="*", default=[1, 8],
+                        help="with --memory: worker counts also measured with the reader as it was before")
+    parser.add_argument("--memory-run", nargs=3, metavar=("ROOT", "VARIANT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    if args.memory_run:
+        root, variant, workers = args.memory_run
+        print(json.dumps(memory_run(Path(root), variant, int(workers), args.samples, args.batch)))
+        return
+    if args.memory:
+        memory_table(args)
+        return
     root = make_dataset(Path(args.root))
     ds = LeRobotDataset(root, chunk_size=1, keys=["observation.state"])
     print(f"dataset {root}: {len(ds)} frames, {ds.meta.total_episodes} episodes, {len(FILES)} files per camera, "

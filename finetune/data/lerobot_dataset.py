@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +253,24 @@ def _image_cells(column: pa.ChunkedArray, key: str, path: Path) -> pa.StructArra
     return pa.StructArray.from_arrays([data, file], fields=list(_IMAGE_CELL))
 
 
+def _memory_mapped(arrays: dict[str, pa.Array]) -> dict[str, pa.Array]:
+    """The arrays written to an Arrow file and read back memory-mapped: their bytes live in the page cache, shared by
+    every process that maps them (forked DataLoader workers included) instead of in each process's heap, and no
+    Python object per row is touched (and so copied) by a worker. The file is unlinked at once (the mapping stays)."""
+    if not arrays:
+        return arrays
+    fd, name = tempfile.mkstemp(prefix="finetune-images-", suffix=".arrow")
+    try:
+        os.close(fd)
+        batch = pa.record_batch(list(arrays.values()), names=list(arrays))
+        with pa.OSFile(name, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        mapped = pa.ipc.open_file(pa.memory_map(name)).read_all()
+    finally:
+        os.unlink(name)
+    return {key: mapped.column(key).chunk(0) for key in arrays}
+
+
 def _spread_sample(rows: np.ndarray, episodes: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """`k` of `rows` (sorted), one from each of min(k, #episodes) random episodes first, the rest at random."""
     shuffled = rng.permutation(len(rows))
@@ -317,6 +337,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.uint8_images = uint8_images
         self._videos = VideoFrameReader(video_cache_bytes, decoder_threads)
         self._load(selected)
+        pa.default_memory_pool().release_unused()  # the parquet tables _load read: back to the system now
         self.check_timestamps()
         self._check_videos(selected)
         if check_frames_per_file:
@@ -398,8 +419,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         for key in self._value_keys:
             dtype = np.float32 if np.issubdtype(parts[key][0].dtype, np.floating) else parts[key][0].dtype
             self._values[key] = np.concatenate(parts[key]).astype(dtype, copy=False)
-        # Arrow buffers, not Python objects: forked workers read them without touching (and so copying) their pages.
-        self._images = {k: pa.concat_arrays(v) if v else pa.array([], _IMAGE_CELL) for k, v in images.items()}
+        self._images = _memory_mapped({k: pa.concat_arrays(v) if v else pa.array([], _IMAGE_CELL)
+                                       for k, v in images.items()})
         # Per frame: the position of its episode in `selected`, and that episode's frame range here.
         self._frame_episode = np.repeat(np.arange(len(selected)), np.diff([0, *ends]))
         self._episode_end = np.asarray(ends, np.int64)
