@@ -37,10 +37,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# --src DIR (the memory bench's "before" runs): import the package from another checkout, e.g. the code before a change
+# (`git archive <commit> finetune | tar -x -C DIR`).
+sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else
+                str(Path(__file__).resolve().parent.parent))
 
 from finetune.data import LeRobotDataset, decode_video, encode_video  # noqa: E402
-from finetune.data.workers import cache_bytes_per_process  # noqa: E402
 from finetune.training.sampling import ResumableBatchSampler  # noqa: E402
 
 CAMERAS = ("observation.images.front", "observation.images.wrist")
@@ -263,12 +265,13 @@ def interleaved(root: Path, samples: int, cache_mb: int, batch: int) -> dict[str
 
 
 class PeakMemory:
-    """Peak over time of the memory of this process and its children (DataLoader workers), summed, sampled by a
-    thread: RSS (each process's resident pages, shared ones counted in every process) and PSS (shared pages split
-    among the processes sharing them: the memory the processes really take together)."""
+    """Peak over time of the memory of this process and its children (DataLoader workers), sampled by a thread:
+    - rss: RSS summed (each process's resident pages; pages shared by several processes counted in each);
+    - pss: PSS summed (shared pages split among the processes sharing them);
+    - footprint: this process's RSS plus each worker's USS (the pages only it holds): what the job holds in all."""
 
     def __init__(self, every_s: float = 0.05):
-        self.rss = self.pss = 0
+        self.rss = self.pss = self.footprint = 0
         self._every, self._stop = every_s, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -277,16 +280,19 @@ class PeakMemory:
         me, tick = psutil.Process(), 0
         while not self._stop.is_set():
             procs = [me, *me.children(recursive=True)]
-            rss = pss = 0
+            rss = pss = footprint = 0
             for p in procs:
                 try:
                     rss += p.memory_info().rss
-                    pss += p.memory_full_info().pss if tick % 5 == 0 else 0
+                    if tick % 5 == 0:
+                        full = p.memory_full_info()
+                        pss += full.pss
+                        footprint += full.rss if p is me else full.uss
                 except psutil.Error:  # a worker that just exited
                     pass
             self.rss = max(self.rss, rss)
             if tick % 5 == 0:
-                self.pss = max(self.pss, pss)
+                self.pss, self.footprint = max(self.pss, pss), max(self.footprint, footprint)
             tick += 1
             self._stop.wait(self._every)
 
@@ -295,32 +301,20 @@ class PeakMemory:
         self._thread.join()
 
 
-class BeforeImages(CountingDataset):
-    """Image cells as Python lists of bytes, as the reader kept them before (for comparison only)."""
+def cache_bytes(variant: str, workers: int) -> int:
+    if variant == "before":
+        return BEFORE_CACHE_MB << 20
+    from finetune.data.workers import cache_bytes_per_process
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._old = {k: v.field("bytes").to_pylist() for k, v in self._images.items()}
-        self._images = {}
-
-    def _camera(self, key: str, i: int, e: int) -> torch.Tensor:
-        if key not in self._old:
-            return super()._camera(key, i, e)
-        with Image.open(io.BytesIO(self._old[key][i])) as img:
-            frame = np.array(img.convert("RGB"))
-        return torch.from_numpy(frame).permute(2, 0, 1).contiguous()
+    return cache_bytes_per_process(None, 1, workers)
 
 
 def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int) -> dict:
     """One setting, in this (fresh) process: peak RSS / PSS summed over it and its workers while `samples` random
     samples are read, and samples/s. `variant` "now": the node's default cache budget split across the loading
-    processes, image cells in Arrow; "before": BEFORE_CACHE_MB per process, image cells as Python lists."""
+    processes; "before": BEFORE_CACHE_MB per process (run with --src pointing at the code before)."""
     idle = psutil.Process().memory_info().rss
-    if variant == "now":
-        ds = CountingDataset(root, chunk_size=50, uint8_images=True,
-                             video_cache_bytes=cache_bytes_per_process(None, 1, workers))
-    else:
-        ds = BeforeImages(root, chunk_size=50, uint8_images=True, video_cache_bytes=BEFORE_CACHE_MB << 20)
+    ds = CountingDataset(root, chunk_size=50, uint8_images=True, video_cache_bytes=cache_bytes(variant, workers))
     loaded = psutil.Process().memory_info().rss
     monitor = PeakMemory()
     loader = torch.utils.data.DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), batch, seed=0),
@@ -328,47 +322,54 @@ def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int)
                                          prefetch_factor=2 if workers else None)
     it = iter(loader)
     next(it)  # workers started
-    start, seen, decoded = time.perf_counter(), 0, 0
+    start, seen, decoded, cpu = time.perf_counter(), 0, 0, 0.0
     while seen < samples:
         b = next(it)
         seen += len(b["index"])
         decoded += int(b["decoded_frames"].sum())
+        cpu += float(b["cpu_s"].sum())
     elapsed = time.perf_counter() - start
     monitor.stop()
     del it, loader
     return {"variant": variant, "workers": workers, "samples": seen, "samples_s": seen / elapsed,
-            "decoded_per_sample": decoded / seen, "idle_mib": idle / 2**20, "loaded_mib": loaded / 2**20,
+            "decoded_per_sample": decoded / seen, "cpu_ms": 1000 * cpu / seen,
+            "idle_mib": idle / 2**20, "loaded_mib": loaded / 2**20,
             "peak_rss_mib": monitor.rss / 2**20, "peak_pss_mib": monitor.pss / 2**20,
-            "cache_mib_per_process": (cache_bytes_per_process(None, 1, workers) if variant == "now"
-                                      else BEFORE_CACHE_MB << 20) / 2**20}
+            "peak_footprint_mib": monitor.footprint / 2**20,
+            "cache_mib_per_process": cache_bytes(variant, workers) / 2**20}
 
 
 def memory_table(args: argparse.Namespace) -> None:
     """Each (dataset, variant, workers) in a fresh process, so that no run inherits another's memory."""
-    roots = {"video": make_dataset(Path(args.root + "_memory_video"), MEMORY_H, MEMORY_W, MEMORY_FILES),
-             "image": make_dataset(Path(args.root + "_memory_image"), MEMORY_H, MEMORY_W, MEMORY_FILES, images=True)}
+    roots = {kind: make_dataset(Path(f"{args.root}_memory_{kind}"), MEMORY_H, MEMORY_W, MEMORY_FILES,
+                                images=kind == "image") for kind in args.datasets}
     print(f"node memory {psutil.virtual_memory().total / 2**30:.1f} GiB; {os.cpu_count()} CPUs; default cache "
-          f"budget {cache_bytes_per_process(None, 1, 0) / 2**20:.0f} MiB per node", flush=True)
+          f"budget {cache_bytes('now', 0) / 2**20:.0f} MiB per node; before: {args.before_src}", flush=True)
     rows = []
     for kind, root in roots.items():
-        for variant in ("before", "now"):
+        for variant in ("before", "now") if args.before_src else ("now",):
             for workers in args.workers:
-                if variant == "before" and workers not in args.before_workers:
+                if variant == "before" and (workers not in args.before_workers or not args.before_src):
                     continue
+                src = ["--src", args.before_src] if variant == "before" else []
                 out = subprocess.run([sys.executable, __file__, "--memory-run", str(root), variant, str(workers),
-                                      "--samples", str(args.samples), "--batch", str(args.batch)],
+                                      "--samples", str(args.samples), "--batch", str(args.batch), *src],
                                      check=True, capture_output=True, text=True).stdout
                 rows.append({"dataset": kind, **json.loads(out.strip().splitlines()[-1])})
                 print(rows[-1], flush=True)
     one = {(r["dataset"], r["variant"]): r for r in rows if r["workers"] == 1}
-    print(f"\n{'dataset':<7} {'variant':<7} {'workers':>7} {'cache MiB/proc':>14} {'peak RSS MiB':>12} "
-          f"{'vs 1 worker':>11} {'peak PSS MiB':>12} {'vs 1 worker':>11} {'samples/s':>9} {'decoded/sample':>14}")
+    print("\nMiB, peaks while reading; (x) = vs 1 worker of the same dataset and variant")
+    print("| dataset | variant | workers | cache MiB/process | summed RSS | summed PSS | main RSS + workers' USS "
+          "| samples/s | CPU ms/sample | decoded/sample |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = one.get((r["dataset"], r["variant"]))
-        ratio = (lambda key: f"{r[key] / base[key]:>10.2f}x" if base else f"{'-':>11}")  # noqa: E731
-        print(f"{r['dataset']:<7} {r['variant']:<7} {r['workers']:>7} {r['cache_mib_per_process']:>14.0f} "
-              f"{r['peak_rss_mib']:>12.0f} {ratio('peak_rss_mib')} {r['peak_pss_mib']:>12.0f} "
-              f"{ratio('peak_pss_mib')} {r['samples_s']:>9.1f} {r['decoded_per_sample']:>14.2f}")
+
+        def cell(key: str) -> str:
+            return f"{r[key]:.0f}" + (f" ({r[key] / base[key]:.2f}x)" if base else "")
+
+        print(f"| {r['dataset']} | {r['variant']} | {r['workers']} | {r['cache_mib_per_process']:.0f} | "
+              f"{cell('peak_rss_mib')} | {cell('peak_pss_mib')} | {cell('peak_footprint_mib')} | "
+              f"{r['samples_s']:.1f} | {r['cpu_ms']:.1f} | {r['decoded_per_sample']:.2f} |")
 
 
 def main() -> None:
@@ -384,6 +385,10 @@ def main() -> None:
                         help="instead: peak RSS / PSS summed over the loading processes, video and image datasets")
     parser.add_argument("--before-workers", type=int, nargs="*", default=[1, 8],
                         help="with --memory: worker counts also measured with the reader as it was before")
+    parser.add_argument("--datasets", nargs="*", default=["video", "image"], choices=["video", "image"],
+                        help="with --memory: which datasets")
+    parser.add_argument("--before-src", help="with --memory: a checkout of the code before, for the 'before' rows")
+    parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--memory-run", nargs=3, metavar=("ROOT", "VARIANT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
