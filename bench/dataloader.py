@@ -14,6 +14,14 @@ than the cache. Then reads random samples (the training sampler's order, batch 8
   for comparison and given fewer samples because it can take seconds per sample.
 
 Prints a table with samples/s, samples/s per worker, frames decoded per sample, and the ratio to cache-off.
+
+    PYTHONPATH=. python bench/dataloader.py --memory [--before-src DIR] [--workers 0 1 2 8] [--samples 800]
+
+instead measures host memory: peak RSS and PSS summed over the main process and its DataLoader workers (psutil), and
+the main process's RSS plus each worker's USS, while random samples are read from a smaller video dataset (240x320,
+830 frames per camera) and the same frames as PNG image columns; each setting in a fresh process. With --before-src
+(a checkout of older code, `git archive <commit> finetune | tar -x -C DIR`), "before" rows run that code with
+its per-process 1024 MiB cache.
 """
 
 from __future__ import annotations

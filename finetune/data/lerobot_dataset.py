@@ -256,7 +256,8 @@ def _image_cells(column: pa.ChunkedArray, key: str, path: Path) -> pa.StructArra
 def _memory_mapped(arrays: dict[str, pa.Array]) -> dict[str, pa.Array]:
     """The arrays written to an Arrow file and read back memory-mapped: their bytes live in the page cache, shared by
     every process that maps them (forked DataLoader workers included) instead of in each process's heap, and no
-    Python object per row is touched (and so copied) by a worker. The file is unlinked at once (the mapping stays)."""
+    Python object per row is touched (and so copied) by a worker. The file (in $TMPDIR) is unlinked at once (the
+    mapping stays); where it cannot be written, the arrays stay in memory, shared copy-on-write all the same."""
     if not arrays:
         return arrays
     fd, name = tempfile.mkstemp(prefix="finetune-images-", suffix=".arrow")
@@ -266,6 +267,8 @@ def _memory_mapped(arrays: dict[str, pa.Array]) -> dict[str, pa.Array]:
         with pa.OSFile(name, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
         mapped = pa.ipc.open_file(pa.memory_map(name)).read_all()
+    except (OSError, pa.ArrowException):  # e.g. a full $TMPDIR
+        return arrays
     finally:
         os.unlink(name)
     return {key: mapped.column(key).chunk(0) for key in arrays}

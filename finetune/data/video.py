@@ -135,6 +135,11 @@ def _last_frame_time(container: av.container.InputContainer, stream: av.video.st
     return float(max(times) * stream.time_base) if times else estimate
 
 
+def _near(tolerance: float, fps: float) -> float:
+    """How close to t a frame must be for no other frame to be nearer: the tolerance, at most a quarter frame."""
+    return min(tolerance, 0.25 / fps) if fps else tolerance
+
+
 class FrameNotFound(RuntimeError):
     """No frame of `path` within `tolerance` seconds of `t`; `nearest` is the closest frame's time (None: none)."""
 
@@ -172,7 +177,6 @@ def _frames_from(container: av.container.InputContainer, stream: av.video.stream
             yield frame
 
 
-
 @dataclass
 class _OpenVideo:
     container: av.container.InputContainer
@@ -184,12 +188,13 @@ class _OpenVideo:
 class VideoFrameReader:
     """Per-process frame lookup by time, for dataset `__getitem__`.
 
-    A frame not in the cache is reached by seeking to the keyframe at or before it and decoding forward (or, when it
-    lies just after the last frame decoded from that file, by decoding on); every frame decoded on the way is kept in
-    a byte-bounded LRU of single frames, so a sample costs at most one keyframe interval of decoding whatever the
-    file sizes, and a working set that fits the cache is decoded once. Containers are opened lazily and never
-    pickled, and a reader that finds itself in a forked child drops the parent's containers (their file offsets are
-    shared with the parent). `decoded_frames` counts the frames this process decoded.
+    A frame not in the cache is reached by seeking to the last keyframe from which decoding reaches it (with
+    B-frames or an open GOP, possibly the one before the keyframe the container's seek finds) and decoding forward
+    (or, when it lies just after the last frame decoded from that file, by decoding on); every frame decoded on the
+    way is kept in a byte-bounded LRU of single frames, so a sample costs at most about one keyframe interval of
+    decoding whatever the file sizes, and a working set that fits the cache is decoded once. Containers are opened
+    lazily and never pickled, and a reader that finds itself in a forked child drops the parent's containers (their
+    file offsets are shared with the parent). `decoded_frames` counts the frames this process decoded.
     """
 
     max_open_containers = 8
@@ -247,13 +252,12 @@ class VideoFrameReader:
         target = round(t * fps) if fps else None
         if not (video.frames is not None and video.last is not None and target is not None
                 and video.last < target <= video.last + self.decode_on_window):
-            self._seek(video, t, tolerance)
+            self._seek(key, video, t, tolerance)
         # Frames come in presentation order: the first one at or after t - near is the nearest to t (with VFR too,
         # as long as frames are more than 2 * near apart).
-        near = min(tolerance, 0.25 / fps) if fps else tolerance
+        near = _near(tolerance, fps)
         best: tuple[float, np.ndarray] | None = None
-        assert video.frames is not None
-        for frame in video.frames:
+        for frame in video.frames or ():
             time = float(frame.time)
             image = frame.to_ndarray(format="rgb24")
             self.decoded_frames += 1
@@ -272,7 +276,7 @@ class VideoFrameReader:
             raise FrameNotFound(key, t, best[0], tolerance)
         return best[1]
 
-    def _seek(self, video: _OpenVideo, t: float, tolerance: float) -> None:
+    def _seek(self, key: str, video: _OpenVideo, t: float, tolerance: float) -> None:
         """Position the decoder on the last keyframe from which decoding reaches the frame at `t`.
 
         Containers seek by decode time: with B-frames (or an open GOP) the keyframe found can be shown after `t`
@@ -291,7 +295,8 @@ class VideoFrameReader:
             frames = _frames_from(video.container, stream, start)
             first = next(frames, None)
             video.frames, video.last = (frames if first is None else itertools.chain([first], frames)), None
-            if first is None or float(first.time) <= t + tolerance + 1e-6 or start.dts is None or start.dts in tried:
+            shown_after = first is not None and float(first.time) > t + _near(tolerance, self._fps[key]) + 1e-6
+            if not shown_after or start.dts is None or start.dts in tried:
                 return
             tried.add(start.dts)
             seek_to = start.dts - 1
