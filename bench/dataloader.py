@@ -309,20 +309,21 @@ class PeakMemory:
         self._thread.join()
 
 
-def cache_bytes(variant: str, workers: int) -> int:
+def cache_bytes(variant: str, workers: int, node_cache_mb: int | None) -> int:
     if variant == "before":
         return BEFORE_CACHE_MB << 20
     from finetune.data.workers import cache_bytes_per_process
 
-    return cache_bytes_per_process(None, 1, workers)
+    return cache_bytes_per_process(node_cache_mb, 1, workers)
 
 
-def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int) -> dict:
+def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int, node_cache_mb: int | None) -> dict:
     """One setting, in this (fresh) process: peak RSS / PSS summed over it and its workers while `samples` random
     samples are read, and samples/s. `variant` "now": the node's default cache budget split across the loading
     processes; "before": BEFORE_CACHE_MB per process (run with --src pointing at the code before)."""
     idle = psutil.Process().memory_info().rss
-    ds = CountingDataset(root, chunk_size=50, uint8_images=True, video_cache_bytes=cache_bytes(variant, workers))
+    cache = cache_bytes(variant, workers, node_cache_mb)
+    ds = CountingDataset(root, chunk_size=50, uint8_images=True, video_cache_bytes=cache)
     loaded = psutil.Process().memory_info().rss
     monitor = PeakMemory()
     loader = torch.utils.data.DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), batch, seed=0),
@@ -344,7 +345,7 @@ def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int)
             "idle_mib": idle / 2**20, "loaded_mib": loaded / 2**20,
             "peak_rss_mib": monitor.rss / 2**20, "peak_pss_mib": monitor.pss / 2**20,
             "peak_footprint_mib": monitor.footprint / 2**20,
-            "cache_mib_per_process": cache_bytes(variant, workers) / 2**20}
+            "cache_mib_per_process": cache_bytes(variant, workers, node_cache_mb) / 2**20}
 
 
 def memory_table(args: argparse.Namespace) -> None:
@@ -352,7 +353,8 @@ def memory_table(args: argparse.Namespace) -> None:
     roots = {kind: make_dataset(Path(f"{args.root}_memory_{kind}"), MEMORY_H, MEMORY_W, MEMORY_FILES,
                                 images=kind == "image") for kind in args.datasets}
     print(f"node memory {psutil.virtual_memory().total / 2**30:.1f} GiB; {os.cpu_count()} CPUs; default cache "
-          f"budget {cache_bytes('now', 0) / 2**20:.0f} MiB per node; before: {args.before_src}", flush=True)
+          f"budget {cache_bytes('now', 0, None) / 2**20:.0f} MiB per node, used {args.node_cache_mb or 'default'}; "
+          f"before: {args.before_src}", flush=True)
     rows = []
     for kind, root in roots.items():
         for variant in ("before", "now") if args.before_src else ("now",):
@@ -360,6 +362,8 @@ def memory_table(args: argparse.Namespace) -> None:
                 if variant == "before" and (workers not in args.before_workers or not args.before_src):
                     continue
                 src = ["--src", args.before_src] if variant == "before" else []
+                if args.node_cache_mb is not None:
+                    src += ["--node-cache-mb", str(args.node_cache_mb)]
                 out = subprocess.run([sys.executable, __file__, "--memory-run", str(root), variant, str(workers),
                                       "--samples", str(args.samples), "--batch", str(args.batch), *src],
                                      check=True, capture_output=True, text=True).stdout
@@ -395,6 +399,7 @@ def main() -> None:
                         help="with --memory: worker counts also measured with the reader as it was before")
     parser.add_argument("--datasets", nargs="*", default=["video", "image"], choices=["video", "image"],
                         help="with --memory: which datasets")
+    parser.add_argument("--node-cache-mb", type=int, help="with --memory: the node's cache budget (else training's)")
     parser.add_argument("--before-src", help="with --memory: a checkout of the code before, for the 'before' rows")
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--memory-run", nargs=3, metavar=("ROOT", "VARIANT", "WORKERS"), help=argparse.SUPPRESS)
@@ -403,7 +408,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.memory_run:
         root, variant, workers = args.memory_run
-        print(json.dumps(memory_run(Path(root), variant, int(workers), args.samples, args.batch)))
+        print(json.dumps(memory_run(Path(root), variant, int(workers), args.samples, args.batch, args.node_cache_mb)))
         return
     if args.memory:
         memory_table(args)

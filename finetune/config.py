@@ -166,8 +166,8 @@ class DataOptions:
     """DataLoader worker processes per rank; None: from the CPU count and the ranks on this machine (cores per rank
     less one, at most 8); 0 decodes in the training process."""
     video_cache_mb: int | None = None
-    """Decoded-frame cache for the whole node, in MiB, split evenly across ranks x loading processes (frames are kept
-    singly, LRU; 0 disables it); None: 1/32 of the node's memory, at most 4 GiB."""
+    """Decoded-frame cache for the whole node, in MiB, split evenly across ranks x workers (frames are kept singly,
+    LRU; 0 disables it); None: 1/32 of the node's memory, at most 4 GiB."""
     decoder_threads: int | None = None
     """Video decoder threads per loading process; None: what the cores left by ranks x workers allow (1-2)."""
     prefetch_factor: int = 2

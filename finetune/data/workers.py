@@ -60,16 +60,17 @@ def node_memory_bytes() -> int:
 
 def cache_bytes_per_process(node_budget_mb: int | None, local_ranks: int, workers: int,
                             node_memory: int | None = None) -> int:
-    """Each loading process's share of the node's decoded-frame cache: the budget (None: DEFAULT_CACHE_SHARE of the
-    node's memory, at most DEFAULT_CACHE_CAP) split across ranks x (workers + the rank's own process, which decodes
-    the held-out batches). 8 ranks with 8 workers each on a 1 TiB node: 4 GiB in all, 56 MiB per process."""
+    """Each training loader process's share of the node's decoded-frame cache: the budget (None: DEFAULT_CACHE_SHARE
+    of the node's memory, at most DEFAULT_CACHE_CAP) split across ranks x workers (x 1 when a rank decodes in its own
+    process). 8 ranks with 8 workers each on a 1 TiB node: 4 GiB in all, 64 MiB per worker. The held-out batches,
+    decoded once, use no cache."""
     if node_budget_mb is None:
         budget = min(int((node_memory or node_memory_bytes()) * DEFAULT_CACHE_SHARE), DEFAULT_CACHE_CAP)
     elif node_budget_mb < 0:
         raise ValueError(f"--dataset.video-cache-mb must be >= 0, got {node_budget_mb}")
     else:
         budget = node_budget_mb << 20
-    return budget // (max(1, local_ranks) * (workers + 1))
+    return budget // (max(1, local_ranks) * max(1, workers))
 
 
 def resolve_num_workers(requested: int | None, local_ranks: int, cpus: int | None = None) -> int:

@@ -54,7 +54,7 @@ class TrainData:
     eval_sources: list[str]  # with several datasets: each eval batch's dataset (empty with one)
     workers: int
     decoder_threads: int
-    cache_bytes: int  # each loading process's decoded-frame cache
+    cache_bytes: int  # each training loader process's decoded-frame cache
 
 
 def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk_size: int,
@@ -89,7 +89,7 @@ def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk
             continue
         # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
         eval_set = MixtureDataset([LeRobotDataset(source.root, chunk_size, episodes=eval_eps, keys=source.keys,
-                                                  **data_kwargs)], [source.rename])
+                                                  **(data_kwargs | {"video_cache_bytes": 0}))], [source.rename])
         # global-batch-sized, so the figure is the same whatever the number of processes
         held = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes, cfg.eval_batches,
                                   accelerator)
