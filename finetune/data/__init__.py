@@ -1,6 +1,12 @@
 """LeRobotDataset v3.0 reading, video helpers and the synthetic reach task."""
 
-from finetune.data.lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
+from finetune.data.lerobot_dataset import (
+    DEFAULT_TOLERANCE_S,
+    DatasetError,
+    DatasetMeta,
+    LeRobotDataset,
+    load_dataset_meta,
+)
 from finetune.data.synthetic import (
     COLORS,
     Scene,
@@ -14,13 +20,15 @@ from finetune.data.synthetic import (
     step,
     synthetic_episode,
 )
-from finetune.data.video import DEFAULT_CODEC, VideoFrameReader, decode_video, encode_video
+from finetune.data.video import DEFAULT_CODEC, FrameNotFound, VideoFrameReader, decode_video, encode_video
 
 __all__ = [
     "COLORS",
     "DEFAULT_CODEC",
+    "DEFAULT_TOLERANCE_S",
     "DatasetError",
     "DatasetMeta",
+    "FrameNotFound",
     "LeRobotDataset",
     "Scene",
     "VideoFrameReader",
