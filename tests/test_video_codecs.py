@@ -157,3 +157,26 @@ def test_load_check_samples_a_frame_of_each_episode_in_a_file(tmp_path):
         ds = LeRobotDataset(root, chunk_size=2, check_frames_per_file=0)
         with pytest.raises(DatasetError, match=r"of episode 1, frame \d+ .* 0.013333s from t="):
             ds.check_video_frames(3, seed=seed)
+
+
+@pytest.mark.slow
+def test_bframe_dataset_trains_hundreds_of_random_batches(policy_dir, dataset_root, tmp_path):
+    """The synthetic dataset's videos re-encoded as MPEG-4 with 2 B-frames: 300 steps of batch 8 from 2 workers."""
+    import shutil
+
+    from helpers import train_args
+
+    from finetune import train
+    from finetune.training.metrics import read_metrics
+
+    root = Path(shutil.copytree(dataset_root, tmp_path / "bframes"))
+    for video in sorted(root.glob("videos/*/*/*.mp4")):
+        encode_with(decode_video(video)[0], video, *CASES["mpeg4-bframes"][:2], fps=10)
+        pts = [p for p, _ in packets(video)]
+        assert any(b < a for a, b in zip(pts, pts[1:]))
+    summary = train.main(train_args(policy_dir, root, tmp_path / "run", "--steps", "300", "--batch-size", "8",
+                                    "--dataset.num-workers", "2", "--log-every", "50", "--checkpoint.every", "300",
+                                    "--optim.decay-steps", "300"))
+    assert Path(summary["checkpoint"]).name == "000300"
+    losses = [m["train/loss"] for m in read_metrics(tmp_path / "run/metrics.jsonl") if "train/loss" in m]
+    assert len(losses) == 6 and np.isfinite(losses).all()
