@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ def node_memory_bytes() -> int:
 
     total = psutil.virtual_memory().total
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()  # cgroup v2; "max" when unlimited
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" when unlimited
     except OSError:
         return total
     return min(total, int(limit)) if limit.isdigit() else total
