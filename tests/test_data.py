@@ -455,3 +455,26 @@ def test_train_refuses_an_episode_half_a_frame_off_its_video_and_tolerance_relax
     summary = train.main(train_args(policy_dir, root, tmp_path / "relaxed", "--steps", "1",
                                     "--dataset.tolerance-s", "0.05"))
     assert Path(summary["checkpoint"]).name == "000001" and summary["trainable_params"] > 0
+
+
+def test_image_cells_by_path_and_empty_cells(image_ds, tmp_path):
+    root = _copy(image_ds, tmp_path)
+    path = root / "data/chunk-000/file-000.parquet"
+    table = _data_table(root)
+    cells = table.column(CAM).to_pylist()
+    expected = _all_images(root)
+    (root / "images").mkdir()
+    for i in (0, 5, 13):  # some frames as files next to the parquet, named by a relative 'path', as LeRobot allows
+        Image.open(io.BytesIO(cells[i]["bytes"])).save(root / f"images/{i}.png")
+        cells[i] = {"bytes": None, "path": f"images/{i}.png"}
+    column = pa.array(cells, table.schema.field(CAM).type)
+    pq.write_table(table.set_column(table.schema.get_field_index(CAM), CAM, column), path)
+    ds = LeRobotDataset(root, chunk_size=2, uint8_images=True)
+    for i in (0, 4, 5, 13):
+        np.testing.assert_array_equal(ds[i][CAM].permute(1, 2, 0).numpy(), expected[i])
+    cells[7] = {"bytes": b"", "path": None}
+    column = pa.array(cells, table.schema.field(CAM).type)
+    pq.write_table(table.set_column(table.schema.get_field_index(CAM), CAM, column), path)
+    with pytest.raises(DatasetError, match=rf"file-000.parquet: image column '{CAM}' has a row with neither 'bytes' "
+                                           r"nor 'path'"):
+        LeRobotDataset(root, chunk_size=2)
