@@ -14,25 +14,41 @@ than the cache. Then reads random samples (the training sampler's order, batch 8
   for comparison and given fewer samples because it can take seconds per sample.
 
 Prints a table with samples/s, samples/s per worker, frames decoded per sample, and the ratio to cache-off.
+
+    PYTHONPATH=. python bench/dataloader.py --memory [--before-src DIR] [--workers 0 1 2 8] [--samples 800]
+
+instead measures host memory: peak RSS and PSS summed over the main process and its DataLoader workers (psutil), and
+the main process's RSS plus each worker's USS, while random samples are read from a smaller video dataset (240x320,
+830 frames per camera) and the same frames as PNG image columns; each setting in a fresh process. With --before-src
+(a checkout of older code, `git archive <commit> finetune | tar -x -C DIR`), "before" rows run that code with
+its per-process 1024 MiB cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import av
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# --src DIR (the memory bench's "before" runs): import the package from another checkout, e.g. the code before a change
+# (`git archive <commit> finetune | tar -x -C DIR`).
+sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else
+                str(Path(__file__).resolve().parent.parent))
 
 from finetune.data import LeRobotDataset, decode_video, encode_video  # noqa: E402
 from finetune.training.sampling import ResumableBatchSampler  # noqa: E402
@@ -43,6 +59,11 @@ H, W, FPS = 480, 640, 30
 # files (600-700 frames, 530-620 MiB) fit the cache alone but not together, and the 3-episode file (1500 frames,
 # 1.3 GiB) never fits.
 FILES = ((300, 330), (350, 320), (400, 900, 200))
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+# The memory bench (--memory): 240x320 and a third of the frames, so that 8 workers can cycle through it on 2 cores.
+MEMORY_H, MEMORY_W = 240, 320
+MEMORY_FILES = ((100, 110), (120, 100), (130, 300, 70))
+BEFORE_CACHE_MB = 1024  # the cache each loading process had before the node budget (--dataset.video-cache-mb)
 
 
 def scene_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -57,30 +78,39 @@ def scene_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return (out.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def episode_frames(rng: np.random.Generator, length: int, camera: int) -> np.ndarray:
+def episode_frames(rng: np.random.Generator, length: int, camera: int, h: int = H, w: int = W) -> np.ndarray:
     """A camera panning over a textured scene, with a gripper-like blob moving across it."""
-    scene = scene_texture(rng, H + 160, W + 240)
+    scene = scene_texture(rng, h + h // 3, w + w * 3 // 8)
     t = np.arange(length) / length
     phase = rng.random(2) * 2 * np.pi
-    dy = ((np.sin(2 * np.pi * t + phase[0]) + 1) * 80).astype(int)
-    dx = ((np.sin(2 * np.pi * t * (1 + camera) + phase[1]) + 1) * 120).astype(int)
-    yy, xx = np.mgrid[0:H, 0:W]
-    frames = np.empty((length, H, W, 3), np.uint8)
+    dy = ((np.sin(2 * np.pi * t + phase[0]) + 1) * (h // 6)).astype(int)
+    dx = ((np.sin(2 * np.pi * t * (1 + camera) + phase[1]) + 1) * (w * 3 // 16)).astype(int)
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.empty((length, h, w, 3), np.uint8)
     for i in range(length):
-        frame = scene[dy[i] : dy[i] + H, dx[i] : dx[i] + W].astype(np.int16)
-        cy, cx = H * (0.3 + 0.4 * t[i]), W * (0.2 + 0.6 * (0.5 + 0.5 * np.sin(3 * np.pi * t[i])))
-        blob = ((yy - cy) ** 2 / 60**2 + (xx - cx) ** 2 / 40**2) < 1
+        frame = scene[dy[i] : dy[i] + h, dx[i] : dx[i] + w].astype(np.int16)
+        cy, cx = h * (0.3 + 0.4 * t[i]), w * (0.2 + 0.6 * (0.5 + 0.5 * np.sin(3 * np.pi * t[i])))
+        blob = ((yy - cy) ** 2 / (h / 8) ** 2 + (xx - cx) ** 2 / (w / 16) ** 2) < 1
         frame[blob] = frame[blob] // 3 + 150
         frames[i] = np.clip(frame, 0, 255)
     return frames
 
 
-def make_dataset(root: Path) -> Path:
+def png(frame: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def make_dataset(root: Path, h: int = H, w: int = W, files: tuple[tuple[int, ...], ...] = FILES,
+                 images: bool = False) -> Path:
+    """The dataset described above (`h` x `w`, episodes `files`); with `images`, the frames are PNG bytes in image
+    columns of the parquet files, as LeRobot's image datasets, instead of videos."""
     if (root / "meta/info.json").is_file():
         return root
     rng = np.random.default_rng(0)
     episodes, index, ep_no = [], 0, 0
-    for file_no, lengths in enumerate(FILES):
+    for file_no, lengths in enumerate(files):
         columns: dict[str, list] = {k: [] for k in ("state", "frame_index", "episode_index", "index", "timestamp")}
         videos: dict[str, list[np.ndarray]] = {c: [] for c in CAMERAS}
         start = 0.0
@@ -88,9 +118,11 @@ def make_dataset(root: Path) -> Path:
             row = {"episode_index": ep_no, "length": length, "data/chunk_index": 0, "data/file_index": file_no,
                    "dataset_from_index": index, "dataset_to_index": index + length}
             for c, camera in enumerate(CAMERAS):
-                videos[camera].append(episode_frames(rng, length, c))
-                row |= {f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": file_no,
-                        f"videos/{camera}/from_timestamp": start, f"videos/{camera}/to_timestamp": start + length / FPS}
+                videos[camera].append(episode_frames(rng, length, c, h, w))
+                if not images:
+                    row |= {f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": file_no,
+                            f"videos/{camera}/from_timestamp": start,
+                            f"videos/{camera}/to_timestamp": start + length / FPS}
             episodes.append(row)
             columns["state"].append(rng.standard_normal((length, 6)).cumsum(0).astype(np.float32) * 0.01)
             columns["frame_index"].append(np.arange(length))
@@ -107,21 +139,26 @@ def make_dataset(root: Path) -> Path:
             **{k: pa.array(np.concatenate(columns[k])) for k in ("timestamp", "frame_index", "episode_index", "index")},
             "task_index": pa.array(np.zeros(len(state), np.int64)),
         })
+        if images:
+            for camera in CAMERAS:
+                cells = [{"bytes": png(f), "path": None} for f in np.concatenate(videos[camera])]
+                table = table.append_column(camera, pa.array(cells, pa.struct([("bytes", pa.binary()),
+                                                                               ("path", pa.string())])))
         path = root / f"data/chunk-000/file-{file_no:03d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
-        for camera in CAMERAS:
+        for camera in CAMERAS if not images else ():
             print(f"encoding {camera} file {file_no} ({sum(lengths)} frames)", flush=True)
             encode_video(np.concatenate(videos[camera]), root / f"videos/{camera}/chunk-000/file-{file_no:03d}.mp4",
                          FPS)
     (root / "meta/episodes/chunk-000").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(episodes), root / "meta/episodes/chunk-000/file-000.parquet")
     pq.write_table(pa.table({"task_index": [0], "task": ["pick the cube"]}), root / "meta/tasks.parquet")
-    video = {"dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"]}
+    video = {"dtype": "image" if images else "video", "shape": [h, w, 3], "names": ["height", "width", "channels"]}
     vector = {"dtype": "float32", "shape": [6], "names": None}
     info = {"codebase_version": "v3.0", "fps": FPS, "total_episodes": ep_no, "total_frames": index,
             "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+            "video_path": None if images else VIDEO_PATH,
             "features": {**{c: video for c in CAMERAS}, "observation.state": vector, "action": vector}}
     (root / "meta/info.json").write_text(json.dumps(info, indent=2))
     stats = {k: {"mean": [0.0] * 6, "std": [1.0] * 6} for k in ("observation.state", "action")}
@@ -235,6 +272,118 @@ def interleaved(root: Path, samples: int, cache_mb: int, batch: int) -> dict[str
     return {name: (samples // batch) * batch / t for name, t in seconds.items()}
 
 
+class PeakMemory:
+    """Peak over time of the memory of this process and its children (DataLoader workers), sampled by a thread:
+    - rss: RSS summed (each process's resident pages; pages shared by several processes counted in each);
+    - pss: PSS summed (shared pages split among the processes sharing them);
+    - footprint: this process's RSS plus each worker's USS (the pages only it holds): what the job holds in all."""
+
+    def __init__(self, every_s: float = 0.05):
+        self.rss = self.pss = self.footprint = 0
+        self._every, self._stop = every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me, tick = psutil.Process(), 0
+        while not self._stop.is_set():
+            procs = [me, *me.children(recursive=True)]
+            rss = pss = footprint = 0
+            for p in procs:
+                try:
+                    rss += p.memory_info().rss
+                    if tick % 5 == 0:
+                        full = p.memory_full_info()
+                        pss += full.pss
+                        footprint += full.rss if p is me else full.uss
+                except psutil.Error:  # a worker that just exited
+                    pass
+            self.rss = max(self.rss, rss)
+            if tick % 5 == 0:
+                self.pss, self.footprint = max(self.pss, pss), max(self.footprint, footprint)
+            tick += 1
+            self._stop.wait(self._every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cache_bytes(variant: str, workers: int, node_cache_mb: int | None) -> int:
+    if variant == "before":
+        return BEFORE_CACHE_MB << 20
+    from finetune.data.workers import cache_bytes_per_process
+
+    return cache_bytes_per_process(node_cache_mb, 1, workers)
+
+
+def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int, node_cache_mb: int | None) -> dict:
+    """One setting, in this (fresh) process: peak RSS / PSS summed over it and its workers while `samples` random
+    samples are read, and samples/s. `variant` "now": the node's default cache budget split across the loading
+    processes; "before": BEFORE_CACHE_MB per process (run with --src pointing at the code before)."""
+    idle = psutil.Process().memory_info().rss
+    cache = cache_bytes(variant, workers, node_cache_mb)
+    ds = CountingDataset(root, chunk_size=50, uint8_images=True, video_cache_bytes=cache)
+    loaded = psutil.Process().memory_info().rss
+    monitor = PeakMemory()
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), batch, seed=0),
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         prefetch_factor=2 if workers else None)
+    it = iter(loader)
+    next(it)  # workers started
+    start, seen, decoded, cpu = time.perf_counter(), 0, 0, 0.0
+    while seen < samples:
+        b = next(it)
+        seen += len(b["index"])
+        decoded += int(b["decoded_frames"].sum())
+        cpu += float(b["cpu_s"].sum())
+    elapsed = time.perf_counter() - start
+    monitor.stop()
+    del it, loader
+    return {"variant": variant, "workers": workers, "samples": seen, "samples_s": seen / elapsed,
+            "decoded_per_sample": decoded / seen, "cpu_ms": 1000 * cpu / seen,
+            "idle_mib": idle / 2**20, "loaded_mib": loaded / 2**20,
+            "peak_rss_mib": monitor.rss / 2**20, "peak_pss_mib": monitor.pss / 2**20,
+            "peak_footprint_mib": monitor.footprint / 2**20,
+            "cache_mib_per_process": cache_bytes(variant, workers, node_cache_mb) / 2**20}
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Each (dataset, variant, workers) in a fresh process, so that no run inherits another's memory."""
+    roots = {kind: make_dataset(Path(f"{args.root}_memory_{kind}"), MEMORY_H, MEMORY_W, MEMORY_FILES,
+                                images=kind == "image") for kind in args.datasets}
+    print(f"node memory {psutil.virtual_memory().total / 2**30:.1f} GiB; {os.cpu_count()} CPUs; default cache "
+          f"budget {cache_bytes('now', 0, None) / 2**20:.0f} MiB per node, used {args.node_cache_mb or 'default'}; "
+          f"before: {args.before_src}", flush=True)
+    rows = []
+    for kind, root in roots.items():
+        for variant in ("before", "now") if args.before_src else ("now",):
+            for workers in args.workers:
+                if variant == "before" and (workers not in args.before_workers or not args.before_src):
+                    continue
+                src = ["--src", args.before_src] if variant == "before" else []
+                if args.node_cache_mb is not None:
+                    src += ["--node-cache-mb", str(args.node_cache_mb)]
+                out = subprocess.run([sys.executable, __file__, "--memory-run", str(root), variant, str(workers),
+                                      "--samples", str(args.samples), "--batch", str(args.batch), *src],
+                                     check=True, capture_output=True, text=True).stdout
+                rows.append({"dataset": kind, **json.loads(out.strip().splitlines()[-1])})
+                print(rows[-1], flush=True)
+    one = {(r["dataset"], r["variant"]): r for r in rows if r["workers"] == 1}
+    print("\nMiB, peaks while reading; (x) = vs 1 worker of the same dataset and variant")
+    print("| dataset | variant | workers | cache MiB/process | summed RSS | summed PSS | main RSS + workers' USS "
+          "| samples/s | CPU ms/sample | decoded/sample |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = one.get((r["dataset"], r["variant"]))
+
+        def cell(key: str) -> str:
+            return f"{r[key]:.0f}" + (f" ({r[key] / base[key]:.2f}x)" if base else "")
+
+        print(f"| {r['dataset']} | {r['variant']} | {r['workers']} | {r['cache_mib_per_process']:.0f} | "
+              f"{cell('peak_rss_mib')} | {cell('peak_pss_mib')} | {cell('peak_footprint_mib')} | "
+              f"{r['samples_s']:.1f} | {r['cpu_ms']:.1f} | {r['decoded_per_sample']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/tmp/finetune_bench_video")
@@ -244,9 +393,26 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=int, default=700)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting, alternating; the best is kept")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak RSS / PSS summed over the loading processes, video and image datasets")
+    parser.add_argument("--before-workers", type=int, nargs="*", default=[1, 8],
+                        help="with --memory: worker counts also measured with the reader as it was before")
+    parser.add_argument("--datasets", nargs="*", default=["video", "image"], choices=["video", "image"],
+                        help="with --memory: which datasets")
+    parser.add_argument("--node-cache-mb", type=int, help="with --memory: the node's cache budget (else training's)")
+    parser.add_argument("--before-src", help="with --memory: a checkout of the code before, for the 'before' rows")
+    parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-run", nargs=3, metavar=("ROOT", "VARIANT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    if args.memory_run:
+        root, variant, workers = args.memory_run
+        print(json.dumps(memory_run(Path(root), variant, int(workers), args.samples, args.batch, args.node_cache_mb)))
+        return
+    if args.memory:
+        memory_table(args)
+        return
     root = make_dataset(Path(args.root))
     ds = LeRobotDataset(root, chunk_size=1, keys=["observation.state"])
     print(f"dataset {root}: {len(ds)} frames, {ds.meta.total_episodes} episodes, {len(FILES)} files per camera, "

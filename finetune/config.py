@@ -168,12 +168,16 @@ class DataOptions:
     num_workers: int | None = None
     """DataLoader worker processes per rank; None: from the CPU count and the ranks on this machine (cores per rank
     less one, at most 8); 0 decodes in the training process."""
-    video_cache_mb: int = 1024
-    """Decoded-frame cache per loading process, in MiB (frames are kept singly, LRU; 0 disables it)."""
+    video_cache_mb: int | None = None
+    """Decoded-frame cache for the whole node, in MiB, split evenly across ranks x workers (frames are kept singly,
+    LRU; 0 disables it); None: 1/32 of the node's memory, at most 4 GiB."""
     decoder_threads: int | None = None
     """Video decoder threads per loading process; None: what the cores left by ranks x workers allow (1-2)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    tolerance_s: float = 1e-4
+    """Seconds a frame's parquet timestamp may be off the 1/fps grid, and off its video frame (LeRobot's tolerance_s);
+    checked at load. Raise it for a dataset recorded with a jittery clock."""
     image_transforms: ImageTransformOptions = ImageTransformOptions()
     weights: tuple[float, ...] | None = None
     """Sampling weight per --dataset.root entry (normalized); None: proportional to each dataset's frames."""
@@ -327,6 +331,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.every >= 1, f"--checkpoint.every must be >= 1, got {cfg.checkpoint.every}"),
         (cfg.checkpoint.keep_last >= 1, f"--checkpoint.keep-last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (cfg.dataset.eval_episodes >= 0, f"--dataset.eval-episodes must be >= 0, got {cfg.dataset.eval_episodes}"),
+        (cfg.dataset.tolerance_s >= 0, f"--dataset.tolerance-s must be >= 0 seconds, got {cfg.dataset.tolerance_s}"),
+        (cfg.dataset.video_cache_mb is None or cfg.dataset.video_cache_mb >= 0,
+         f"--dataset.video-cache-mb must be >= 0 (0 disables the cache), got {cfg.dataset.video_cache_mb}"),
         (cfg.eval_every >= 1 and cfg.log_every >= 1, "--eval-every and --log-every must be >= 1"),
         (0 <= cfg.ema.decay < 1, f"--ema.decay must be in [0, 1) (0 turns the EMA off), got {cfg.ema.decay}"),
         (cfg.progress_every_s > 0, f"--progress-every-s must be > 0, got {cfg.progress_every_s}"),
@@ -378,7 +385,7 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "resume", "overwrite", "log_with", "output_dir",
     "wait_for_lock", "progress_every_s", "log_level", "cpu_threads",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.trust_pickles", "dataset.num_workers",
-    "dataset.video_cache_mb",
+    "dataset.video_cache_mb", "dataset.tolerance_s",
     "policy.repo_id", "policy.merged_repo_id", "nonfinite",
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",
     "policy.cpu_linear",

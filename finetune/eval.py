@@ -30,7 +30,7 @@ import tyro
 
 from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from finetune.config import read_train_config
-from finetune.data import COLORS, LeRobotDataset, load_dataset_meta
+from finetune.data import COLORS, DEFAULT_TOLERANCE_S, LeRobotDataset, load_dataset_meta
 from finetune.data.multi import parse_episodes, split_selection
 from finetune.data.v21 import ensure_v30
 from finetune.entry import console_script, exit_on
@@ -61,11 +61,12 @@ def heldout_episodes(checkpoint: Path, total: int) -> list[int]:
 
 @torch.no_grad()
 def offline_metrics(predictor: Predictor, dataset_root: str | Path, episodes: Sequence[int] | None = None,
-                    batch_size: int = 32, max_frames: int | None = None, seed: int = 0) -> dict[str, Any]:
+                    batch_size: int = 32, max_frames: int | None = None, seed: int = 0,
+                    tolerance_s: float = DEFAULT_TOLERANCE_S) -> dict[str, Any]:
     """Action errors of the predicted chunks against the recorded ones (padding past an episode's end excluded)."""
     meta = load_dataset_meta(dataset_root)
     dataset = LeRobotDataset(dataset_root, predictor.chunk_size, episodes=episodes,
-                             keys=[*meta.camera_keys, OBS_STATE, ACTION])
+                             keys=[*meta.camera_keys, OBS_STATE, ACTION], tolerance_s=tolerance_s)
     indices = np.arange(len(dataset))
     if max_frames is not None and max_frames < len(indices):
         indices = np.linspace(0, len(dataset) - 1, max_frames).round().astype(int)
@@ -346,8 +347,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     dataset_root = ensure_v30(dataset_root)  # a v2.x dataset: its v3.0 conversion, as training read it
     meta = load_dataset_meta(dataset_root)
     episodes = list(cfg.episodes) if cfg.episodes is not None else heldout_episodes(checkpoint, meta.total_episodes)
+    tolerance_s = train_cfg.dataset.tolerance_s if train_cfg else DEFAULT_TOLERANCE_S  # what the run trained with
     results: dict[str, Any] = {"offline": offline_metrics(predictor, dataset_root, episodes, cfg.batch_size,
-                                                          cfg.max_frames, cfg.seed)}
+                                                          cfg.max_frames, cfg.seed, tolerance_s)}
     write_json(out_dir / Path(OFFLINE_METRICS_FILE).name, results["offline"])
     off = results["offline"]
     print(f"offline, {off['frames']} frames of episodes {off['episodes']}: action MSE {off['action_mse']:.6f} "

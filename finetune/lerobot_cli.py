@@ -101,6 +101,7 @@ RENAMED = {
     "env.episode_length": "env.max_steps",
     "eval.n_episodes": "env.episodes",
     "rename_map": "dataset.rename_map",
+    "tolerance_s": "dataset.tolerance_s",
 }
 
 OPTIMIZER_HINT = ("use --policy.optimizer_* / --policy.scheduler_* (or --optim.*): the optimizer is always AdamW "
@@ -127,13 +128,11 @@ REFUSED = {
     "cudnn_deterministic": "not exposed here; set torch.backends.cudnn.deterministic in your own launcher",
     "persistent_workers": "workers persist whenever --num_workers > 0",
     "dataloader_multiprocessing_context": "the DataLoader uses the platform's default start method",
-    "tolerance_s": "frames are read by index here, not by timestamp: no tolerance is needed",
     "max_eval_samples": "the held-out evaluation uses --eval_batches batches of --batch_size frames",
     "dataset.eval_split": "hold out the last N episodes with --dataset.eval_episodes N",
     "dataset.revision": "give a local folder with --dataset.root, or the Hub id's default revision is used",
     "dataset.streaming": "datasets are read from a local folder (--dataset.root) or the Hub cache",
     "dataset.repo_type": "datasets are read from a local folder (--dataset.root) or a Hub dataset repo",
-    "dataset.video_backend": "videos are decoded with PyAV; drop the flag",
     "dataset.use_imagenet_stats": "images are scaled to [-1, 1] as the policy expects; drop the flag",
     "dataset.return_uint8": "drop the flag (frames travel as uint8 through the loader and become float on the "
                             "training device)",
@@ -157,6 +156,8 @@ REFUSED = {
     "policy.*": "a policy-config field is not overridden from the command line here: the policy folder's config.json "
                 "(--policy.path) holds it; --policy.chunk_size and --policy.num_steps are the overrides supported",
 }
+
+VIDEO_BACKENDS = ("torchcodec", "pyav", "video_reader")
 
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 NULL = {"null", "none", "~"}
@@ -361,6 +362,13 @@ class _Translator:
         why = ("--policy.repo_id is pushed at the end" if self.push_to_hub else
                "nothing is pushed: --policy.repo_id is dropped")
         return self.note(opt, [], why)
+
+    def _dataset__video_backend(self, opt: _Option) -> list[str]:
+        backend = self.one_value(opt)
+        if backend not in VIDEO_BACKENDS:
+            raise LeRobotFlagError(f"{opt.shown}: expected one of LeRobot's {', '.join(VIDEO_BACKENDS)}")
+        return self.note(opt, [], "frames are decoded with PyAV here whatever the backend, each looked up by its "
+                                  "timestamp within --dataset.tolerance-s as LeRobot's backends do")
 
     def _policy__use_amp(self, opt: _Option) -> list[str]:
         on = _bool(opt.name, opt.values[0]) if opt.values else True

@@ -117,7 +117,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     if resume_from is not None:
         restore(run, resume_from)
     run.summary.update(trainable_params=trainable, total_params=total, data_workers=data.workers,
-                       decoder_threads=data.decoder_threads, cpu_threads=threads and threads[0])
+                       decoder_threads=data.decoder_threads, cpu_threads=threads and threads[0],
+                       video_cache_mb_per_process=data.cache_bytes >> 20)
     log.info(f"parameters: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)")
     if threads is not None:
         log.info(f"cpu threads: {threads[0]} ({threads[1]}); data-loader workers: {data.workers}")

@@ -266,11 +266,18 @@ def test_error_video_timestamps_off(video_ds, tmp_path):
         LeRobotDataset(root, chunk_size=2)
     ds = LeRobotDataset(root, chunk_size=2, episodes=[4])
     assert ds[0][CAM].shape == (3, 64, 64)
-    # A start before the video's first frame is still caught when the frame is read.
+    # A start before the video's first frame is caught at load too: frames are decoded there.
     rows[5][f"videos/{CAM}/from_timestamp"] = -1.0
     pq.write_table(pa.Table.from_pylist(rows), path)
-    with pytest.raises(DatasetError, match=r"episode 5, frame 0: .*file-001.mp4: no frame within 0.0500s of t=-1.0"):
-        LeRobotDataset(root, chunk_size=2, episodes=[5])[0]
+    with pytest.raises(DatasetError, match=rf"copy: '{CAM}' of episode 5, frame \d+ \(parquet timestamp [\d.]+s \+ "
+                                           rf"videos/{CAM}/from_timestamp -1.000000s\): the nearest frame of \S+/"
+                                           r"file-001.mp4 is at 0.000000s, .* or relax --dataset.tolerance-s$"):
+        LeRobotDataset(root, chunk_size=2, episodes=[5])
+    # Without the load check, the same line comes from the read.
+    with pytest.raises(DatasetError, match=rf"copy: '{CAM}' of episode 5, frame 0 \(parquet timestamp 0.000000s \+ "
+                                           r"videos/\S+/from_timestamp -1.000000s\): the nearest frame of \S+/"
+                                           r"file-001.mp4 is at 0.000000s, 1.000000s from t=-1.000000s"):
+        LeRobotDataset(root, chunk_size=2, episodes=[5], check_frames_per_file=0)[0]
 
 
 def test_error_unknown_key(video_ds):
@@ -405,3 +412,69 @@ def test_train_refuses_non_finite_stats(policy_dir, dataset_root, tmp_path, caps
     line = _train_error(policy_dir, root, tmp_path, capsys)
     assert re.fullmatch(rf"error: \S+/meta/stats\.json: '{key}' '{stat}' holds {word} \(at flat position 1\); "
                         r"normalization would turn every batch into NaN: recompute the stats .+", line), line
+
+
+def test_parquet_timestamps_off_the_fps_grid_are_refused_at_load(video_ds, tmp_path):
+    root = _copy(video_ds, tmp_path)
+    path = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(path)
+    ts = table.column("timestamp").to_numpy().copy()
+    drifted = (table.column("episode_index").to_numpy() == 2) & (table.column("frame_index").to_numpy() >= 5)
+    ts[drifted] += np.float32(0.4 / 10)  # episode 2 from frame 5 on: 0.4 frame late (10 fps)
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(ts)), path)
+    with pytest.raises(DatasetError) as err:
+        LeRobotDataset(root, chunk_size=2)
+    assert re.fullmatch(r"\S+/copy: episode 2, frame 5: parquet timestamp 0\.54000\ds is 0\.14000\ds after the "
+                        r"previous frame's, not 1/fps = 0\.100000s \(off by 0\.04000\ds, over the 0\.0001s "
+                        r"tolerance\): fix the data's timestamps, or relax --dataset.tolerance-s", str(err.value))
+    # Relaxed, each drifted timestamp reads the frame nearest to it: its own.
+    ds = LeRobotDataset(root, chunk_size=2, tolerance_s=0.05, uint8_images=True)
+    frames, _ = decode_video(root / f"videos/{CAM}/chunk-000/file-000.mp4")
+    for i in (2 * LENGTH + 4, 2 * LENGTH + 5, 2 * LENGTH + 11):
+        np.testing.assert_array_equal(ds[i][CAM].permute(1, 2, 0).numpy(), frames[i])
+
+
+def test_train_refuses_an_episode_half_a_frame_off_its_video_and_tolerance_relaxes_it(
+        policy_dir, dataset_root, tmp_path, capsys):
+    from helpers import train_args
+
+    from finetune import train
+
+    root = _copy(dataset_root, tmp_path)
+    path = root / "meta/episodes/chunk-000/file-000.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[8][f"videos/{CAM}/from_timestamp"] += 0.4 / 10  # episode 8 (file-002, with episode 9): 0.4 frame late
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    line = _train_error(policy_dir, root, tmp_path, capsys)
+    assert re.fullmatch(rf"error: \S+/copy: '{CAM}' of episode 8, frame \d+ \(parquet timestamp [\d.]+s \+ "
+                        rf"videos/{CAM}/from_timestamp 0\.040000s\): the nearest frame of \S+/file-002\.mp4 is at "
+                        r"[\d.]+s, 0\.040000s from t=[\d.]+s \(over the 0\.0001s tolerance\): the timestamps and the "
+                        r"video disagree; fix the timestamps or from_timestamp, or relax --dataset.tolerance-s",
+                        line), line
+    summary = train.main(train_args(policy_dir, root, tmp_path / "relaxed", "--steps", "1",
+                                    "--dataset.tolerance-s", "0.05"))
+    assert Path(summary["checkpoint"]).name == "000001" and summary["trainable_params"] > 0
+
+
+def test_image_cells_by_path_and_empty_cells(image_ds, tmp_path):
+    root = _copy(image_ds, tmp_path)
+    path = root / "data/chunk-000/file-000.parquet"
+    table = _data_table(root)
+    cells = table.column(CAM).to_pylist()
+    expected = _all_images(root)
+    (root / "images").mkdir()
+    for i in (0, 5, 13):  # some frames as files next to the parquet, named by a relative 'path', as LeRobot allows
+        Image.open(io.BytesIO(cells[i]["bytes"])).save(root / f"images/{i}.png")
+        cells[i] = {"bytes": None, "path": f"images/{i}.png"}
+    column = pa.array(cells, table.schema.field(CAM).type)
+    pq.write_table(table.set_column(table.schema.get_field_index(CAM), CAM, column), path)
+    ds = LeRobotDataset(root, chunk_size=2, uint8_images=True)
+    for i in (0, 4, 5, 13):
+        np.testing.assert_array_equal(ds[i][CAM].permute(1, 2, 0).numpy(), expected[i])
+    cells[7] = {"bytes": b"", "path": None}
+    column = pa.array(cells, table.schema.field(CAM).type)
+    pq.write_table(table.set_column(table.schema.get_field_index(CAM), CAM, column), path)
+    with pytest.raises(DatasetError, match=rf"file-000.parquet: image column '{CAM}' has a row with neither 'bytes' "
+                                           r"nor 'path'"):
+        LeRobotDataset(root, chunk_size=2)

@@ -149,6 +149,9 @@ def test_the_guides_repo_id_pushes_so_offline_it_is_refused_up_front(policy_dir,
     (["--seed=7"], "seed", 7),
     (["--num_workers=6"], "dataset.num_workers", 6),
     (["--prefetch_factor=4"], "dataset.prefetch_factor", 4),
+    (["--tolerance_s=0.02"], "dataset.tolerance_s", 0.02),
+    (["--dataset.tolerance-s", "0.003"], "dataset.tolerance_s", 0.003),  # ours
+    (["--dataset.video_backend=pyav"], "dataset.tolerance_s", 1e-4),  # accepted, nothing to set
     (["--dataset.image_transforms.enable=true"], "dataset.image_transforms.enable", True),
     (["--dataset.image_transforms.max_num_transforms=2"], "dataset.image_transforms.max_num_transforms", 2),
     (["--save_freq=500"], "checkpoint.every", 500),
@@ -214,7 +217,7 @@ def test_lerobot_schedule_shrinks_warmup_and_decay_for_a_shorter_run(capsys):
     ("--scheduler.num_warmup_steps=10", "use --policy.optimizer_* / --policy.scheduler_* (or --optim.*)"),
     ("--use_policy_training_preset=false", "the optimizer is always AdamW"),
     ("--dataset.eval_split=0.1", "hold out the last N episodes with --dataset.eval_episodes N"),
-    ("--dataset.video_backend=torchcodec", "videos are decoded with PyAV"),
+    ("--dataset.video_backend=ffmpeg", "expected one of LeRobot's torchcodec, pyav, video_reader"),
     ("--dataset.image_transforms.random_order=true", "augmentation is set by --dataset.image_transforms.enable"),
     ("--policy.freeze_vision_encoder=false", "the policy folder's config.json (--policy.path) holds it"),
     ("--policy.input_features={\"a\": 1}", "features always come from the dataset here"),

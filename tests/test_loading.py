@@ -10,7 +10,13 @@ from helpers import train_args
 
 from finetune import train
 from finetune.data import LeRobotDataset, load_dataset_meta
-from finetune.data.workers import default_decoder_threads, default_num_workers, loader_kwargs, resolve_num_workers
+from finetune.data.workers import (
+    cache_bytes_per_process,
+    default_decoder_threads,
+    default_num_workers,
+    loader_kwargs,
+    resolve_num_workers,
+)
 from finetune.hub import load_tokenizer
 from finetune.policies import load_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
@@ -42,6 +48,19 @@ def test_explicit_workers_win_and_decoding_in_process_gets_threads():
     with pytest.raises(ValueError, match="num-workers must be >= 0"):
         resolve_num_workers(-1, 1)
     assert default_decoder_threads(16, 1, 0) == 2 and default_decoder_threads(2, 2, 0) == 1
+
+
+@pytest.mark.parametrize(("budget_mb", "ranks", "workers", "memory_gib", "per_process_mib"), [
+    (None, 8, 8, 1024, 4096 // 64),  # 1 TiB node: 4 GiB in all (the cap) over 8 ranks x 8 workers
+    (None, 1, 1, 23, 23 * 1024 // 32),  # this dev machine: 1/32 of its memory, for its one worker
+    (None, 8, 0, 64, 64 * 1024 // 32 // 8),  # no workers: each rank decodes in its own process
+    (2048, 4, 7, 512, 2048 // 28),  # a given budget is the node's, whatever its memory
+    (0, 2, 3, 64, 0),
+])
+def test_decode_cache_is_one_budget_per_node(budget_mb, ranks, workers, memory_gib, per_process_mib):
+    per_process = cache_bytes_per_process(budget_mb, ranks, workers, node_memory=memory_gib << 30)
+    assert per_process >> 20 == per_process_mib
+    assert per_process * ranks * max(1, workers) <= (budget_mb << 20 if budget_mb is not None else 4 << 30)
 
 
 def test_loader_kwargs():
@@ -100,10 +119,12 @@ def test_training_resolves_its_loader_defaults(policy_dir, dataset_root, tmp_pat
     summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "two", "--steps", "1",
                                     "--dataset.eval-episodes", "0"))
     assert (summary["data_workers"], summary["decoder_threads"]) == (0, 1)
+    assert summary["video_cache_mb_per_process"] == cache_bytes_per_process(None, 2, 0) >> 20
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     summary = train.main(train_args(policy_dir, dataset_root, tmp_path / "one", "--steps", "1",
-                                    "--dataset.eval-episodes", "0", "--dataset.decoder-threads", "2"))
-    assert (summary["data_workers"], summary["decoder_threads"]) == (1, 2)
+                                    "--dataset.eval-episodes", "0", "--dataset.decoder-threads", "2",
+                                    "--dataset.video-cache-mb", "300"))
+    assert (summary["data_workers"], summary["decoder_threads"], summary["video_cache_mb_per_process"]) == (1, 2, 300)
 
 
 def test_stop_workers_ends_persistent_workers_that_ignore_sigterm():

@@ -1,7 +1,13 @@
 """LeRobotDataset reading (v3.0; v2.1 / v2.0 through finetune.data.v21), dataset checks (finetune.data.check), video
 helpers and the synthetic reach task."""
 
-from finetune.data.lerobot_dataset import DatasetError, DatasetMeta, LeRobotDataset, load_dataset_meta
+from finetune.data.lerobot_dataset import (
+    DEFAULT_TOLERANCE_S,
+    DatasetError,
+    DatasetMeta,
+    LeRobotDataset,
+    load_dataset_meta,
+)
 from finetune.data.synthetic import (
     COLORS,
     Scene,
@@ -15,13 +21,15 @@ from finetune.data.synthetic import (
     step,
     synthetic_episode,
 )
-from finetune.data.video import DEFAULT_CODEC, VideoFrameReader, decode_video, encode_video
+from finetune.data.video import DEFAULT_CODEC, FrameNotFound, VideoFrameReader, decode_video, encode_video
 
 __all__ = [
     "COLORS",
     "DEFAULT_CODEC",
+    "DEFAULT_TOLERANCE_S",
     "DatasetError",
     "DatasetMeta",
+    "FrameNotFound",
     "LeRobotDataset",
     "Scene",
     "VideoFrameReader",

@@ -33,7 +33,7 @@ from finetune.data import lerobot_dataset as v3
 from finetune.data.lerobot_dataset import CAMERA_DTYPES, INDEX_COLUMNS, DatasetError
 from finetune.data.stats import BOOKKEEPING, QUANTILES, aggregate_stats
 from finetune.data.v21 import CONVERT_COMMAND, LEGACY_VERSIONS, check_info, load_legacy
-from finetune.data.video import probe_video
+from finetune.data.video import FrameNotFound, VideoFrameReader, probe_video
 
 log = logging.getLogger(__name__)
 TOLERANCE_S = 1e-4  # LeRobot's tolerance_s, for timestamps against 1/fps and for video frame lookup
@@ -97,7 +97,7 @@ class _Findings(list):
         self.append(Finding(level, check, where, problem, fix))
 
 
-# --- the two checks of frames against time: small on purpose, so a shared implementation can replace them ---------
+# --- the two checks of frames against time ----------------------------------------------------------------------------
 
 def check_timestamp_sync(timestamps: np.ndarray, fps: float, tolerance_s: float = TOLERANCE_S) -> str | None:
     """One episode's parquet timestamps against 1/fps (LeRobot's check_timestamps_sync): the first bad step, or None.
@@ -115,35 +115,32 @@ def check_timestamp_sync(timestamps: np.ndarray, fps: float, tolerance_s: float 
 
 def check_random_frames(path: Path, times: Sequence[float], tolerance_s: float, frame_tolerance_s: float
                         ) -> list[tuple[str, str, np.ndarray | None]]:
-    """Decode the frames of `path` nearest each time. Per time: (level, problem or '', frame): an error when no frame
-    decodes or the nearest is further than `frame_tolerance_s` (the reader's limit), a warning past `tolerance_s`
-    (LeRobot's limit)."""
+    """Decode the frames of `path` nearest each time, by random access through the reader training uses (so a file
+    this passes does not fail mid-training: B-frames and open GOPs included). Per time: (level, problem or '',
+    frame): an error when no frame decodes or the nearest is further than `frame_tolerance_s`, a warning past
+    `tolerance_s` (LeRobot's limit)."""
     out: list[tuple[str, str, np.ndarray | None]] = []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+    reader = VideoFrameReader(cache_bytes=0)
+    try:
         for t in times:
             try:
-                container.seek(max(round((t + 0.25 * tolerance_s) / stream.time_base), 0), stream=stream,
-                               backward=True, any_frame=False)
-                best: tuple[float, np.ndarray] | None = None
-                for frame in container.decode(stream):
-                    time = float(frame.time)
-                    if best is None or abs(time - t) < abs(best[0] - t):
-                        best = (time, frame.to_ndarray(format="rgb24"))
-                    if time >= t - tolerance_s:
-                        break
-            except av.FFmpegError as e:
+                frame = reader.frame_at(path, t, tolerance_s)
+                out.append(("", "", frame))
+                continue
+            except FrameNotFound as err:
+                nearest = err.nearest
+            except (av.FFmpegError, OSError) as e:
                 out.append((ERROR, f"decoding the frame at t={t:.4f} s fails ({e})", None))
                 continue
-            if best is None:
+            if nearest is None:
                 out.append((ERROR, f"no frame decodes at t={t:.4f} s", None))
-            elif abs(best[0] - t) > frame_tolerance_s:
-                out.append((ERROR, f"no frame near t={t:.4f} s (nearest at {best[0]:.4f} s)", best[1]))
-            elif abs(best[0] - t) > tolerance_s:
-                out.append((WARNING, f"the frame for t={t:.4f} s is at {best[0]:.4f} s, off by more than LeRobot's "
-                                     f"{tolerance_s:g} s", best[1]))
+            elif abs(nearest - t) > frame_tolerance_s:
+                out.append((ERROR, f"no frame near t={t:.4f} s (nearest at {nearest:.4f} s)", None))
             else:
-                out.append(("", "", best[1]))
+                out.append((WARNING, f"the frame for t={t:.4f} s is at {nearest:.4f} s, off by more than LeRobot's "
+                                     f"{tolerance_s:g} s", reader.frame_at(path, t, frame_tolerance_s)))
+    finally:
+        reader.close()
     return out
 
 

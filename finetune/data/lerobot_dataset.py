@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from finetune.data.video import VideoFrameReader, probe_video
+from finetune.data.video import FrameNotFound, VideoFrameReader, probe_video
 
 CAMERA_DTYPES = ("video", "image")
 # Bookkeeping columns every v3 data file has; loaded whatever the caller asked for.
 INDEX_COLUMNS = ("episode_index", "frame_index", "index", "timestamp", "task_index")
+# LeRobot's tolerance_s: how far a parquet timestamp may be from its place on the 1/fps grid, and from its video frame.
+DEFAULT_TOLERANCE_S = 1e-4
+TOLERANCE_HINT = "or relax --dataset.tolerance-s"
 
 
 class DatasetError(ValueError):
@@ -226,6 +231,59 @@ def _column_to_numpy(column: pa.ChunkedArray, key: str, feature: dict, path: Pat
     return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
 
 
+_IMAGE_CELL = pa.struct([("bytes", pa.large_binary()), ("path", pa.large_string())])
+
+
+def _image_cells(column: pa.ChunkedArray, key: str, path: Path) -> pa.StructArray:
+    """An image column's cells as one Arrow array of {bytes, path}, checked to hold one or the other in every row."""
+    cells = column.combine_chunks()
+    names = [cells.type.field(i).name for i in range(cells.type.num_fields)] if pa.types.is_struct(cells.type) else []
+    if "bytes" not in names and "path" not in names:
+        raise DatasetError(f"{path}: image column {key!r} is {cells.type}, not a struct of 'bytes' and 'path' "
+                           "(LeRobot's image feature); rewrite the column")
+
+    def field(name: str, kind: pa.DataType) -> pa.Array:  # pc.struct_field: a null row gives a null field
+        return pc.struct_field(cells, name).cast(kind) if name in names else pa.nulls(len(cells), kind)
+
+    data, file = field("bytes", pa.large_binary()), field("path", pa.large_string())
+    has = pc.or_(pc.fill_null(pc.greater(pc.binary_length(data), 0), False),
+                 pc.fill_null(pc.greater(pc.binary_length(file), 0), False))
+    if not pc.all(has).as_py():
+        raise DatasetError(f"{path}: image column {key!r} has a row with neither 'bytes' nor 'path'")
+    return pa.StructArray.from_arrays([data, file], fields=list(_IMAGE_CELL))
+
+
+def _memory_mapped(arrays: dict[str, pa.Array]) -> dict[str, pa.Array]:
+    """The arrays written to an Arrow file and read back memory-mapped: their bytes live in the page cache, shared by
+    every process that maps them (forked DataLoader workers included) instead of in each process's heap, and no
+    Python object per row is touched (and so copied) by a worker. The file (in $TMPDIR) is unlinked at once (the
+    mapping stays); where it cannot be written, the arrays stay in memory, shared copy-on-write all the same."""
+    if not arrays:
+        return arrays
+    fd, name = tempfile.mkstemp(prefix="finetune-images-", suffix=".arrow")
+    try:
+        os.close(fd)
+        batch = pa.record_batch(list(arrays.values()), names=list(arrays))
+        with pa.OSFile(name, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        mapped = pa.ipc.open_file(pa.memory_map(name)).read_all()
+    except (OSError, pa.ArrowException):  # e.g. a full $TMPDIR
+        return arrays
+    finally:
+        os.unlink(name)
+    return {key: mapped.column(key).chunk(0) for key in arrays}
+
+
+def _spread_sample(rows: np.ndarray, episodes: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """`k` of `rows` (sorted), one from each of min(k, #episodes) random episodes first, the rest at random."""
+    shuffled = rng.permutation(len(rows))
+    _, first = np.unique(episodes[shuffled], return_index=True)  # one random row of each episode
+    picked = shuffled[first[rng.permutation(len(first))[:k]]]
+    rest = np.setdiff1d(shuffled, picked)
+    picked = np.concatenate([picked, rng.choice(rest, k - len(picked), replace=False)])
+    return np.sort(rows[picked])
+
+
 class LeRobotDataset(torch.utils.data.Dataset):
     """Frames of a local LeRobotDataset v3 folder, each with the action chunk that starts there.
 
@@ -244,6 +302,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         video_cache_bytes: int = 1 << 30,
         uint8_images: bool = False,
         decoder_threads: int = 1,
+        tolerance_s: float = DEFAULT_TOLERANCE_S,
+        check_frames_per_file: int = 3,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -274,11 +334,17 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._video_keys = [k for k in self.keys if meta.features[k]["dtype"] == "video"]
         self._image_keys = [k for k in self.keys if meta.features[k]["dtype"] == "image"]
         self._value_keys = [k for k in self.keys if meta.features[k]["dtype"] not in CAMERA_DTYPES]
-        self._tolerance = 0.5 / meta.fps
+        if not tolerance_s >= 0:
+            raise ValueError(f"--dataset.tolerance-s must be >= 0 seconds, got {tolerance_s}")
+        self._tolerance = tolerance_s
         self.uint8_images = uint8_images
         self._videos = VideoFrameReader(video_cache_bytes, decoder_threads)
         self._load(selected)
+        pa.default_memory_pool().release_unused()  # the parquet tables _load read: back to the system now
+        self.check_timestamps()
         self._check_videos(selected)
+        if check_frames_per_file:
+            self.check_video_frames(check_frames_per_file)
 
     def _data_path(self, ep: dict) -> tuple[Path, str]:
         chunk, file = ep["data/chunk_index"], ep["data/file_index"]
@@ -309,7 +375,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def _load(self, selected: list[dict]) -> None:
         meta = self.meta
         parts: dict[str, list[np.ndarray]] = {k: [] for k in (*INDEX_COLUMNS, *self._value_keys)}
-        images: dict[str, list[bytes | str]] = {k: [] for k in self._image_keys}
+        images: dict[str, list[pa.StructArray]] = {k: [] for k in self._image_keys}
         # Consecutive selected episodes in one data file form a run: the file is read and sorted once, and the run's
         # rows are taken and converted together (loading is O(rows), not O(episodes x rows)).
         runs: list[tuple[Path, str, list[dict]]] = []
@@ -337,10 +403,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 values = _column_to_numpy(part.column(key), key, feature, path)
                 parts[key].append(values[:, 0] if key in INDEX_COLUMNS else values)
             for key in self._image_keys:
-                for cell in part.column(key).to_pylist():
-                    if not (cell and (cell.get("bytes") or cell.get("path"))):
-                        raise DatasetError(f"{path}: image column {key!r} has a row with neither 'bytes' nor 'path'")
-                    images[key].append(cell["bytes"] or str(meta.root / cell["path"]))
+                images[key].append(_image_cells(part.column(key), key, path))
         self._video_at: dict[str, list[tuple[str, float]]] = {k: [] for k in self._video_keys}
         for ep in selected:
             for key in self._video_keys:
@@ -359,7 +422,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         for key in self._value_keys:
             dtype = np.float32 if np.issubdtype(parts[key][0].dtype, np.floating) else parts[key][0].dtype
             self._values[key] = np.concatenate(parts[key]).astype(dtype, copy=False)
-        self._images = images
+        self._images = _memory_mapped({k: pa.concat_arrays(v) if v else pa.array([], _IMAGE_CELL)
+                                       for k, v in images.items()})
         # Per frame: the position of its episode in `selected`, and that episode's frame range here.
         self._frame_episode = np.repeat(np.arange(len(selected)), np.diff([0, *ends]))
         self._episode_end = np.asarray(ends, np.int64)
@@ -405,6 +469,70 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         "re-encode the video or fix the episode's from_timestamp / data rows"
                     )
 
+    def check_timestamps(self) -> None:
+        """LeRobot's check_timestamps_sync: within each episode, consecutive parquet timestamps are 1/fps apart
+        within the tolerance (plus the float32 rounding of the timestamps). DatasetError names the first violation."""
+        ts = self._timestamp
+        if len(ts) < 2:
+            return
+        gaps = np.diff(ts)
+        off = np.abs(gaps - 1.0 / self.meta.fps)
+        allowed = self._tolerance + 1e-9 + np.spacing(np.abs(ts[1:]).astype(np.float32)).astype(np.float64)
+        bad = off > allowed
+        bad[self._episode_end[:-1] - 1] = False  # the step from one episode's last frame to the next one's first
+        if bad.any():
+            row = int(np.argmax(bad)) + 1
+            raise DatasetError(
+                f"{self.meta.root}: episode {int(self._episode_index[row])}, frame {int(self._frame_index[row])}: "
+                f"parquet timestamp {ts[row]:.6f}s is {gaps[row - 1]:.6f}s after the previous frame's, not "
+                f"1/fps = {1 / self.meta.fps:.6f}s (off by {off[row - 1]:.6f}s, over the {self._tolerance:g}s "
+                f"tolerance): fix the data's timestamps, {TOLERANCE_HINT}"
+            )
+
+    def check_video_frames(self, frames_per_file: int | None = 3, seed: int = 0) -> int:
+        """Decode frames by random access, as training does, each checked to have a frame within the tolerance:
+        `frames_per_file` random rows of each video file, from as many different episodes (None: every row).
+        DatasetError names the first failure; returns the number of frames checked. Decoding is by a reader of its
+        own (no cache), closed after."""
+        rng = np.random.default_rng(seed)
+        reader = VideoFrameReader(cache_bytes=0, decoder_threads=self._videos.decoder_threads)
+        checked = 0
+        try:
+            for key, places in self._video_at.items():
+                paths = np.asarray([path for path, _ in places])[self._frame_episode]
+                for path in dict.fromkeys(paths.tolist()):
+                    rows = np.flatnonzero(paths == path)
+                    if frames_per_file is not None and len(rows) > frames_per_file:
+                        rows = _spread_sample(rows, self._frame_episode[rows], frames_per_file, rng)
+                    for i in rows.tolist():
+                        start = places[int(self._frame_episode[i])][1]
+                        try:
+                            reader.frame_at(path, start + float(self._timestamp[i]), self._tolerance)
+                        except FrameNotFound as err:
+                            raise self._frame_not_found(key, i, start, err) from err
+                        except (av.FFmpegError, OSError) as err:
+                            raise DatasetError(
+                                f"{path}: cannot decode the {key!r} frame of episode {int(self._episode_index[i])}, "
+                                f"frame {int(self._frame_index[i])} ({err}); re-encode the video"
+                            ) from err
+                        checked += 1
+        finally:
+            reader.close()
+        return checked
+
+    def _frame_not_found(self, key: str, i: int, start: float, err: FrameNotFound) -> DatasetError:
+        episode, frame = int(self._episode_index[i]), int(self._frame_index[i])
+        where = (f"{self.meta.root}: {key!r} of episode {episode}, frame {frame}"
+                 f" (parquet timestamp {float(self._timestamp[i]):.6f}s + videos/{key}/from_timestamp {start:.6f}s)")
+        if err.nearest is None:
+            return DatasetError(f"{where}: {err.path} has no frame near t={err.t:.6f}s; re-encode the video or fix "
+                                "the episode's from_timestamp")
+        return DatasetError(
+            f"{where}: the nearest frame of {err.path} is at {err.nearest:.6f}s, {err.gap:.6f}s from "
+            f"t={err.t:.6f}s (over the {self._tolerance:g}s tolerance): the timestamps and the video disagree; fix "
+            f"the timestamps or from_timestamp, {TOLERANCE_HINT}"
+        )
+
     @staticmethod
     def _raise_index_mismatch(path: Path, group: list[dict], counts: np.ndarray, found: np.ndarray) -> None:
         offset = 0
@@ -427,13 +555,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
             path, start = self._video_at[key][e]
             try:
                 frame = self._videos.frame_at(path, start + float(self._timestamp[i]), self._tolerance)
-            except RuntimeError as err:
-                raise DatasetError(
-                    f"{key!r}, episode {int(self._episode_index[i])}, frame {int(self._frame_index[i])}: {err}"
-                ) from err
+            except FrameNotFound as err:
+                raise self._frame_not_found(key, i, start, err) from err
             source = path
         else:
-            cell = self._images[key][i]
+            data, file = self._images[key].field("bytes")[i], self._images[key].field("path")[i]
+            cell = data.as_py() if data.is_valid and len(data.as_buffer()) else str(self.meta.root / file.as_py())
             source = cell if isinstance(cell, str) else f"{key} column, frame {int(self._global_index[i])}"
             with Image.open(cell if isinstance(cell, str) else io.BytesIO(cell)) as img:
                 frame = np.array(img.convert("RGB"))  # writable, as torch.from_numpy wants

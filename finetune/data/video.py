@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -119,7 +120,61 @@ def probe_video(path: str | Path) -> VideoInfo:
         frames = int(stream.frames) or round(seconds * fps)
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         last = start + (frames - 1) / fps if fps and frames else start + seconds
-        return VideoInfo(fps, frames, last, stream.height, stream.width)
+        return VideoInfo(fps, frames, _last_frame_time(container, stream, last), stream.height, stream.width)
+
+
+def _last_frame_time(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                     estimate: float) -> float:
+    """The presentation time of the last frame, from the packets after the last keyframe (read, not decoded); the
+    header's `estimate` where they cannot be read. Exact with a variable frame rate too."""
+    try:
+        container.seek(2**62, stream=stream, backward=True, any_frame=False)
+        times = [p.pts for p in container.demux(stream) if p.pts is not None]
+    except av.FFmpegError:
+        return estimate
+    return float(max(times) * stream.time_base) if times else estimate
+
+
+def _near(tolerance: float, fps: float) -> float:
+    """How close to t a frame must be for no other frame to be nearer: the tolerance, at most a quarter frame."""
+    return min(tolerance, 0.25 / fps) if fps else tolerance
+
+
+class FrameNotFound(RuntimeError):
+    """No frame of `path` within `tolerance` seconds of `t`; `nearest` is the closest frame's time (None: none)."""
+
+    def __init__(self, path: str, t: float, nearest: float | None, tolerance: float):
+        self.path, self.t, self.nearest, self.tolerance = path, t, nearest, tolerance
+        gap = f"nearest frame at {nearest:.6f}s, {abs(nearest - t):.6f}s away" if nearest is not None else "no frame"
+        super().__init__(f"{path}: no frame within {tolerance:g}s of t={t:.6f}s ({gap})")
+
+    @property
+    def gap(self) -> float | None:
+        return None if self.nearest is None else abs(self.nearest - self.t)
+
+
+@dataclass
+class _SeekStart:
+    """The first packet read after a seek: the keyframe decoding starts from."""
+
+    dts: int | None = None
+    pts: int | None = None
+
+
+def _frames_from(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                 start: _SeekStart) -> Iterator[av.VideoFrame]:
+    """Decoded frames from the container's position on, in presentation order, recording the first packet in `start`.
+
+    Frames shown before that keyframe (the leading pictures of an open GOP, which reference the GOP before it) are
+    dropped: decoded from here they may be wrong.
+    """
+    for packet in container.demux(stream):
+        if start.dts is None and packet.dts is not None:
+            start.dts, start.pts = packet.dts, packet.pts
+        for frame in packet.decode():
+            if start.pts is not None and frame.pts is not None and frame.pts < start.pts:
+                continue
+            yield frame
 
 
 @dataclass
@@ -133,12 +188,13 @@ class _OpenVideo:
 class VideoFrameReader:
     """Per-process frame lookup by time, for dataset `__getitem__`.
 
-    A frame not in the cache is reached by seeking to the keyframe at or before it and decoding forward (or, when it
-    lies just after the last frame decoded from that file, by decoding on); every frame decoded on the way is kept in
-    a byte-bounded LRU of single frames, so a sample costs at most one keyframe interval of decoding whatever the
-    file sizes, and a working set that fits the cache is decoded once. Containers are opened lazily and never
-    pickled, and a reader that finds itself in a forked child drops the parent's containers (their file offsets are
-    shared with the parent). `decoded_frames` counts the frames this process decoded.
+    A frame not in the cache is reached by seeking to the last keyframe from which decoding reaches it (with
+    B-frames or an open GOP, possibly the one before the keyframe the container's seek finds) and decoding forward
+    (or, when it lies just after the last frame decoded from that file, by decoding on); every frame decoded on the
+    way is kept in a byte-bounded LRU of single frames, so a sample costs at most about one keyframe interval of
+    decoding whatever the file sizes, and a working set that fits the cache is decoded once. Containers are opened
+    lazily and never pickled, and a reader that finds itself in a forked child drops the parent's containers (their
+    file offsets are shared with the parent). `decoded_frames` counts the frames this process decoded.
     """
 
     max_open_containers = 8
@@ -192,18 +248,16 @@ class VideoFrameReader:
 
     def _decode(self, key: str, t: float, tolerance: float) -> np.ndarray:
         video = self._video(key)
-        fps, stream = self._fps[key], video.stream
+        fps = self._fps[key]
         target = round(t * fps) if fps else None
         if not (video.frames is not None and video.last is not None and target is not None
                 and video.last < target <= video.last + self.decode_on_window):
-            # backward=True lands on the last keyframe at or before the target. Aim a quarter tolerance past t: t is
-            # a float32 timestamp that can sit a tick before its frame, and a target below a keyframe's pts would
-            # land on the keyframe before it (a whole interval decoded in vain).
-            target_pts = round((t + 0.25 * tolerance) / stream.time_base)
-            video.container.seek(max(target_pts, 0), stream=stream, backward=True, any_frame=False)
-            video.frames, video.last = video.container.decode(stream), None
+            self._seek(key, video, t, tolerance)
+        # Frames come in presentation order: the first one at or after t - near is the nearest to t (with VFR too,
+        # as long as frames are more than 2 * near apart).
+        near = _near(tolerance, fps)
         best: tuple[float, np.ndarray] | None = None
-        for frame in video.frames:
+        for frame in video.frames or ():
             time = float(frame.time)
             image = frame.to_ndarray(format="rgb24")
             self.decoded_frames += 1
@@ -212,14 +266,40 @@ class VideoFrameReader:
                 self._remember((key, video.last), time, image)
             if best is None or abs(time - t) < abs(best[0] - t):
                 best = (time, image)
-            if time >= t - tolerance - 1e-6:  # frames come in presentation order: this one is the nearest
+            if time >= t - near - 1e-6:
                 break
         else:
             video.frames = None  # the file ended
         if best is None:
-            raise RuntimeError(f"{key}: no frame decoded after seeking to t={t:.4f}s")
-        self._check(key, t, best[0], tolerance)
+            raise FrameNotFound(key, t, None, tolerance)
+        if abs(best[0] - t) > tolerance + 1e-6:
+            raise FrameNotFound(key, t, best[0], tolerance)
         return best[1]
+
+    def _seek(self, key: str, video: _OpenVideo, t: float, tolerance: float) -> None:
+        """Position the decoder on the last keyframe from which decoding reaches the frame at `t`.
+
+        Containers seek by decode time: with B-frames (or an open GOP) the keyframe found can be shown after `t`
+        (its decode time is before `t`, its presentation time after). Then the seek is redone from just before that
+        keyframe's decode time, which lands on the keyframe before it, until the first frame shown is not after `t`
+        or the file's first keyframe is reached.
+        """
+        stream = video.stream
+        # Aim a quarter tolerance past t: t is a float32 timestamp that can sit a tick before its frame, and a target
+        # below a keyframe's time would land on the keyframe before it (a whole interval decoded in vain).
+        seek_to = round((t + 0.25 * tolerance) / stream.time_base)
+        tried: set[int | None] = set()
+        while True:
+            video.container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+            start = _SeekStart()
+            frames = _frames_from(video.container, stream, start)
+            first = next(frames, None)
+            video.frames, video.last = (frames if first is None else itertools.chain([first], frames)), None
+            shown_after = first is not None and float(first.time) > t + _near(tolerance, self._fps[key]) + 1e-6
+            if not shown_after or start.dts is None or start.dts in tried:
+                return
+            tried.add(start.dts)
+            seek_to = start.dts - 1
 
     def _remember(self, key: tuple[str, int], time: float, image: np.ndarray) -> None:
         if image.nbytes > self.cache_bytes:
@@ -247,11 +327,3 @@ class VideoFrameReader:
         while len(self._open) > self.max_open_containers:
             self._open.popitem(last=False)[1].container.close()
         return self._open[key]
-
-    @staticmethod
-    def _check(key: str, t: float, found: float, tolerance: float) -> None:
-        if abs(found - t) > tolerance + 1e-6:
-            raise RuntimeError(
-                f"{key}: no frame within {tolerance:.4f}s of t={t:.4f}s (nearest is at {found:.4f}s); "
-                "the episode's videos/<key>/from_timestamp or the frame timestamps do not match the video"
-            )

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-MAX_DEFAULT_WORKERS = 8  # beyond this a rank's loader rarely gets faster and every worker holds its own frame cache
+MAX_DEFAULT_WORKERS = 8  # beyond this a rank's loader rarely gets faster
+# Default decoded-frame cache for a whole node: this share of its memory, at most DEFAULT_CACHE_CAP. On random access
+# over a dataset larger than the cache, a cache hits rarely (docs/benchmarks.md): memory is better left to the rest.
+DEFAULT_CACHE_SHARE = 1 / 32
+DEFAULT_CACHE_CAP = 4 << 30
 
 
 def available_cpus() -> int:
@@ -40,6 +45,33 @@ def default_decoder_threads(cpus: int, local_ranks: int, workers: int) -> int:
     """
     processes = max(1, local_ranks) * (workers + 1 if workers else 1)
     return max(1, min(2, cpus // processes))
+
+
+def node_memory_bytes() -> int:
+    """Memory this machine gives us: its RAM, or the cgroup's limit (containers, SLURM) when lower."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" when unlimited
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def cache_bytes_per_process(node_budget_mb: int | None, local_ranks: int, workers: int,
+                            node_memory: int | None = None) -> int:
+    """Each training loader process's share of the node's decoded-frame cache: the budget (None: DEFAULT_CACHE_SHARE
+    of the node's memory, at most DEFAULT_CACHE_CAP) split across ranks x workers (x 1 when a rank decodes in its own
+    process). 8 ranks with 8 workers each on a 1 TiB node: 4 GiB in all, 64 MiB per worker. The held-out batches,
+    decoded once, use no cache."""
+    if node_budget_mb is None:
+        budget = min(int((node_memory or node_memory_bytes()) * DEFAULT_CACHE_SHARE), DEFAULT_CACHE_CAP)
+    elif node_budget_mb < 0:
+        raise ValueError(f"--dataset.video-cache-mb must be >= 0, got {node_budget_mb}")
+    else:
+        budget = node_budget_mb << 20
+    return budget // (max(1, local_ranks) * max(1, workers))
 
 
 def resolve_num_workers(requested: int | None, local_ranks: int, cpus: int | None = None) -> int:

@@ -36,7 +36,8 @@ def load_data_mix(cfg: TrainConfig) -> tuple[TrainConfig, DataMix]:
     (so train_config.json says what ran)."""
     mix = DataMix.load(cfg.dataset, lambda hub_id: resolve_repo(hub_id, "dataset", "--dataset.root"))
     for source in mix.sources:  # every rank stops on an error; one reports the warnings
-        check_for_training(source.root, log.warning if rank() == 0 else lambda _: None)
+        check_for_training(source.root, log.warning if rank() == 0 else lambda _: None,
+                           tolerance_s=cfg.dataset.tolerance_s)
     if len(mix) > 1:
         cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, weights=tuple(mix.weights)))
     return cfg, mix
@@ -62,6 +63,7 @@ class TrainData:
     eval_sources: list[str]  # with several datasets: each eval batch's dataset (empty with one)
     workers: int
     decoder_threads: int
+    cache_bytes: int  # each training loader process's decoded-frame cache
 
 
 def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk_size: int,
@@ -73,7 +75,9 @@ def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk
     num_workers = workers.resolve_num_workers(cfg.dataset.num_workers, local_ranks)
     threads = cfg.dataset.decoder_threads or workers.default_decoder_threads(workers.available_cpus(), local_ranks,
                                                                              num_workers)
-    data_kwargs = dict(video_cache_bytes=cfg.dataset.video_cache_mb << 20, uint8_images=True, decoder_threads=threads)
+    cache = workers.cache_bytes_per_process(cfg.dataset.video_cache_mb, local_ranks, num_workers)
+    data_kwargs = dict(video_cache_bytes=cache, uint8_images=True, decoder_threads=threads,
+                       tolerance_s=cfg.dataset.tolerance_s)
     members = [LeRobotDataset(s.root, chunk_size, episodes=train, keys=s.keys, **data_kwargs)
                for s, (train, _) in zip(mix.sources, splits)]
     if len(mix) == 1:
@@ -94,10 +98,10 @@ def build_data(cfg: TrainConfig, mix: DataMix, processor: PolicyProcessor, chunk
             continue
         # on every rank: each evaluates its own rows (and under ZeRO-3 all must run the forward passes)
         eval_set = MixtureDataset([LeRobotDataset(source.root, chunk_size, episodes=eval_eps, keys=source.keys,
-                                                  **data_kwargs)], [source.rename])
+                                                  **(data_kwargs | {"video_cache_bytes": 0}))], [source.rename])
         # global-batch-sized, so the figure is the same whatever the number of processes
         held = fixed_eval_batches(eval_set, processor, cfg.batch_size * accelerator.num_processes, cfg.eval_batches,
                                   accelerator)
         eval_batches += held
         eval_sources += [source.name] * len(held) if len(mix) > 1 else []
-    return TrainData(loader, sampler, eval_batches, eval_sources, num_workers, threads)
+    return TrainData(loader, sampler, eval_batches, eval_sources, num_workers, threads, cache)
