@@ -501,8 +501,18 @@ def from_dict(data: dict) -> TrainConfig:
 
 
 def read_train_config(folder: str | Path) -> TrainConfig | None:
-    """The train_config.json a run or checkpoint folder holds, None when it has none."""
+    """The train_config.json a run or checkpoint folder holds, None when it has none (or it is LeRobot's)."""
     import json
 
     path = Path(folder) / "train_config.json"
-    return from_dict(json.loads(path.read_text())) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if is_lerobot_train_config(data):
+        return None
+    return from_dict(data)
+
+
+def is_lerobot_train_config(data: dict) -> bool:
+    """LeRobot's own train_config.json (a lerobot-train checkpoint): its policy section has a `type`, ours a path."""
+    return isinstance(data.get("policy"), dict) and "type" in data["policy"]
