@@ -68,6 +68,7 @@ def peft_run(base: str, checkpoint_dir: str) -> dict:
     from lerobot.policies.factory import make_pre_post_processors
 
     policy, _ = load_policy(base, peft=False)
+    policy.config.pretrained_path = Path(base)  # what lerobot-train's --policy.path sets
     preprocessor, postprocessor = make_pre_post_processors(policy.config, pretrained_path=base)
     model = policy.wrap_with_peft(peft_cli_overrides={"r": 4})
     generator = torch.Generator().manual_seed(0)
