@@ -96,6 +96,10 @@ class PeftOptions:
     """Per-module ranks overriding --peft.r: module-name regex (or suffix) -> rank, e.g. `lm_expert.*q_proj 16`."""
     alpha_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module alphas overriding --peft.lora-alpha, keyed like --peft.rank-pattern."""
+    init_from: str | None = None
+    """Start from this trained adapter (folder or Hub id: a checkpoint of ours, or a LeRobot PEFT run's
+    checkpoints/<step>/pretrained_model) instead of a fresh one: its method, targets and weights train on; the other
+    --peft options do not apply. The base is --policy.path."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(message)
     if cfg.quant.load_in_8bit and cfg.quant.load_in_4bit:
         raise ConfigError("--quant.load-in-8bit and --quant.load-in-4bit exclude each other; pick one")
+    if cfg.peft.init_from is not None and cfg.peft.method.upper() == PEFT_METHOD_FULL:
+        raise ConfigError("--peft.init-from starts from an adapter, but --peft.method FULL trains without one; drop "
+                          "one of them")
     if cfg.quant.enabled and cfg.peft.method.upper() == PEFT_METHOD_FULL:
         raise ConfigError("a quantized base cannot be trained in full (--peft.method FULL); use an adapter such as "
                           "LORA, or drop --quant.load-in-8bit/4bit")
