@@ -11,6 +11,14 @@
         policy's default targets (r 4), LoRA weights set to random values (a trained adapter), then
         CHECKPOINT_DIR/pretrained_model/ (adapter, config.json, processor files, train_config.json).
 Prints one JSON line describing what it loaded or wrote.
+
+`--tiny-pi SPEC.json` (pi0/pi0.5 only): LeRobot 0.6.1 builds PaliGemma + expert at full size only (its variant table
+knows gemma_2b and gemma_300m; SigLIP So400m, vocabulary 257152 and projection width 2048 are constants in
+PaliGemmaWithExpertModel.__init__), about 3.5B parameters, more than this check can hold twice in memory. The option
+swaps those constants for the sizes in a tiny export's vlm_config.json: LeRobot's get_gemma_config gives them for
+gemma_2b (the VLM) and gemma_300m (the expert), and the transformers configs its __init__ builds keep the tiny vision
+tower and vocabulary. Nothing else of LeRobot changes: its modules, key names, forward, sampling, loading and
+processors run as shipped.
 """
 
 from __future__ import annotations
@@ -22,6 +30,40 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+
+def use_tiny_pi_sizes(spec_path: str) -> None:
+    """LeRobot's pi0/pi0.5 built at the sizes of `spec_path` (an export's vlm_config.json) instead of full size."""
+    import lerobot.policies.pi0.modeling_pi0 as pi0
+    import lerobot.policies.pi05.modeling_pi05 as pi05
+    from transformers.models.auto import CONFIG_MAPPING
+
+    spec = json.loads(Path(spec_path).read_text())
+    vocab, width = spec["vocab_size"], spec["paligemma"]["width"]
+
+    def pin(config, **values):  # later assignments of these attributes keep the pinned value
+        base = type(config)
+        config.__class__ = type(base.__name__, (base,), {"__setattr__": lambda self, key, value: base.__setattr__(
+            self, key, values.get(key, value))})
+        for key, value in values.items():
+            setattr(config, key, value)
+        return config
+
+    def paligemma():
+        config = CONFIG_MAPPING["paligemma"]()
+        pin(config.vision_config, **spec["vision"], projection_dim=width, vision_use_head=False)
+        pin(config.text_config, vocab_size=vocab)
+        return pin(config, _vocab_size=vocab, image_token_index=vocab)
+
+    def gemma(**kwargs):
+        return CONFIG_MAPPING["gemma"](**{**kwargs, "vocab_size": vocab})
+
+    tiny = {"gemma_2b": spec["paligemma"], "gemma_300m": spec["action_expert"]}  # the only names its config accepts
+    for module in (pi0, pi05):
+        original = module.get_gemma_config
+        module.get_gemma_config = lambda variant, m=module, o=original: (
+            m.GemmaConfig(**tiny[variant]) if variant in tiny else o(variant))
+        module.CONFIG_MAPPING = {"paligemma": paligemma, "gemma": gemma}
 
 
 def load_policy(folder: str, peft: bool):
@@ -87,6 +129,9 @@ def peft_run(base: str, checkpoint_dir: str) -> dict:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
+    if "--tiny-pi" in args:
+        use_tiny_pi_sizes(args.pop(args.index("--tiny-pi") + 1))
+        args.remove("--tiny-pi")
     if command == "predict":
         result = predict(*args[:3], peft="--peft" in args)
     elif command == "peft-run":

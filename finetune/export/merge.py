@@ -4,7 +4,8 @@
 
 The output folder is a LeRobot policy: `config.json` (the config the adapter was trained with: type, dataset
 features, chunk size), `model.safetensors` (every weight, with exactly the base file's keys and, by default, its
-dtypes), the normalization stats both as finetune's `normalization_stats.safetensors` and as LeRobot 0.6's
+dtypes; pi0/pi0.5 also get the expert LM head LeRobot's module has, zeros when the base lacks it), the normalization
+stats both as finetune's `normalization_stats.safetensors` and as LeRobot 0.6's
 `policy_preprocessor.json` / `policy_postprocessor.json` + normalizer state files, the tokenizer, the run's
 `train_config.json` and a README.md model card (base, adapter config, dataset, metrics).
 
@@ -52,7 +53,7 @@ from finetune.inference.loading import (  # noqa: F401  (re-exported: merge's pu
     quant_label,
     resolve_base,
 )
-from finetune.policies import backbone_config_dict, save_policy
+from finetune.policies import backbone_config_dict, config_from_dict, save_policy
 from finetune.policies.base import PolicyConfig
 from finetune.policies.common import DTYPES
 from finetune.policies.lerobot_processor import (
@@ -172,6 +173,17 @@ def state_dict_in_base_layout(policy: nn.Module, base_dir: Path, dtype: str = "b
     return out
 
 
+def add_lerobot_only_tensors(policy: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Tensors LeRobot's module of this policy type has and ours does not use (pi0's expert LM head), when the base
+    file lacked them: LeRobot loads pi0/pi0.5 strictly and keeps random weights when a key is missing."""
+    extra = getattr(policy, "lerobot_only_tensors", None)
+    if extra is None:
+        return
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    for key, tensor in extra(dtype).items():
+        state.setdefault(key, tensor)
+
+
 def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config: PolicyConfig):
     """Save the tokenizer at the top of `out` (where finetune looks); returns it, or None when none was found."""
     try:
@@ -199,7 +211,7 @@ def write_lerobot_names(out: Path, policy: nn.Module, tokenizer, base_dir: Path)
     """config.json (without LeRobot's use_peft flag) and the tokenizer name LeRobot's processor should load: a custom
     backbone goes into out/vlm and is named by absolute path; a Hub backbone by its Hub id, as LeRobot names it."""
     path = out / "config.json"
-    config = json.loads(path.read_text())
+    config = config_from_dict(json.loads(path.read_text())).to_dict()  # as LeRobot 0.6 reads it (see to_dict)
     config.pop("use_peft", None)  # a merged folder is a whole policy, not an adapter
     path.write_text(json.dumps(config, indent=2) + "\n")
     if backbone_config_dict(policy) is None or tokenizer is None:
@@ -229,6 +241,7 @@ def _merge(checkpoint: Path, output_dir: Path, base: str | None, tokenizer_path:
     base_dir = resolve_base(checkpoint, base)
     merged, notes = load_merged_policy(checkpoint, base_dir, quant_base, use_ema)
     state = state_dict_in_base_layout(merged, base_dir, dtype)
+    add_lerobot_only_tensors(merged, state)
 
     out = Path(output_dir)
     tmp = out.with_name(f".{out.name}.tmp")
