@@ -19,7 +19,13 @@ from finetune.training.metrics import run_dir_of, run_metrics
 # What an adapter checkpoint holds that is worth publishing (training_state/ is the optimizer: resume-only, large).
 PUBLISHED_CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
                               "vlm_config.json", "normalization_stats.safetensors", "train_config.json",
-                              "accelerate_config.yaml", "trainer_state.json")
+                              "accelerate_config.yaml", "trainer_state.json",
+                              # LeRobot's processor files: its PEFT loading reads stats and tokenizer from them
+                              "policy_preprocessor.json", "policy_postprocessor.json",
+                              "policy_preprocessor_step_5_normalizer_processor.safetensors",
+                              "policy_preprocessor_step_6_normalizer_processor.safetensors",
+                              "policy_preprocessor_step_3_normalizer_processor.safetensors",
+                              "policy_postprocessor_step_0_unnormalizer_processor.safetensors")
 
 
 def _hub_id(value: str | None) -> str | None:

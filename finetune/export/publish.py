@@ -28,11 +28,11 @@ def push_run(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, str]:
         pushed["adapter"] = push_adapter_checkpoint(checkpoint, cfg.policy.repo_id)
         print(f"pushed the checkpoint to {pushed['adapter']}")
     if cfg.policy.merged_repo_id:
-        from finetune.export.merge import merge_checkpoint  # only when a merged push is asked
+        from finetune.export.merge import merge_checkpoint, push_merged  # only when a merged push is asked
 
         merged = merge_checkpoint(checkpoint, Path(cfg.output_dir) / "merged", base=cfg.policy.path,
                                   tokenizer_path=cfg.policy.tokenizer_path)
-        pushed["merged"] = push_folder(merged, cfg.policy.merged_repo_id, commit_message="Upload merged policy")
+        pushed["merged"] = push_merged(merged, cfg.policy.merged_repo_id)
         print(f"pushed the merged policy to {pushed['merged']}")
     summary["pushed"] = pushed
     return pushed
