@@ -95,7 +95,7 @@ def point_at_vlm(folder: Path, name: str) -> None:
 
 @dataclass(frozen=True)
 class RelinkConfig:
-    folder: str
+    folder: tyro.conf.Positional[str]
     """A merged export that holds vlm/."""
     name: str | None = None
     """What to name the backbone: default the absolute path of FOLDER/vlm; or a Hub repo id holding its files."""
