@@ -10,6 +10,8 @@
         A LeRobot PEFT run's checkpoint of BASE_DIR, written by LeRobot's own save_checkpoint: wrap_with_peft with the
         policy's default targets (r 4), LoRA weights set to random values (a trained adapter), then
         CHECKPOINT_DIR/pretrained_model/ (adapter, config.json, processor files, train_config.json).
+    python tests/lerobot_side.py full-run BASE_DIR CHECKPOINT_DIR
+        A LeRobot full fine-tune's checkpoint (every weight nudged), written by LeRobot's save_checkpoint.
 Prints one JSON line describing what it loaded or wrote.
 
 `--tiny-pi SPEC.json` (pi0/pi0.5 only): LeRobot 0.6.1 builds PaliGemma + expert at full size only (its variant table
@@ -103,6 +105,27 @@ def predict(folder: str, observation: str, out: str, peft: bool) -> dict:
             getattr(config, "vlm_model_name", None), "actions": list(actions.shape), "cwd": str(Path.cwd())}
 
 
+def full_run(base: str, checkpoint_dir: str) -> dict:
+    """A LeRobot full fine-tune's checkpoint of BASE_DIR (every weight nudged, as training would), saved by LeRobot."""
+    from lerobot.common.train_utils import save_checkpoint
+    from lerobot.configs.default import DatasetConfig
+    from lerobot.configs.train import TrainPipelineConfig
+    from lerobot.policies.factory import make_pre_post_processors
+
+    policy, _ = load_policy(base, peft=False)
+    policy.config.pretrained_path = Path(base)
+    preprocessor, postprocessor = make_pre_post_processors(policy.config, pretrained_path=base)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    cfg = TrainPipelineConfig(dataset=DatasetConfig(repo_id="local/reach"), policy=policy.config,
+                              output_dir=Path(checkpoint_dir).parent, steps=1)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    save_checkpoint(Path(checkpoint_dir), 1, cfg, policy, optimizer, None, preprocessor, postprocessor)
+    return {"wrote": sorted(p.name for p in (Path(checkpoint_dir) / "pretrained_model").iterdir())}
+
+
 def peft_run(base: str, checkpoint_dir: str) -> dict:
     from lerobot.common.train_utils import save_checkpoint
     from lerobot.configs.default import DatasetConfig, PeftConfig
@@ -136,6 +159,8 @@ if __name__ == "__main__":
         result = predict(*args[:3], peft="--peft" in args)
     elif command == "peft-run":
         result = peft_run(*args[:2])
+    elif command == "full-run":
+        result = full_run(*args[:2])
     else:
-        raise SystemExit(f"unknown command {command!r}: predict or peft-run")
+        raise SystemExit(f"unknown command {command!r}: predict, peft-run or full-run")
     print(json.dumps(result))
