@@ -134,6 +134,11 @@ def test_lerobot_round_trip(policy_type, dataset_root, tmp_path):
     diff = max((our_actions(merged, frame, noise) - theirs3).abs().max().item(), (theirs4 - theirs3).abs().max().item())
     report(policy_type, "LeRobot PEFT run merged here: both sides vs LeRobot PEFT", diff)
     assert diff < TOLERANCE
+    train.main(policy_train_args(policy_type, export, dataset_root, tmp_path / "run3", "--steps", "1",
+                                 "--peft.init-from", str(theirs_adapter)))  # LeRobot's adapter trained on here
+    continued = json.loads((tmp_path / "run3" / "checkpoints" / "last" / "adapter_config.json").read_text())
+    assert continued["target_modules"] == json.loads((theirs_adapter / "adapter_config.json").read_text())[
+        "target_modules"]
 
     # 4. a LeRobot full fine-tune used here as a policy
     lerobot("full-run", export, tmp_path / "lerobot_full" / "checkpoints" / "000001", cwd=elsewhere, tiny_pi=tiny_pi)
@@ -145,6 +150,9 @@ def test_lerobot_round_trip(policy_type, dataset_root, tmp_path):
     diff = (theirs5 - ours5).abs().max().item()
     report(policy_type, "LeRobot full fine-tune: finetune-predict vs LeRobot", diff)
     assert diff < TOLERANCE and (ours5 - ours).abs().max() > 1e-4
+    summary = train.main(policy_train_args(policy_type, full, dataset_root, tmp_path / "run4", "--steps", "1"))
+    adapter_base = json.loads((Path(summary["checkpoint"]) / "adapter_config.json").read_text())
+    assert adapter_base["base_model_name_or_path"] == str(full.resolve())  # a LeRobot full fine-tune as the base
 
 
 if __name__ == "__main__":
