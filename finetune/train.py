@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from peft import PeftModel
 from safetensors import SafetensorError
 from torch import nn
 
@@ -240,7 +239,7 @@ def evaluate(run: Run, seed: int = 0) -> float | None:
 def save(run: Run) -> Path:
     cfg, accelerator = run.cfg, run.accelerator
     policy = base_policy(accelerator.unwrap_model(run.model))
-    adapter = isinstance(accelerator.unwrap_model(run.model), PeftModel)
+    adapter = base_policy(accelerator.unwrap_model(run.model)) is not accelerator.unwrap_model(run.model)
     files = {
         "config.json": {**policy.config.to_dict(), **({"use_peft": True} if adapter else {})},  # LeRobot's flag
         "train_config.json": to_dict(cfg),

@@ -27,11 +27,11 @@ from torch import Tensor, nn
 from finetune import _quiet  # noqa: F401 - first: silences notices raised while peft imports bitsandbytes
 from finetune.config import read_train_config
 from finetune.entry import console_script, exit_on
-from finetune.hub import TOKENIZER_FILES, load_tokenizer, resolve_repo
+from finetune.hub import load_tokenizer, resolve_repo
 from finetune.inference.loading import load_trained_policy
 from finetune.policies.base import OBS_STATE, TASK, PolicyConfig
 from finetune.policies.common import DTYPES
-from finetune.policies.lerobot_processor import read_processor_stats, read_tokenizer_name
+from finetune.policies.lerobot_processor import read_processor_stats
 from finetune.policies.processor import STATS_FILE, PolicyProcessor, load_stats
 from finetune.policies.relative_actions import RAW_STATE
 from finetune.training.run_lock import reading_checkpoint
@@ -71,15 +71,6 @@ def image_to_tensor(image: Any, key: str) -> Tensor:
     return t.float()
 
 
-def lerobot_local_tokenizer(folder: Path) -> str | None:
-    """For a folder without tokenizer files (a LeRobot checkpoint), the local tokenizer folder its LeRobot processor
-    names, if any; a Hub id is left to load_tokenizer's fallback."""
-    if any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    name = read_tokenizer_name(folder)
-    return name if name is not None and Path(name).is_dir() else None
-
-
 class Predictor:
     """A policy and its processor: observation(s) in, action chunk(s) out in the dataset's (robot's) units."""
 
@@ -111,8 +102,7 @@ class Predictor:
             config = policy.config
             if num_steps is not None:
                 config.num_steps = num_steps
-            tokenizer_path = (tokenizer_path or (train_cfg.policy.tokenizer_path if train_cfg else None)
-                              or lerobot_local_tokenizer(tokenizer_dir))
+            tokenizer_path = tokenizer_path or (train_cfg.policy.tokenizer_path if train_cfg else None)
             tokenizer = load_tokenizer(tokenizer_dir, tokenizer_path, config.tokenizer_name)
             rename_map = train_cfg.dataset.rename_map if train_cfg is not None else {}
             stats = {rename_map.get(k, k): v for k, v in stats.items()}
