@@ -200,3 +200,14 @@ def test_init_from_a_folder_without_adapter_is_one_clear_error(policy_dir, datas
         train.main(train_args(policy_dir, dataset_root, tmp_path / "run", "--peft.init-from", str(policy_dir)))
     err = capsys.readouterr().err
     assert "--peft.init-from" in err and "holds no adapter" in err and "pretrained_model" in err
+
+
+def test_lerobot_peft_run_is_evaluated_here(lerobot_run, dataset_root, tmp_path):
+    from finetune import eval as finetune_eval
+
+    args = ["--dataset-root", str(dataset_root), "--rollout-episodes", "0", "--max-frames", "4"]
+    results = finetune_eval.main(["--checkpoint", str(lerobot_run), *args, "--output-dir", str(tmp_path / "a")])
+    merged = merge.merge_checkpoint(lerobot_run, tmp_path / "merged")
+    same = finetune_eval.main(["--checkpoint", str(merged), *args, "--output-dir", str(tmp_path / "b")])
+    assert results["offline"]["frames"] == 4
+    assert results["offline"]["action_mse"] == pytest.approx(same["offline"]["action_mse"], rel=1e-5)
