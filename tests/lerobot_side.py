@@ -1,9 +1,11 @@
 """Runs inside .lerobot-venv (LeRobot 0.6.1 itself, see tools/lerobot_env.sh); never imports finetune.
 
-    python tests/lerobot_side.py predict POLICY_DIR OBSERVATION OUT [--peft]
+    python tests/lerobot_side.py predict POLICY_DIR OBSERVATION OUT [--peft] [--dataset ROOT]
         LeRobot's own loading (policy class from_pretrained(strict=True), or its PEFT path when --peft: PeftConfig ->
-        base_model_name_or_path -> from_pretrained -> PeftModel.from_pretrained) and make_pre_post_processors(
-        pretrained_path=POLICY_DIR), then preprocessor -> predict_action_chunk(noise) -> postprocessor. OBSERVATION
+        base_model_name_or_path -> from_pretrained -> PeftModel.from_pretrained); with --dataset the policy that
+        predicts then comes from make_policy as `--policy.path` gives it to LeRobot's scripts (features from that
+        LeRobotDataset's metadata). Then make_pre_post_processors(pretrained_path=POLICY_DIR), preprocessor ->
+        predict_action_chunk(noise) -> postprocessor. OBSERVATION
         is a safetensors file (camera images CHW in [0, 1], state, `noise`; the task in its metadata); the actions
         go to OUT (safetensors, key `action`).
     python tests/lerobot_side.py peft-run BASE_DIR CHECKPOINT_DIR
@@ -69,6 +71,8 @@ def use_tiny_pi_sizes(spec_path: str) -> None:
 
 
 def load_policy(folder: str, peft: bool):
+    """LeRobot's policy class from_pretrained(strict=True), or for an adapter folder LeRobot's PEFT loading (PeftConfig
+    -> base_model_name_or_path -> from_pretrained -> PeftModel.from_pretrained)."""
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class
 
@@ -83,10 +87,25 @@ def load_policy(folder: str, peft: bool):
     return PeftModel.from_pretrained(base, folder, config=peft_config), {"base": peft_config.base_model_name_or_path}
 
 
-def predict(folder: str, observation: str, out: str, peft: bool) -> dict:
+def make_policy_as_scripts_do(folder: str, dataset_root: str):
+    """What `lerobot-eval` / `lerobot-record --policy.path=FOLDER` do: the config from FOLDER with pretrained_path
+    set, then make_policy (which takes the PEFT path when config.json says use_peft)."""
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+    from lerobot.policies.factory import make_policy
+
+    config = PreTrainedConfig.from_pretrained(folder)
+    config.pretrained_path = Path(folder)
+    return make_policy(config, ds_meta=LeRobotDatasetMetadata("local/dataset", root=dataset_root))
+
+
+def predict(folder: str, observation: str, out: str, peft: bool, dataset_root: str | None) -> dict:
     from lerobot.policies.factory import make_pre_post_processors
 
     policy, info = load_policy(folder, peft)
+    if dataset_root is not None:  # the scripts' path; the strict load above still has to succeed
+        policy = make_policy_as_scripts_do(folder, dataset_root)
+        info["loaded_by"] = "make_policy"
     policy.eval()
     config = policy.config if not peft else policy.get_base_model().config
     preprocessor, postprocessor = make_pre_post_processors(
@@ -155,8 +174,11 @@ if __name__ == "__main__":
     if "--tiny-pi" in args:
         use_tiny_pi_sizes(args.pop(args.index("--tiny-pi") + 1))
         args.remove("--tiny-pi")
+    dataset = args.pop(args.index("--dataset") + 1) if "--dataset" in args else None
+    if dataset is not None:
+        args.remove("--dataset")
     if command == "predict":
-        result = predict(*args[:3], peft="--peft" in args)
+        result = predict(*args[:3], peft="--peft" in args, dataset_root=dataset)
     elif command == "peft-run":
         result = peft_run(*args[:2])
     elif command == "full-run":

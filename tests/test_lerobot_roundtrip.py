@@ -39,9 +39,11 @@ pytestmark = [
 ]
 
 
-def lerobot(command: str, *args: str | Path, cwd: Path, tiny_pi: Path | None = None) -> dict:
+def lerobot(command: str, *args: str | Path, cwd: Path, tiny_pi: Path | None = None, dataset: Path | None = None
+            ) -> dict:
     """tests/lerobot_side.py in LeRobot's environment, offline, from `cwd` (never the policy folder)."""
     extra = ["--tiny-pi", str(tiny_pi)] if tiny_pi is not None else []
+    extra += ["--dataset", str(dataset)] if dataset is not None else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     done = subprocess.run([str(LEROBOT_PYTHON), str(SIDE), command, *map(str, args), *extra], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -68,9 +70,10 @@ def our_actions(folder: Path, frame: dict, noise: torch.Tensor) -> torch.Tensor:
     return predictor.processor.unnormalize_actions(normalized.float(), None)
 
 
-def their_actions(folder: Path, obs: Path, out: Path, cwd: Path, tiny_pi: Path | None, peft: bool = False
-                  ) -> tuple[torch.Tensor, dict]:
-    info = lerobot("predict", folder, obs, out, *(["--peft"] if peft else []), cwd=cwd, tiny_pi=tiny_pi)
+def their_actions(folder: Path, obs: Path, out: Path, cwd: Path, tiny_pi: Path | None, peft: bool = False,
+                  dataset: Path | None = None) -> tuple[torch.Tensor, dict]:
+    info = lerobot("predict", folder, obs, out, *(["--peft"] if peft else []), cwd=cwd, tiny_pi=tiny_pi,
+                   dataset=dataset)
     assert Path(info["cwd"]).resolve() == cwd.resolve()
     return load_file(str(out))["action"], info
 
@@ -101,8 +104,8 @@ def test_lerobot_round_trip(policy_type, dataset_root, tmp_path):
 
     # 1. the merged export in LeRobot: policy class + processors, from another directory, offline
     ours = our_actions(export, frame, noise)
-    theirs, info = their_actions(export, obs, tmp_path / "a1.safetensors", elsewhere, tiny_pi)
-    assert info["tokenizer_name"] == str((export / "vlm").resolve())
+    theirs, info = their_actions(export, obs, tmp_path / "a1.safetensors", elsewhere, tiny_pi, dataset=dataset_root)
+    assert info["tokenizer_name"] == str((export / "vlm").resolve()) and info["loaded_by"] == "make_policy"
     config = Predictor.from_checkpoint(export).config
     assert theirs.shape == ours.shape == (1, config.chunk_size, meta.features["action"]["shape"][0])
     diff = (theirs - ours).abs().max().item()
@@ -115,8 +118,8 @@ def test_lerobot_round_trip(policy_type, dataset_root, tmp_path):
     ours_adapter = tmp_path / "run2" / "checkpoints" / "last"
     ours2 = our_actions(ours_adapter, frame, noise)
     theirs2, info2 = their_actions(ours_adapter.resolve(), obs, tmp_path / "a2.safetensors", elsewhere, tiny_pi,
-                                   peft=True)
-    assert info2["base"] == str(export.resolve())
+                                   peft=True, dataset=dataset_root)  # make_policy: PEFT path from use_peft
+    assert info2["base"] == str(export.resolve()) and info2["loaded_by"] == "make_policy"
     diff = (theirs2 - ours2).abs().max().item()
     report(policy_type, "our adapter: LeRobot PEFT loading vs finetune", diff)
     assert diff < TOLERANCE and (ours2 - ours).abs().max() > 1e-4  # the adapter changes the actions

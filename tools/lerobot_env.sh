@@ -29,14 +29,17 @@ trap 'rm -rf "$wheels"' EXIT
 pip download --no-deps --python-version 3.12 --only-binary=:all: "lerobot==${LEROBOT_VERSION}" -d "$wheels"
 pip install --no-deps --ignore-requires-python "$wheels"/lerobot-*.whl
 
-# Its core dependencies plus the [smolvla], [pi] and [peft] extras, within LeRobot 0.6.1's own bounds.
+# Its core dependencies plus the [smolvla], [pi], [peft] extras and [dataset]'s readers (LeRobotDatasetMetadata, which
+# make_policy takes for --policy.path; not torchcodec, which needs its own torch build), within LeRobot 0.6.1's bounds.
 echo "torch==${TORCH_VERSION}" > "$wheels/constraints.txt"
 pip install -c "$wheels/constraints.txt" \
   "numpy>=2.0.0,<2.3.0" "opencv-python-headless>=4.9.0,<4.14.0" "Pillow>=10.0.0,<13.0.0" "einops>=0.8.0,<0.9.0" \
   "draccus>=0.11.6,<0.12.0" "huggingface-hub>=1.6.0,<2.0.0" "requests>=2.32.0,<3.0.0" "gymnasium>=1.1.1,<2.0.0" \
   "safetensors>=0.4.3,<1.0.0" "packaging>=24.2,<26.0" "termcolor>=2.4.0,<4.0.0" "tqdm>=4.66.0,<5.0.0" \
   "setuptools>=71.0.0,<82.0.0" "transformers>=5.4.0,<5.6.0" "num2words>=0.5.14,<0.6.0" \
-  "accelerate>=1.14.0,<2.0.0" "peft>=0.18.0,<1.0.0" "scipy>=1.14.0,<2.0.0" "pytest"
+  "accelerate>=1.14.0,<2.0.0" "peft>=0.18.0,<1.0.0" "scipy>=1.14.0,<2.0.0" \
+  "datasets>=4.8.0,<5.0.0" "pandas>=2.0.0,<3.0.0" "pyarrow>=21.0.0,<30.0.0" "jsonlines>=4.0.0,<5.0.0" \
+  "av>=15.0.0,<16.0.0"
 
 site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 "$py" tools/lerobot_py311.py "$site/lerobot"
