@@ -18,7 +18,7 @@ from finetune.adapters import load_adapter
 from finetune.data import load_dataset_meta
 from finetune.export import merge
 from finetune.policies import POLICIES, load_policy, make_policy, save_policy
-from finetune.policies.lerobot_processor import read_processor_stats
+from finetune.policies.lerobot_processor import read_processor_stats, read_tokenizer_name
 from finetune.policies.processor import load_stats
 
 POLICY_TYPES = sorted(POLICIES)  # every policy the project has (smolvla; pi0 / pi0.5 when present)
@@ -64,6 +64,8 @@ def test_merged_policy_equals_base_plus_adapter(trained, policy_type, tmp_path):
     if policy_type == "smolvla":  # the tiny VLM travels in vlm/, named so that LeRobot finds it from anywhere
         trained_config["vlm_model_name"] = str((out / "vlm").resolve())
     assert json.loads((out / "config.json").read_text()) == trained_config
+    # the tiny tokenizer (no Hub model) too: LeRobot's tokenizer step loads it by absolute path
+    assert read_tokenizer_name(out) == str((out / "vlm").resolve()) and (out / "vlm" / "tokenizer.json").is_file()
     with_adapter = load_adapter(load_policy(base), ckpt, trainable=False).eval()
     plain_base = load_policy(base).eval()
     batch = tiny_batch(plain_base)
