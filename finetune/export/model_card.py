@@ -19,13 +19,14 @@ from finetune.training.metrics import run_dir_of, run_metrics
 # What an adapter checkpoint holds that is worth publishing (training_state/ is the optimizer: resume-only, large).
 PUBLISHED_CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
                               "vlm_config.json", "normalization_stats.safetensors", "train_config.json",
-                              "accelerate_config.yaml", "trainer_state.json",
-                              # LeRobot's processor files: its PEFT loading reads stats and tokenizer from them
-                              "policy_preprocessor.json", "policy_postprocessor.json",
-                              "policy_preprocessor_step_5_normalizer_processor.safetensors",
-                              "policy_preprocessor_step_6_normalizer_processor.safetensors",
-                              "policy_preprocessor_step_3_normalizer_processor.safetensors",
-                              "policy_postprocessor_step_0_unnormalizer_processor.safetensors")
+                              "accelerate_config.yaml", "trainer_state.json")
+
+
+def published_checkpoint_files(checkpoint: Path) -> tuple[str, ...]:
+    """What an adapter checkpoint's Hub repo holds: PUBLISHED_CHECKPOINT_FILES and LeRobot's processor files (its
+    PEFT loading reads the stats and the tokenizer name from them; the state files' step numbers vary by type)."""
+    processor_files = sorted(p.name for p in Path(checkpoint).glob("policy_*processor*") if p.is_file())
+    return PUBLISHED_CHECKPOINT_FILES + tuple(processor_files)
 
 
 def _hub_id(value: str | None) -> str | None:

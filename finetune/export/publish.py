@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import TrainConfig
-from finetune.export.model_card import PUBLISHED_CHECKPOINT_FILES, adapter_card, push_folder
+from finetune.export.model_card import adapter_card, published_checkpoint_files, push_folder
 
 
 def push_adapter_checkpoint(checkpoint: Path, repo_id: str) -> str:
     checkpoint = Path(checkpoint).resolve()
-    return push_folder(checkpoint, repo_id, readme=adapter_card(checkpoint), files=PUBLISHED_CHECKPOINT_FILES,
+    return push_folder(checkpoint, repo_id, readme=adapter_card(checkpoint),
+                       files=published_checkpoint_files(checkpoint),
                        commit_message=f"Upload adapter checkpoint {checkpoint.name}")
 
 
