@@ -12,6 +12,8 @@
         A LeRobot PEFT run's checkpoint of BASE_DIR, written by LeRobot's own save_checkpoint: wrap_with_peft with the
         policy's default targets (r 4), LoRA weights set to random values (a trained adapter), then
         CHECKPOINT_DIR/pretrained_model/ (adapter, config.json, processor files, train_config.json).
+    python tests/lerobot_side.py fresh-processors POLICY_DIR OUT_DIR
+        LeRobot's make_pre_post_processors for POLICY_DIR's config and stats, built (not loaded), saved to OUT_DIR.
     python tests/lerobot_side.py full-run BASE_DIR CHECKPOINT_DIR
         A LeRobot full fine-tune's checkpoint (every weight nudged), written by LeRobot's save_checkpoint.
 Prints one JSON line describing what it loaded or wrote.
@@ -124,6 +126,24 @@ def predict(folder: str, observation: str, out: str, peft: bool, dataset_root: s
             getattr(config, "vlm_model_name", None), "actions": list(actions.shape), "cwd": str(Path.cwd())}
 
 
+def fresh_processors(folder: str, out: str) -> dict:
+    """LeRobot's own processors for FOLDER's config and stats, built from scratch (not loaded) and saved to OUT."""
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import make_pre_post_processors
+    from safetensors.torch import load_file
+
+    config = PreTrainedConfig.from_pretrained(folder)
+    state = next(Path(folder).glob("policy_postprocessor_step_*_unnormalizer_processor.safetensors"))
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(state)).items():
+        feature, stat = key.rsplit(".", 1)
+        stats.setdefault(feature, {})[stat] = tensor
+    preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
+    preprocessor.save_pretrained(out)
+    postprocessor.save_pretrained(out)
+    return {"wrote": sorted(p.name for p in Path(out).iterdir())}
+
+
 def full_run(base: str, checkpoint_dir: str) -> dict:
     """A LeRobot full fine-tune's checkpoint of BASE_DIR (every weight nudged, as training would), saved by LeRobot."""
     from lerobot.common.train_utils import save_checkpoint
@@ -183,6 +203,8 @@ if __name__ == "__main__":
         result = peft_run(*args[:2])
     elif command == "full-run":
         result = full_run(*args[:2])
+    elif command == "fresh-processors":
+        result = fresh_processors(*args[:2])
     else:
         raise SystemExit(f"unknown command {command!r}: predict, peft-run or full-run")
     print(json.dumps(result))

@@ -102,6 +102,21 @@ def test_lerobot_round_trip(policy_type, dataset_root, tmp_path):
     frame, noise = observation(Predictor.from_checkpoint(export).config, tmp_path / "obs.safetensors")
     obs = tmp_path / "obs.safetensors"
 
+    # 0. the processor files are the ones LeRobot builds itself for this config and these stats (SmolVLA only: for
+    # pi0/pi0.5 LeRobot's factory needs the PaliGemma tokenizer from the Hub)
+    if policy_type == "smolvla":
+        lerobot("fresh-processors", export, tmp_path / "fresh", cwd=elsewhere)
+        for name in ("policy_preprocessor", "policy_postprocessor"):
+            ours_json = json.loads((export / f"{name}.json").read_text())
+            assert ours_json == json.loads((tmp_path / "fresh" / f"{name}.json").read_text())
+            for step in ours_json["steps"]:
+                if "state_file" in step:
+                    theirs_state = load_file(str(tmp_path / "fresh" / step["state_file"]))
+                    ours_state = load_file(str(export / step["state_file"]))
+                    assert set(ours_state) == set(theirs_state)
+                    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+        report(policy_type, "processor files: ours vs LeRobot's own, built fresh", 0.0)
+
     # 1. the merged export in LeRobot: policy class + processors, from another directory, offline
     ours = our_actions(export, frame, noise)
     theirs, info = their_actions(export, obs, tmp_path / "a1.safetensors", elsewhere, tiny_pi, dataset=dataset_root)
