@@ -98,6 +98,10 @@ class PeftOptions:
     """Per-module ranks overriding --peft.r: module-name regex (or suffix) -> rank, e.g. `lm_expert.*q_proj 16`."""
     alpha_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module alphas overriding --peft.lora-alpha, keyed like --peft.rank-pattern."""
+    init_from: str | None = None
+    """Start from this trained adapter (folder or Hub id: a checkpoint of ours, or a LeRobot PEFT run's
+    checkpoints/<step>/pretrained_model) instead of a fresh one: its method, targets and weights train on; the other
+    --peft options do not apply. The base is --policy.path."""
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(message)
     if cfg.quant.load_in_8bit and cfg.quant.load_in_4bit:
         raise ConfigError("--quant.load-in-8bit and --quant.load-in-4bit exclude each other; pick one")
+    if cfg.peft.init_from is not None and cfg.peft.method.upper() == PEFT_METHOD_FULL:
+        raise ConfigError("--peft.init-from starts from an adapter, but --peft.method FULL trains without one; drop "
+                          "one of them")
     if cfg.quant.enabled and cfg.peft.method.upper() == PEFT_METHOD_FULL:
         raise ConfigError("a quantized base cannot be trained in full (--peft.method FULL); use an adapter such as "
                           "LORA, or drop --quant.load-in-8bit/4bit")
@@ -518,8 +525,18 @@ def from_dict(data: dict) -> TrainConfig:
 
 
 def read_train_config(folder: str | Path) -> TrainConfig | None:
-    """The train_config.json a run or checkpoint folder holds, None when it has none."""
+    """The train_config.json a run or checkpoint folder holds, None when it has none (or it is LeRobot's)."""
     import json
 
     path = Path(folder) / "train_config.json"
-    return from_dict(json.loads(path.read_text())) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if is_lerobot_train_config(data):
+        return None
+    return from_dict(data)
+
+
+def is_lerobot_train_config(data: dict) -> bool:
+    """LeRobot's own train_config.json (a lerobot-train checkpoint): its policy section has a `type`, ours a path."""
+    return isinstance(data.get("policy"), dict) and "type" in data["policy"]

@@ -48,14 +48,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def load_tokenizer(policy_dir: Path | None, tokenizer_path: str | None, vlm_model_name: str | None) -> Any:
-    """The tokenizer from --policy.tokenizer-path, else the policy folder, else the VLM's Hub id (cache)."""
+    """The tokenizer from --policy.tokenizer-path, else the policy folder, else the local folder its LeRobot processor
+    names (a LeRobot checkpoint of one of our exports), else the VLM's Hub id (cache)."""
     from transformers import AutoTokenizer
 
+    from finetune.policies.lerobot_processor import read_tokenizer_name
+
+    processor_names = read_tokenizer_name(policy_dir) if policy_dir is not None else None
     candidates: list[tuple[str, str]] = []
     if tokenizer_path is not None:
         candidates.append(("--policy.tokenizer-path", tokenizer_path))
     elif policy_dir is not None and any((policy_dir / f).is_file() for f in TOKENIZER_FILES):
         candidates.append(("the policy folder", str(policy_dir)))
+    elif processor_names is not None and Path(processor_names).is_absolute() and Path(processor_names).is_dir():
+        candidates.append(("the folder the policy's LeRobot processor names", processor_names))
     elif vlm_model_name:
         candidates.append(("the VLM's Hub id", vlm_model_name))
     for source, location in candidates:

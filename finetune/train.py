@@ -39,6 +39,7 @@ from finetune.hub import check_can_push, resolve_repo
 from finetune.logs import LogFile, info_enabled, setup_logging
 from finetune.policies import save_policy
 from finetune.policies.base import ACTION, ACTION_IS_PAD, OBS_STATE
+from finetune.policies.lerobot_processor import lerobot_tokenizer_name, write_processor_files
 from finetune.policies.processor import PolicyProcessor, image_keys, images_to_float, save_stats
 from finetune.training import checkpoint as ckpt
 from finetune.training import distributed as dist
@@ -241,8 +242,9 @@ def evaluate(run: Run, seed: int = 0) -> float | None:
 def save(run: Run) -> Path:
     cfg, accelerator = run.cfg, run.accelerator
     policy = base_policy(accelerator.unwrap_model(run.model))
+    adapter = base_policy(accelerator.unwrap_model(run.model)) is not accelerator.unwrap_model(run.model)
     files = {
-        "config.json": policy.config.to_dict(),
+        "config.json": {**policy.config.to_dict(), **({"use_peft": True} if adapter else {})},  # LeRobot's flag
         "train_config.json": to_dict(cfg),
         "accelerate_config.yaml": dist.accelerate_config_text(accelerator),
     }
@@ -253,6 +255,9 @@ def save(run: Run) -> Path:
             run.ema.save(folder, lambda f: ckpt.write_trained_weights(accelerator.unwrap_model(run.model), f,
                                                                       save_policy))
         save_stats(run.processor.normalizer.stats, folder)
+        write_processor_files(folder, policy.config, run.processor.normalizer.stats, rename_map=cfg.dataset.rename_map,
+                              tokenizer_name=lerobot_tokenizer_name(policy.config, run.policy_dir))
+        ckpt.write_lerobot_adapter_files(folder, ckpt.base_model_name(cfg.policy.path, run.policy_dir))
 
     def write_state(folder: Path) -> None:  # every rank
         if dist.is_deepspeed(accelerator):  # its ZeRO-sharded optimizer: DeepSpeed's own format

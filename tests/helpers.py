@@ -61,9 +61,11 @@ TINY_PI_BACKBONE = {
 }
 
 
-def make_tiny_pi_policy(folder: Path, meta, policy_type: str = "pi0", seed: int = 0) -> Path:
+def make_tiny_pi_policy(folder: Path, meta, policy_type: str = "pi0", seed: int = 0,
+                        variants: tuple[str, str] = ("tiny", "tiny")) -> Path:
     """A randomly initialized tiny pi0 / pi0.5 in LeRobot's format (its architecture in vlm_config.json), with the
-    demo's tokenizer beside it (as finetune.demo.make_initial_policy does for SmolVLA)."""
+    demo's tokenizer beside it (as finetune.demo.make_initial_policy does for SmolVLA). `variants`: the names in
+    config.json (LeRobot's config accepts only gemma_2b / gemma_300m); vlm_config.json gives the sizes either way."""
     from finetune.demo import train_tokenizer
     from finetune.policies import PI0Config, PI05Config, make_policy, save_policy
 
@@ -73,8 +75,8 @@ def make_tiny_pi_policy(folder: Path, meta, policy_type: str = "pi0", seed: int 
     config = config_cls(
         input_features={**cameras, "observation.state": {"type": "STATE", "shape": [state_dim]}},
         output_features={"action": {"type": "ACTION", "shape": [action_dim]}},
-        chunk_size=10, n_action_steps=10, image_resolution=(32, 32), paligemma_variant="tiny",
-        action_expert_variant="tiny", tokenizer_max_length=16 if policy_type == "pi0" else 64,
+        chunk_size=10, n_action_steps=10, image_resolution=(32, 32), paligemma_variant=variants[0],
+        action_expert_variant=variants[1], tokenizer_max_length=16 if policy_type == "pi0" else 64,
     )
     torch.manual_seed(seed)
     policy = make_policy(config, TINY_PI_BACKBONE)

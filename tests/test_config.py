@@ -30,7 +30,7 @@ def test_flags_override_the_preset():
     assert dataclasses.asdict(cfg.peft) == {
         "method": "LOHA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "init_type": "gaussian",
         "target_modules": ("q_proj", "v_proj"), "full_training_modules": ("action_out_proj",), "use_dora": False,
-        "use_rslora": True, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {}}
+        "use_rslora": True, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {}, "init_from": None}
     assert cfg.dataset.rename_map == {"observation.images.front": "observation.images.top"}
     # the preset keeps LeRobot's SmolVLA LoRA recipe where not overridden
     assert (cfg.optim.lr, cfg.optim.decay_lr, cfg.optim.betas, cfg.optim.grad_clip_norm) == (1e-3, 1e-4, (0.9, 0.95),

@@ -18,7 +18,7 @@ from finetune.adapters import load_adapter
 from finetune.data import load_dataset_meta
 from finetune.export import merge
 from finetune.policies import POLICIES, load_policy, make_policy, save_policy
-from finetune.policies.lerobot_processor import read_processor_stats
+from finetune.policies.lerobot_processor import read_processor_stats, read_tokenizer_name
 from finetune.policies.processor import load_stats
 
 POLICY_TYPES = sorted(POLICIES)  # every policy the project has (smolvla; pi0 / pi0.5 when present)
@@ -54,9 +54,18 @@ def test_merged_policy_equals_base_plus_adapter(trained, policy_type, tmp_path):
     base, ckpt = trained(policy_type)
     out = merge.merge_checkpoint(ckpt, tmp_path / "merged")
 
-    assert file_layout(out) == file_layout(base)  # exactly the base's keys, in the base's dtypes
+    # exactly the base's keys, in the base's dtypes; pi0/pi0.5 add the expert LM head LeRobot's module loads strictly
+    expert_head = "model.paligemma_with_expert.gemma_expert.lm_head.weight"
+    lerobot_only = {} if policy_type == "smolvla" else {expert_head: "F32"}
+    assert file_layout(out) == {**file_layout(base), **lerobot_only}
     merged = load_policy(out).eval()  # loads back through the project's LeRobot-format loader
-    assert json.loads((out / "config.json").read_text()) == json.loads((ckpt / "config.json").read_text())
+    trained_config = json.loads((ckpt / "config.json").read_text())
+    assert trained_config.pop("use_peft") is True  # LeRobot's flag for an adapter folder; a merged one is not
+    if policy_type == "smolvla":  # the tiny VLM travels in vlm/, named so that LeRobot finds it from anywhere
+        trained_config["vlm_model_name"] = str((out / "vlm").resolve())
+    assert json.loads((out / "config.json").read_text()) == trained_config
+    # the tiny tokenizer (no Hub model) too: LeRobot's tokenizer step loads it by absolute path
+    assert read_tokenizer_name(out) == str((out / "vlm").resolve()) and (out / "vlm" / "tokenizer.json").is_file()
     with_adapter = load_adapter(load_policy(base), ckpt, trainable=False).eval()
     plain_base = load_policy(base).eval()
     batch = tiny_batch(plain_base)
@@ -92,9 +101,11 @@ def test_lerobot_processor_files_follow_lerobots_pipelines(trained, tmp_path):
     assert post["steps"][0]["state_file"] == "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
     flat = load_file(str(out / post["steps"][0]["state_file"]))
     assert {"action.mean", "action.std", "observation.state.mean"} <= set(flat)
-    tokenizer = pre["steps"][3]
-    assert tokenizer["config"]["tokenizer_name"] == "tokenizer" and (out / "tokenizer" / "tokenizer.json").is_file()
-    assert tokenizer["config"]["max_length"] == 16 and tokenizer["artifacts"] == {"tokenizer_name": "tokenizer"}
+    tokenizer = pre["steps"][3]  # LeRobot passes the name to AutoTokenizer as it is: an absolute path, no artifacts
+    assert tokenizer == {"registry_name": "tokenizer_processor", "config": {
+        "max_length": 16, "task_key": "task", "padding_side": "right", "padding": "longest", "truncation": True,
+        "tokenizer_name": str((out / "vlm").resolve())}}
+    assert not (out / "tokenizer").exists()
 
 
 @pytest.mark.skipif("pi0" not in POLICIES, reason="needs a second policy type")
@@ -122,9 +133,15 @@ def test_merge_refuses_missing_stats_and_a_full_checkpoint(trained, tmp_path, ca
     broken = tmp_path / "no_stats"
     shutil.copytree(ckpt, broken, ignore=shutil.ignore_patterns("training_state"))
     (broken / "normalization_stats.safetensors").unlink()
+    out = merge.merge_checkpoint(broken, tmp_path / "from_processor_files", base=str(base))  # LeRobot's copy of them
+    for key, values in load_stats(ckpt).items():
+        for stat, tensor in values.items():
+            torch.testing.assert_close(load_stats(out)[key][stat], tensor)
+    for path in broken.glob("policy_*processor*"):
+        path.unlink()
     with pytest.raises(SystemExit):
         merge.main(["--checkpoint", str(broken), "--output-dir", str(tmp_path / "m"), "--base", str(base)])
-    assert "no normalization_stats.safetensors" in capsys.readouterr().err
+    assert "no normalization_stats.safetensors and no LeRobot processor files" in capsys.readouterr().err
     with pytest.raises(merge.MergeError, match="nothing to merge"):
         merge.merge_checkpoint(base, tmp_path / "m")
 
@@ -276,18 +293,29 @@ def test_repo_id_pushes_the_checkpoint_and_the_merged_policy(monkeypatch, lora_r
     out = tmp_path / "run"
     summary = train.main(train_args(policy_dir, dataset_root, out, "--steps", "4", "--policy.repo-id", "me/adapter",
                                     "--policy.merged-repo-id", "me/merged"))
-    assert hub.created == [("me/adapter", "model"), ("me/merged", "model")]
-    adapter, merged = hub.uploads
-    assert adapter["repo_id"] == "me/adapter" and merged["repo_id"] == "me/merged"
+    # the tiny SmolVLM is no Hub model: it goes to a repo of its own that the merged policy's names point at
+    assert hub.created == [("me/adapter", "model"), ("me/merged-vlm", "model"), ("me/merged", "model")]
+    adapter, vlm, merged = hub.uploads
+    assert adapter["repo_id"] == "me/adapter" and vlm["repo_id"] == "me/merged-vlm" and merged["repo_id"] == "me/merged"
     assert set(adapter["files"]) == {"adapter_model.safetensors", "adapter_config.json", "config.json",
                                      "normalization_stats.safetensors", "train_config.json", "accelerate_config.yaml",
-                                     "trainer_state.json", "README.md"}  # no optimizer state
+                                     "trainer_state.json", "README.md", "policy_preprocessor.json",
+                                     "policy_postprocessor.json",
+                                     "policy_preprocessor_step_5_normalizer_processor.safetensors",
+                                     "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
+                                     }  # no optimizer state
+    assert {"config.json", "tokenizer.json", "preprocessor_config.json", "processor_config.json"} <= set(vlm["files"])
+    assert json.loads(merged["files"]["config.json"])["vlm_model_name"] == "me/merged-vlm"
+    pushed_pre = json.loads(merged["files"]["policy_preprocessor.json"])
+    assert pushed_pre["steps"][3]["config"]["tokenizer_name"] == "me/merged-vlm"
+    local = json.loads((out / "merged" / "config.json").read_text())  # the local folder keeps its own names
+    assert local["vlm_model_name"] == str((out / "merged" / "vlm").resolve())
     card = adapter["files"]["README.md"].decode()
     assert "library_name: peft" in card and str(policy_dir) in card and "method: LORA, r 4" in card
     last = lora_run / "checkpoints" / "last"
     assert adapter["files"]["adapter_model.safetensors"] == (last / "adapter_model.safetensors").read_bytes()
     assert {"model.safetensors", "config.json", "policy_preprocessor.json", "policy_postprocessor.json",
-            "normalization_stats.safetensors", "README.md", "tokenizer/tokenizer.json"} <= set(merged["files"])
+            "normalization_stats.safetensors", "README.md", "vlm/tokenizer.json"} <= set(merged["files"])
     assert merged["files"]["model.safetensors"] == (out / "merged" / "model.safetensors").read_bytes()
     assert summary["pushed"] == {"adapter": "https://huggingface.co/me/adapter",
                                  "merged": "https://huggingface.co/me/merged"}
@@ -316,7 +344,8 @@ def test_merge_cli_pushes_on_request(monkeypatch, trained, tmp_path):
     hub = FakeHub(monkeypatch)
     _, ckpt = trained("smolvla")
     out = merge.main(["--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "merged"), "--push-to", "me/m"])
-    assert hub.uploads[0]["repo_id"] == "me/m" and "model.safetensors" in hub.uploads[0]["files"]
+    assert [u["repo_id"] for u in hub.uploads] == ["me/m-vlm", "me/m"]  # the tiny VLM first, then what names it
+    assert "model.safetensors" in hub.uploads[1]["files"] and "tokenizer.json" in hub.uploads[0]["files"]
     assert (out / "model.safetensors").is_file()
 
 

@@ -92,7 +92,9 @@ def test_bad_observations_get_clear_errors(predictor, frames):
 
 def test_checkpoint_without_stats_is_refused(checkpoint, tmp_path):
     broken = tmp_path / "no_stats"
-    shutil.copytree(checkpoint, broken, ignore=shutil.ignore_patterns("training_state", "normalization_stats*"))
+    # checkpoints hold the stats twice: finetune's file and LeRobot's processor files
+    shutil.copytree(checkpoint, broken, ignore=shutil.ignore_patterns("training_state", "normalization_stats*",
+                                                                      "policy_*processor*"))
     with pytest.raises(FileNotFoundError, match="no normalization stats"):
         Predictor.from_checkpoint(broken, device="cpu")
 

@@ -35,7 +35,10 @@ def test_checkpoint_holds_only_the_adapter_and_what_resume_needs(four_steps, pol
     last = ckpts / "000004"
     assert {p.name for p in last.iterdir()} == {
         "adapter_model.safetensors", "adapter_config.json", "config.json", "normalization_stats.safetensors",
-        "train_config.json", "accelerate_config.yaml", "trainer_state.json", "training_state", "README.md"}
+        "train_config.json", "accelerate_config.yaml", "trainer_state.json", "training_state", "README.md",
+        # LeRobot's processor files (stats, tokenizer name): its PEFT loading reads them beside the adapter
+        "policy_preprocessor.json", "policy_preprocessor_step_5_normalizer_processor.safetensors",
+        "policy_postprocessor.json", "policy_postprocessor_step_0_unnormalizer_processor.safetensors"}
     adapter = load_file(str(last / "adapter_model.safetensors"))
     assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter), sorted(adapter)[:5]
     assert len(adapter) == 2 * 13  # A and B for 8 expert q/v projections and 5 heads

@@ -4,9 +4,15 @@
 
 The output folder is a LeRobot policy: `config.json` (the config the adapter was trained with: type, dataset
 features, chunk size), `model.safetensors` (every weight, with exactly the base file's keys and, by default, its
-dtypes), the normalization stats both as finetune's `normalization_stats.safetensors` and as LeRobot 0.6's
+dtypes; pi0/pi0.5 also get the expert LM head LeRobot's module has, zeros when the base lacks it), the normalization
+stats both as finetune's `normalization_stats.safetensors` and as LeRobot 0.6's
 `policy_preprocessor.json` / `policy_postprocessor.json` + normalizer state files, the tokenizer, the run's
 `train_config.json` and a README.md model card (base, adapter config, dataset, metrics).
+
+LeRobot loads it with its own entry points from any working directory: the processor's tokenizer is named as LeRobot
+names it (SmolVLA: the VLM's Hub id; pi0/pi0.5: the PaliGemma tokenizer); a custom backbone travels in `vlm/`, named by
+absolute path (finetune.export.lerobot_vlm). The checkpoint may also be a LeRobot PEFT run's `pretrained_model/`
+folder: its base comes from adapter_config.json, its stats from LeRobot's processor files.
 
 Merging always starts from a full-precision load of the base. When the adapter was trained on an 8/4-bit base
 (train_config.json: quant), the base is first quantized as in training and dequantized again, so the merged weights
@@ -37,6 +43,7 @@ from finetune.adapters import (  # noqa: F401  (check_adapter_fits re-exported: 
 )
 from finetune.config import ConfigError, TrainConfig, read_train_config
 from finetune.entry import console_script, exit_on
+from finetune.export.lerobot_vlm import VLM_DIR, point_at_vlm, write_vlm_folder
 from finetune.export.model_card import model_card, push_folder
 from finetune.hub import check_can_push, load_tokenizer
 from finetune.inference.loading import (  # noqa: F401  (re-exported: merge's public names before loading.py existed)
@@ -46,11 +53,16 @@ from finetune.inference.loading import (  # noqa: F401  (re-exported: merge's pu
     quant_label,
     resolve_base,
 )
-from finetune.policies import save_policy
+from finetune.policies import backbone_config_dict, config_from_dict, save_policy
 from finetune.policies.base import PolicyConfig
 from finetune.policies.common import DTYPES
-from finetune.policies.lerobot_processor import TOKENIZER_ARTIFACT, write_processor_files
-from finetune.policies.processor import STATS_FILE, load_stats
+from finetune.policies.lerobot_processor import (
+    lerobot_tokenizer_name,
+    read_processor_stats,
+    read_rename_map,
+    write_processor_files,
+)
+from finetune.policies.processor import STATS_FILE, load_stats, save_stats
 from finetune.training.ema import weights_folder
 from finetune.training.metrics import run_dir_of, run_metrics
 from finetune.training.run_lock import reading_checkpoint
@@ -161,19 +173,54 @@ def state_dict_in_base_layout(policy: nn.Module, base_dir: Path, dtype: str = "b
     return out
 
 
-def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config: PolicyConfig) -> str | None:
-    """Save the tokenizer into `out` (top level for finetune, tokenizer/ for LeRobot's tokenizer step).
+def add_lerobot_only_tensors(policy: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Tensors LeRobot's module of this policy type has and ours does not use (pi0's expert LM head), when the base
+    file lacked them: LeRobot loads pi0/pi0.5 strictly and keeps random weights when a key is missing."""
+    extra = getattr(policy, "lerobot_only_tensors", None)
+    if extra is None:
+        return
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    for key, tensor in extra(dtype).items():
+        state.setdefault(key, tensor)
 
-    Returns the name LeRobot's tokenizer step should load: the saved artifact, or the Hub id when none was found.
-    """
+
+def copy_tokenizer(base_dir: Path, out: Path, tokenizer_path: str | None, config: PolicyConfig):
+    """Save the tokenizer at the top of `out` (where finetune looks); returns it, or None when none was found."""
     try:
         tokenizer = load_tokenizer(base_dir, tokenizer_path, config.tokenizer_name)
     except FileNotFoundError as err:
         print(f"merge: no tokenizer copied into the merged folder ({err})", file=sys.stderr)
-        return config.tokenizer_name
+        return None
     tokenizer.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out / TOKENIZER_ARTIFACT))
-    return TOKENIZER_ARTIFACT
+    return tokenizer
+
+
+def checkpoint_stats(checkpoint: Path) -> dict:
+    """The run's normalization stats: finetune's file, else a LeRobot checkpoint's processor files."""
+    if (checkpoint / STATS_FILE).is_file():
+        return load_stats(checkpoint)
+    stats = read_processor_stats(checkpoint)
+    if stats is None:
+        raise MergeError(f"{checkpoint} has no {STATS_FILE} and no LeRobot processor files with normalization stats: "
+                         "without them the merged policy cannot map actions to robot units; copy the file from the "
+                         "run's checkpoint")
+    return stats
+
+
+def write_lerobot_names(out: Path, policy: nn.Module, tokenizer, base_dir: Path) -> str | None:
+    """config.json (without LeRobot's use_peft flag) and the tokenizer name LeRobot's processor should load: a custom
+    backbone goes into out/vlm and is named by absolute path; a Hub backbone by its Hub id, as LeRobot names it."""
+    path = out / "config.json"
+    config = config_from_dict(json.loads(path.read_text())).to_dict()  # as LeRobot 0.6 reads it (see to_dict)
+    config.pop("use_peft", None)  # a merged folder is a whole policy, not an adapter
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    if backbone_config_dict(policy) is None or tokenizer is None:
+        return lerobot_tokenizer_name(policy.config, base_dir)
+    name = str(write_vlm_folder(out, policy, tokenizer).resolve())
+    if config["type"] == "smolvla":  # LeRobot builds the backbone from it (renamed again once the folder is in place)
+        config["vlm_model_name"] = name
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    return name
 
 
 def merge_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, base: str | None = None,
@@ -190,26 +237,25 @@ def _merge(checkpoint: Path, output_dir: Path, base: str | None, tokenizer_path:
     if checkpoint_kind(checkpoint) != "adapter":
         raise MergeError(f"{checkpoint} holds a whole policy (model.safetensors), not an adapter: there is nothing to "
                          "merge; load it directly (finetune.policies.load_policy)")
-    if not (checkpoint / STATS_FILE).is_file():
-        raise MergeError(f"{checkpoint} has no {STATS_FILE}: without the normalization stats the merged policy "
-                         "cannot map actions to robot units; copy the file from the run's checkpoint")
+    stats = checkpoint_stats(checkpoint)
     base_dir = resolve_base(checkpoint, base)
     merged, notes = load_merged_policy(checkpoint, base_dir, quant_base, use_ema)
     state = state_dict_in_base_layout(merged, base_dir, dtype)
+    add_lerobot_only_tensors(merged, state)
 
     out = Path(output_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(merged, tmp, state_dict=state)  # config.json (+ vlm_config.json for custom backbones), weights
-    shutil.copy2(checkpoint / "config.json", tmp / "config.json")  # the config the adapter was trained with, verbatim
-    shutil.copy2(checkpoint / STATS_FILE, tmp / STATS_FILE)
+    shutil.copy2(checkpoint / "config.json", tmp / "config.json")  # the config the adapter was trained with
+    save_stats(stats, tmp)
     train_cfg = read_train_config(checkpoint)
-    if train_cfg is not None:
+    if (checkpoint / "train_config.json").is_file():  # ours, or a LeRobot run's (kept as it is)
         shutil.copy2(checkpoint / "train_config.json", tmp / "train_config.json")
-    tokenizer_name = copy_tokenizer(base_dir, tmp, tokenizer_path, merged.config)
-    rename_map = train_cfg.dataset.rename_map if train_cfg is not None else {}
-    write_processor_files(tmp, merged.config, load_stats(checkpoint), rename_map=rename_map,
-                          tokenizer_name=tokenizer_name)
+    tokenizer = copy_tokenizer(base_dir, tmp, tokenizer_path, merged.config)
+    tokenizer_name = write_lerobot_names(tmp, merged, tokenizer, base_dir)
+    rename_map = train_cfg.dataset.rename_map if train_cfg is not None else read_rename_map(checkpoint)
+    write_processor_files(tmp, merged.config, stats, rename_map=rename_map, tokenizer_name=tokenizer_name)
     adapter_config = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
     base_name = base or (train_cfg.policy.path if train_cfg else None) or str(base_dir)
     card = model_card(kind="merged", policy_config=json.loads((checkpoint / "config.json").read_text()),
@@ -222,7 +268,24 @@ def _merge(checkpoint: Path, output_dir: Path, base: str | None, tokenizer_path:
     (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    if (out / VLM_DIR).is_dir():  # named by absolute path: the folder's final place, not tmp
+        point_at_vlm(out, str((out / VLM_DIR).resolve()))
     return out
+
+
+def push_merged(out: Path, repo_id: str) -> str:
+    """Upload the merged folder; a custom backbone (vlm/) goes to its own repo `<repo_id>-vlm` first and the uploaded
+    files name that repo (LeRobot resolves the backbone only as a Hub id or a path). The local folder keeps its
+    absolute names."""
+    if not (out / VLM_DIR).is_dir():
+        return push_folder(out, repo_id, commit_message="Upload merged policy")
+    vlm_repo = f"{repo_id}-vlm"
+    push_folder(out / VLM_DIR, vlm_repo, commit_message="Upload the policy's backbone config and tokenizer")
+    point_at_vlm(out, vlm_repo)
+    try:
+        return push_folder(out, repo_id, commit_message="Upload merged policy")
+    finally:
+        point_at_vlm(out, str((out / VLM_DIR).resolve()))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -234,7 +297,7 @@ def main(argv: list[str] | None = None) -> Path:
                                dtype=cfg.dtype, quant_base=cfg.quant_base, use_ema=cfg.use_ema)
     print(f"merged policy written to {out} ({len(base_file_layout(out))} tensors)")
     if cfg.push_to:
-        print(f"pushed to {push_folder(out, cfg.push_to, commit_message='Upload merged policy')}")
+        print(f"pushed to {push_merged(out, cfg.push_to)}")
     return out
 
 

@@ -22,6 +22,13 @@ PUBLISHED_CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json"
                               "accelerate_config.yaml", "trainer_state.json")
 
 
+def published_checkpoint_files(checkpoint: Path) -> tuple[str, ...]:
+    """What an adapter checkpoint's Hub repo holds: PUBLISHED_CHECKPOINT_FILES and LeRobot's processor files (its
+    PEFT loading reads the stats and the tokenizer name from them; the state files' step numbers vary by type)."""
+    processor_files = sorted(p.name for p in Path(checkpoint).glob("policy_*processor*") if p.is_file())
+    return PUBLISHED_CHECKPOINT_FILES + tuple(processor_files)
+
+
 def _hub_id(value: str | None) -> str | None:
     """`value` when it reads as a Hub id (org/name), not a local path."""
     if value and REPO_ID_RE.match(value) and "/" in value and not Path(value).expanduser().exists():

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import TrainConfig
-from finetune.export.model_card import PUBLISHED_CHECKPOINT_FILES, adapter_card, push_folder
+from finetune.export.model_card import adapter_card, published_checkpoint_files, push_folder
 
 
 def push_adapter_checkpoint(checkpoint: Path, repo_id: str) -> str:
     checkpoint = Path(checkpoint).resolve()
-    return push_folder(checkpoint, repo_id, readme=adapter_card(checkpoint), files=PUBLISHED_CHECKPOINT_FILES,
+    return push_folder(checkpoint, repo_id, readme=adapter_card(checkpoint),
+                       files=published_checkpoint_files(checkpoint),
                        commit_message=f"Upload adapter checkpoint {checkpoint.name}")
 
 
@@ -28,11 +29,11 @@ def push_run(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, str]:
         pushed["adapter"] = push_adapter_checkpoint(checkpoint, cfg.policy.repo_id)
         print(f"pushed the checkpoint to {pushed['adapter']}")
     if cfg.policy.merged_repo_id:
-        from finetune.export.merge import merge_checkpoint  # only when a merged push is asked
+        from finetune.export.merge import merge_checkpoint, push_merged  # only when a merged push is asked
 
         merged = merge_checkpoint(checkpoint, Path(cfg.output_dir) / "merged", base=cfg.policy.path,
                                   tokenizer_path=cfg.policy.tokenizer_path)
-        pushed["merged"] = push_folder(merged, cfg.policy.merged_repo_id, commit_message="Upload merged policy")
+        pushed["merged"] = push_merged(merged, cfg.policy.merged_repo_id)
         print(f"pushed the merged policy to {pushed['merged']}")
     summary["pushed"] = pushed
     return pushed

@@ -7,6 +7,7 @@ loop or publishing code.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -37,18 +38,24 @@ def checkpoint_kind(checkpoint: Path) -> str:
 
 
 def resolve_base(checkpoint: Path, base: str | None) -> Path:
-    """The base folder: `base` when given, else the --policy.path recorded in the checkpoint's train_config.json."""
+    """The base folder: `base` when given, else the --policy.path in the checkpoint's train_config.json, else (a
+    LeRobot PEFT run) the base_model_name_or_path in its adapter_config.json."""
     if base is not None:
         return resolve_repo(base, "model", "base policy")
     train_cfg = read_train_config(checkpoint)
-    if train_cfg is None or train_cfg.policy.path is None:
-        raise AdapterMismatchError(f"{checkpoint} has no train_config.json naming its base; pass the base policy "
-                                   "(--base)")
+    recorded = train_cfg.policy.path if train_cfg is not None else None
+    source = "train_config.json: policy.path"
+    if recorded is None and (checkpoint / ADAPTER_CONFIG).is_file():  # e.g. a LeRobot PEFT run's pretrained_model/
+        recorded = json.loads((checkpoint / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        source = f"{ADAPTER_CONFIG}: base_model_name_or_path"
+    if recorded is None:
+        raise AdapterMismatchError(f"{checkpoint} names no base (no train_config.json policy.path, no "
+                                   f"{ADAPTER_CONFIG} base_model_name_or_path); pass the base policy (--base)")
     try:
-        return resolve_repo(train_cfg.policy.path, "model", "base policy")
+        return resolve_repo(recorded, "model", "base policy")
     except FileNotFoundError as err:  # e.g. a relative path from another working directory
-        raise FileNotFoundError(f"the base the checkpoint was trained from (train_config.json: policy.path) cannot "
-                                f"be found: {err} Pass the base policy (--base / base=).") from None
+        raise FileNotFoundError(f"the base the checkpoint was trained from ({source}) cannot be found: {err} Pass the "
+                                "base policy (--base / base=).") from None
 
 
 def config_overrides(trained: PolicyConfig, base: PolicyConfig) -> dict:

@@ -43,6 +43,8 @@ class PolicyConfig:
     """
 
     type: ClassVar[str] = ""
+    # Fields of LeRobot main that LeRobot 0.6.x does not have: written to config.json only when not at their default.
+    newer_than_lerobot_0_6: ClassVar[tuple[str, ...]] = ()
 
     n_obs_steps: int = 1
     input_features: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -91,6 +93,8 @@ class PolicyConfig:
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
+            if f.name in self.newer_than_lerobot_0_6 and value == f.default:
+                continue  # LeRobot 0.6.x refuses a config.json with fields it does not know; the default is implied
             out[f.name] = list(value) if isinstance(value, tuple) else value
         out.update(self.extra)
         return out

@@ -6,11 +6,15 @@ LeRobot saves a policy's input and output pipelines beside `config.json`:
     policy_preprocessor_step_<i>_normalizer_processor.safetensors   state of the stateful step i (flat `<key>.<stat>`)
     policy_postprocessor.json
     policy_postprocessor_step_0_unnormalizer_processor.safetensors
-    tokenizer/                                                      the tokenizer step's saved tokenizer (artifact)
 
 The step lists below follow LeRobot's `make_<policy>_pre_post_processors` (smolvla, pi0, pi05), so its
 `PolicyProcessorPipeline.from_pretrained` rebuilds the same pipelines. This module also reads the stats back, so a
 LeRobot-trained checkpoint (which has no normalization_stats.safetensors) gives its stats to finetune.inference.predict.
+
+The tokenizer step's `tokenizer_name` goes to `AutoTokenizer.from_pretrained` as it is (LeRobot 0.6.1): a Hub id, or
+a path, which resolves against the working directory, never against the processor file. So it names what LeRobot
+itself writes (SmolVLA: its `vlm_model_name`; pi0/pi0.5: the PaliGemma tokenizer), or an absolute path to a local
+tokenizer folder (see finetune.export.lerobot_vlm for exports of custom backbones).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from finetune.policies.base import PolicyConfig
 
 PREPROCESSOR = "policy_preprocessor"
 POSTPROCESSOR = "policy_postprocessor"
-TOKENIZER_ARTIFACT = "tokenizer"
 EPS = 1e-8  # LeRobot's normalizer default (the same as finetune.policies.processor.EPS)
 
 
@@ -43,12 +46,44 @@ def _features(features: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
 def _tokenizer_step(config: PolicyConfig, tokenizer_name: str | None, padding: str) -> dict[str, Any]:
     step = _step("tokenizer_processor", {"max_length": config.tokenizer_max_length, "task_key": "task",
                                          "padding_side": "right", "padding": padding, "truncation": True})
-    if tokenizer_name == TOKENIZER_ARTIFACT:  # saved beside the files: LeRobot resolves it relative to them
-        step["config"]["tokenizer_name"] = TOKENIZER_ARTIFACT
-        step["artifacts"] = {"tokenizer_name": TOKENIZER_ARTIFACT}
-    elif tokenizer_name is not None:
+    if tokenizer_name is not None:
         step["config"]["tokenizer_name"] = tokenizer_name
     return step
+
+
+def read_tokenizer_name(folder: str | Path) -> str | None:
+    """The tokenizer step's `tokenizer_name` in `folder`'s policy_preprocessor.json, None when there is none."""
+    path = Path(folder) / f"{PREPROCESSOR}.json"
+    if not path.is_file():
+        return None
+    steps = json.loads(path.read_text()).get("steps", [])
+    return next((s["config"].get("tokenizer_name") for s in steps if s.get("registry_name") == "tokenizer_processor"),
+                None)
+
+
+def set_tokenizer_name(folder: str | Path, tokenizer_name: str) -> None:
+    """Point the tokenizer step of `folder`'s policy_preprocessor.json at `tokenizer_name`."""
+    path = Path(folder) / f"{PREPROCESSOR}.json"
+    data = json.loads(path.read_text())
+    for step in data["steps"]:
+        if step.get("registry_name") == "tokenizer_processor":
+            step["config"]["tokenizer_name"] = tokenizer_name
+            step.pop("artifacts", None)  # written by earlier versions; LeRobot reads no such key
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def lerobot_tokenizer_name(config: PolicyConfig, base_dir: str | Path | None = None) -> str | None:
+    """The tokenizer name LeRobot should load for a policy trained from `base_dir`.
+
+    SmolVLA: its `vlm_model_name` (LeRobot's rule). pi0/pi0.5: the base's own tokenizer name when its processor files
+    give one (a relative one made absolute against the base folder), else the PaliGemma tokenizer LeRobot names.
+    """
+    if config.type == "smolvla":
+        return getattr(config, "vlm_model_name", None)
+    name = read_tokenizer_name(base_dir) if base_dir is not None else None
+    if name is not None and not Path(name).is_absolute() and (Path(base_dir) / name).is_dir():
+        return str((Path(base_dir) / name).resolve())
+    return name or config.tokenizer_name
 
 
 def pipeline_steps(config: PolicyConfig, rename_map: Mapping[str, str], tokenizer_name: str | None
@@ -93,7 +128,7 @@ def write_processor_files(folder: str | Path, config: PolicyConfig, stats: Mappi
                           rename_map: Mapping[str, str] | None = None, tokenizer_name: str | None = None) -> list[Path]:
     """Write policy_preprocessor.json / policy_postprocessor.json and the (un)normalizer state files.
 
-    `tokenizer_name`: "tokenizer" when the tokenizer was saved in `folder/tokenizer`, else a Hub id (or None).
+    `tokenizer_name`: what LeRobot's tokenizer step loads (a Hub id or an absolute path; see lerobot_tokenizer_name).
     """
     folder = Path(folder)
     written = []
@@ -108,6 +143,16 @@ def write_processor_files(folder: str | Path, config: PolicyConfig, stats: Mappi
         path.write_text(json.dumps({"name": name, "steps": steps}, indent=2) + "\n")
         written.append(path)
     return written
+
+
+def read_rename_map(folder: str | Path) -> dict[str, str]:
+    """The rename step's map in `folder`'s policy_preprocessor.json ({} when there is none)."""
+    path = Path(folder) / f"{PREPROCESSOR}.json"
+    if not path.is_file():
+        return {}
+    steps = json.loads(path.read_text()).get("steps", [])
+    return next((dict(s["config"].get("rename_map", {})) for s in steps
+                 if s.get("registry_name") == "rename_observations_processor"), {})
 
 
 def read_processor_stats(folder: str | Path) -> dict[str, dict[str, torch.Tensor]] | None:

@@ -498,6 +498,13 @@ class PI0Policy(FlowMatchingPolicy):
             out[_LM_HEAD_KEY] = out[_EMBED_KEY]
         return out
 
+    def lerobot_only_tensors(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Tensors LeRobot's pi0/pi0.5 module has and this one drops: the expert's LM head (never used: the expert's
+        outputs go to action_out_proj). LeRobot loads with strict=True and, on a missing key, keeps its random
+        initialization with only a printed warning, so an export must hold it; zeros here."""
+        spec = self.backbone_spec
+        return {_EXPERT_LM_HEAD_KEY: torch.zeros(spec["vocab_size"], spec["action_expert"]["width"], dtype=dtype)}
+
     def tie_weights(self) -> None:
         """PaliGemma's LM head shares the token embeddings (re-tie after loading with assign=True)."""
         paligemma = self.model.paligemma_with_expert.paligemma

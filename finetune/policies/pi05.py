@@ -34,6 +34,9 @@ class PI05Config(PI0Config):
     """LeRobot's PI05Config fields (same names and defaults)."""
 
     type: ClassVar[str] = "pi05"
+    newer_than_lerobot_0_6: ClassVar[tuple[str, ...]] = (
+        "use_visual_memory", "use_proprioceptive_memory", "memory_frames", "memory_stride",
+        "memory_temporal_attention_every", "rtc_training_max_delay")
 
     use_visual_memory: bool = False
     use_proprioceptive_memory: bool = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -113,8 +114,11 @@ def expert_intermediate_size(hidden: int, ffn_multiplier: int = 4, multiple_of: 
 
 
 def make_vlm_config(vlm_model_name: str, vlm_config: dict[str, Any] | None = None) -> SmolVLMConfig:
-    """SmolVLM config from an explicit dict (tiny/test models) or the built-in table of known architectures."""
+    """SmolVLM config from an explicit dict (tiny/test models), the built-in table of known architectures, or a local
+    VLM folder named by `vlm_model_name` (as LeRobot reads it; e.g. an export's vlm/)."""
     spec = vlm_config if vlm_config is not None else KNOWN_VLM_CONFIGS.get(vlm_model_name)
+    if spec is None and Path(vlm_model_name, "config.json").is_file():
+        return SmolVLMConfig.from_pretrained(vlm_model_name)
     if spec is None:
         raise ValueError(
             f"unknown VLM architecture {vlm_model_name!r}: known offline are {sorted(KNOWN_VLM_CONFIGS)}. "

@@ -51,6 +51,23 @@ def write_trained_weights(model: nn.Module, folder: Path, save_policy_fn) -> Non
         save_policy_fn(model, folder)
 
 
+def base_model_name(policy_path: str, policy_dir: Path) -> str:
+    """How an adapter names its base for LeRobot's PEFT loading: the Hub id as given, a local folder by absolute path
+    (so it resolves from any working directory)."""
+    return str(policy_dir.resolve()) if Path(policy_path).expanduser().exists() else policy_path
+
+
+def write_lerobot_adapter_files(folder: Path, base_name: str) -> None:
+    """What LeRobot's own PEFT loading reads besides the adapter: `base_model_name_or_path` in adapter_config.json
+    (the base it builds first) and `use_peft` in config.json (which sends --policy.path down its PEFT path)."""
+    for sub in (folder, folder / "ema"):
+        path = sub / "adapter_config.json"
+        if path.is_file():
+            adapter_config = json.loads(path.read_text())
+            adapter_config["base_model_name_or_path"] = base_name
+            path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     model: nn.Module,

@@ -13,6 +13,7 @@ from torch import nn
 from finetune.adapters import quantize_and_attach, set_full_training_grads
 from finetune.config import ConfigError, TrainConfig
 from finetune.data import DatasetError
+from finetune.hub import resolve_repo
 from finetune.policies import load_policy
 from finetune.policies.base import ACTION, OBS_STATE
 from finetune.policies.common import DTYPES
@@ -67,10 +68,25 @@ def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
     return policy
 
 
+def initial_adapter(cfg: TrainConfig) -> Path | None:
+    """--peft.init-from as a local folder (a Hub id is fetched), or None for a fresh adapter."""
+    if cfg.peft.init_from is None:
+        return None
+    try:
+        folder = resolve_repo(cfg.peft.init_from, "model", "--peft.init-from")
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"--peft.init-from {cfg.peft.init_from}: {folder} holds no adapter (adapter_config.json, "
+                          "adapter_model.safetensors); pass one of our adapter checkpoints or a LeRobot PEFT run's "
+                          "checkpoints/<step>/pretrained_model")
+    return folder
+
+
 def build_model(cfg: TrainConfig, policy: nn.Module, accelerator: Accelerator, resume_from: Path | None) -> nn.Module:
     """The trainable model: an adapter on `policy` (the saved adapter itself when resuming, never a fresh one on
-    top), or for a resumed FULL run the checkpoint's whole policy. Trained parameters are float32 whatever the base's
-    storage dtype."""
+    top; --peft.init-from's adapter for a new run starting from one), or for a resumed FULL run the checkpoint's
+    whole policy. Trained parameters are float32 whatever the base's storage dtype."""
     if resume_from is not None and not (resume_from / "adapter_config.json").is_file():
         check_checkpoint_files(resume_from, ["config.json"], ["model.safetensors"])
         model = load_policy(resume_from)
@@ -79,9 +95,10 @@ def build_model(cfg: TrainConfig, policy: nn.Module, accelerator: Accelerator, r
         model.set_attn_implementation(cfg.policy.attn_implementation)
         set_full_training_grads(model)
     else:
-        if resume_from is not None:
-            check_checkpoint_files(resume_from, ["adapter_config.json"], ["adapter_model.safetensors"])
-        model = quantize_and_attach(policy, cfg.quant, cfg.peft, accelerator.device, adapter_dir=resume_from,
+        adapter_dir = resume_from if resume_from is not None else initial_adapter(cfg)
+        if adapter_dir is not None:
+            check_checkpoint_files(adapter_dir, ["adapter_config.json"], ["adapter_model.safetensors"])
+        model = quantize_and_attach(policy, cfg.quant, cfg.peft, accelerator.device, adapter_dir=adapter_dir,
                                     trainable=True)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
