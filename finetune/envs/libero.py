@@ -83,6 +83,14 @@ def libero_config(package_dir: Path) -> dict[str, Any]:
     return yaml.safe_load((folder / "config.yaml").read_text()) or {}
 
 
+def libero_assets_dir() -> str:
+    """The scene assets folder LIBERO envs will use (EnvUnavailable when hf-libero or the assets are missing)."""
+    import_libero()
+    import libero.libero as libero_paths
+
+    return libero_paths._assets_path_cache
+
+
 def import_libero():
     """hf-libero's modules with the assets folder found, or EnvUnavailable saying how to install it or get them."""
     from finetune.envs import EnvUnavailable
@@ -194,10 +202,13 @@ def libero_observation(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
-    """(x, y, z, w) quaternion -> axis * angle, in float32 as LeRobot's LiberoProcessorStep computes it."""
-    quat = np.asarray(quat, np.float32)
-    w = np.clip(quat[3], np.float32(-1.0), np.float32(1.0))
-    sin_half = np.sqrt(np.maximum(np.float32(1.0) - w * w, np.float32(0.0)))
+    """(x, y, z, w) quaternion -> axis * angle, float32. Torch's float32 ops in LeRobot's LiberoProcessorStep order,
+    so the state is bit-equal to LeRobot's (numpy's float32 arccos differs from torch's in the last bit)."""
+    import torch
+
+    q = torch.as_tensor(np.asarray(quat), dtype=torch.float32)
+    w = q[3].clamp(-1.0, 1.0)
+    sin_half = torch.sqrt(torch.clamp(1.0 - w * w, min=0.0))
     if sin_half <= 1e-10:
         return np.zeros(3, np.float32)
-    return (quat[:3] / sin_half * (np.float32(2.0) * np.arccos(w))).astype(np.float32)
+    return (q[:3] / sin_half * (2.0 * torch.acos(w))).numpy()
