@@ -142,3 +142,35 @@ def test_libero_task_index_out_of_range_is_one_line():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@needs_libero
+def test_training_flags_evaluate_in_libero(tmp_path, capsys):
+    """`--env.type=libero --env.task=libero_spatial:0 --env.assets-dir DIR`: a 2-step LoRA run on a tiny LIBERO-shaped
+    dataset (random frames) evaluates its policy closed loop in LIBERO at the end and logs the success rate."""
+    from helpers import train_args
+
+    from finetune import train
+    from finetune.data import load_dataset_meta
+    from finetune.data.writer import DatasetWriter, Episode
+    from finetune.demo import make_initial_policy
+    from finetune.envs.libero import libero_assets_dir
+    from finetune.training.metrics import read_metrics
+
+    rng = np.random.default_rng(0)
+    writer = DatasetWriter(tmp_path / "data", fps=20, robot_type="panda", episodes_per_file=4)
+    for _ in range(4):
+        writer.add(Episode(task="pick up the black bowl", state=rng.normal(size=(12, 8)).astype(np.float32),
+                           action=rng.uniform(-1, 1, (12, 7)).astype(np.float32),
+                           frames={f"observation.images.{c}": rng.integers(0, 255, (12, 64, 64, 3), np.uint8)
+                                   for c in ("image", "image2")}))
+    data = writer.finish()
+    policy = make_initial_policy(tmp_path / "policy", load_dataset_meta(data), seed=0)
+    out = tmp_path / "run"
+    summary = train.main(train_args(policy, data, out, "--steps", "2", "--env.type=libero",
+                                    "--env.task=libero_spatial:0", "--env.episodes=1", "--env.max-steps=4",
+                                    "--env.assets-dir", libero_assets_dir()))
+    sim = [m for m in read_metrics(out / "metrics.jsonl") if "sim/success_rate" in m]
+    assert [(m["step"], m["sim/success_rate"], m["sim/libero_spatial:0/success_rate"]) for m in sim] == [(2, 0.0, 0.0)]
+    assert summary["sim_success_rate"] == 0.0
+    assert "step 2: libero libero_spatial:0 success rate 0.0% (1 episodes)" in capsys.readouterr().out
