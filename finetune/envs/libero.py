@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from gymnasium import spaces
 
-LIBERO_INSTALL = "pip install -e '.[libero]'"
+LIBERO_INSTALL = "pip install -e '.[libero]' (best in its own venv: README, Simulators)"
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # Step limits per suite, as LIBERO's evaluation uses them (the longest demonstration plus a margin).
 MAX_STEPS = {"libero_spatial": 280, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
