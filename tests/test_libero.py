@@ -37,9 +37,10 @@ def test_assets_dir_that_is_not_libero_assets_is_one_line(tmp_path, monkeypatch)
     message = str(err.value)
     assert "\n" not in message
     if "not installed" not in message:
-        assert message.startswith(f"--env.assets-dir {tmp_path} is not LIBERO's assets folder (it has no "
-                                  "articulated_objects, stable_hope_objects,")
-        assert "tools/libero_assets.py" in message
+        assert message.startswith(f"the assets folder {tmp_path} is not LIBERO's (it has no articulated_objects, "
+                                  "stable_hope_objects,")
+        assert "as --assets-dir (finetune-eval) or --env.assets-dir (training); make it with python " \
+               "tools/libero_assets.py DIR" in message
     with pytest.raises(ValueError, match="an assets folder is for LIBERO only; drop it for metaworld"):
         check_env("metaworld", assets_dir=str(tmp_path))
 

@@ -34,9 +34,9 @@ CONTROL_FREQ = 20  # Hz, robosuite's default and LeRobot's --env.fps for LIBERO
 ASSET_FOLDERS = ("articulated_objects", "scenes", "stable_hope_objects", "stable_scanned_objects", "textures",
                  "turbosquid_objects")
 HUB_CACHE = Path.home() / ".cache" / "libero" / "assets"  # where hf-libero's Hub download puts them
-GET_ASSETS = ("pass --env.assets-dir DIR with LIBERO's assets folder (python tools/libero_assets.py DIR --repo "
-              "<clone of github.com/Lifelong-Robot-Learning/LIBERO>, or hf-libero's Hub download: see README, "
-              "Simulators)")
+GET_ASSETS = ("pass LIBERO's assets folder DIR as --assets-dir (finetune-eval) or --env.assets-dir (training); "
+              "make it with python tools/libero_assets.py DIR --repo <clone of github.com/Lifelong-Robot-Learning/"
+              "LIBERO>, or hf-libero's Hub download (README, Simulators)")
 _assets_dir: str | None = None  # set by use_assets_dir (the --env.assets-dir flag)
 
 
@@ -57,7 +57,7 @@ def find_assets(config: dict[str, Any], package_dir: Path) -> str:
     if _assets_dir is not None:
         missing = missing_asset_folders(_assets_dir)
         if missing:
-            raise EnvUnavailable(f"--env.assets-dir {_assets_dir} is not LIBERO's assets folder (it has no "
+            raise EnvUnavailable(f"the assets folder {_assets_dir} is not LIBERO's (it has no "
                                  f"{', '.join(missing)}); {GET_ASSETS}")
         return _assets_dir
     candidates = [config.get("assets"), package_dir / "assets", HUB_CACHE]
