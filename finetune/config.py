@@ -243,6 +243,9 @@ class EnvOptions:
     """Episode length limit in environment steps (LeRobot's --env.episode_length); None: the task's default."""
     image_size: int | None = None
     """Rendered camera size in pixels; None: the training dataset's camera height."""
+    assets_dir: str | None = None
+    """LIBERO's scene assets folder (tools/libero_assets.py makes one); None: LIBERO's config.yaml entry, else
+    hf-libero's own folder."""
 
 
 @dataclass(frozen=True)
@@ -397,6 +400,7 @@ RESUMABLE_CHANGES = frozenset({
     "ema.use_for_eval", "dataset.decoder_threads", "dataset.prefetch_factor", "policy.attn_implementation",
     "policy.cpu_linear",
     "env.type", "env.task", "env.episodes", "env.eval_every", "env.max_steps", "env.image_size",
+    "env.assets_dir",
 })
 
 

@@ -414,6 +414,9 @@ class SimEvalConfig:
     """Meta-World cameras to render; default: the ones the policy's observation.images.<camera> keys name."""
     state: str | None = None
     """Meta-World observation.state kind (agent 4, objects 21, full 39 values); default: the policy's state size's."""
+    assets_dir: str | None = None
+    """LIBERO's scene assets folder (tools/libero_assets.py makes one); default: LIBERO's config.yaml entry, else
+    hf-libero's own folder."""
     num_envs: int = 10
     """Envs stepped in lockstep, with one batched policy call for all that need a new chunk."""
     video_episodes: int = 1
@@ -512,7 +515,7 @@ def evaluate_in_sim(cfg: SimEvalConfig) -> dict[str, Any]:
                          "libero_10) or <suite>:<task index>")
     if cfg.episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {cfg.episodes}")
-    check_env(cfg.env)  # unknown env or missing extra: say so before loading a policy
+    check_env(cfg.env, assets_dir=cfg.assets_dir)  # unknown env, missing extra or assets: before loading a policy
     tasks = default_tasks(cfg.env, spec)
     predictor = Predictor.from_checkpoint(cfg.checkpoint, cfg.base, device=cfg.device, num_steps=cfg.num_steps,
                                           tokenizer_path=cfg.tokenizer_path)

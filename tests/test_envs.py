@@ -138,20 +138,3 @@ def test_libero_without_hf_libero_says_how_to_get_it(monkeypatch):
         check_env("libero", ["libero_spatial"])
     with pytest.raises(ValueError, match="unknown LIBERO task"):
         check_env("libero", ["libero_nope"])
-
-
-def _libero_ready() -> str | None:
-    try:
-        check_env("libero")
-    except EnvUnavailable as err:
-        return str(err)
-    return None
-
-
-@pytest.mark.skipif(_libero_ready() is not None, reason=f"LIBERO unavailable: {_libero_ready()}")
-def test_libero_env_gives_lerobots_names():
-    env = make_env("libero", default_tasks("libero", "libero_spatial:0")[0], image_size=64)
-    obs, _ = env.reset(seed=0)
-    assert set(obs) == {"observation.images.image", "observation.images.image2", "observation.state"}
-    assert obs["observation.state"].shape == (8,) and env.action_space.shape == (7,) and env.task
-    env.close()

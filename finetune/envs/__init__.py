@@ -2,7 +2,7 @@
 
 - "reach": the project's synthetic "move to the <color> ball" task (no extra needed);
 - "metaworld": Meta-World's 50 MuJoCo tasks (extra `[sim]`), rendered headless and fast;
-- "libero": LIBERO's suites through hf-libero (extra `[libero]`, scene assets from the Hub on first use).
+- "libero": LIBERO's suites through hf-libero (extra `[libero]`, scene assets in a folder: see libero.py).
 
 Simulator packages are imported only when an env is made, so this package imports without them; a missing one
 raises EnvUnavailable with the install line. Training may import this package (simulation, not evaluation).
@@ -53,20 +53,25 @@ def default_tasks(env_type: str, suite_or_task: str) -> list[str]:
     return colors
 
 
-def check_env(env_type: str, tasks: Sequence[str] | None = None) -> None:
-    """ValueError for an unknown env or task names, EnvUnavailable for a missing extra or assets; builds nothing."""
+def check_env(env_type: str, tasks: Sequence[str] | None = None, assets_dir: str | None = None) -> None:
+    """ValueError for an unknown env or task names, EnvUnavailable for a missing extra or assets; builds nothing.
+    `assets_dir` (LIBERO only) is where the scene assets are, for every LIBERO env this process makes."""
     _check_type(env_type)
+    if assets_dir is not None and env_type != "libero":
+        raise ValueError(f"an assets folder is for LIBERO only; drop it for {env_type}")
     if env_type == "metaworld":
         from finetune.envs.metaworld import check_tasks, import_metaworld
 
         check_tasks(tasks or [])
         import_metaworld()
     elif env_type == "libero":
-        from finetune.envs.libero import SUITES, import_libero
+        from finetune.envs.libero import SUITES, import_libero, use_assets_dir
 
         bad = [t for t in tasks or [] if t.partition(":")[0] not in SUITES]
         if bad:
             raise ValueError(f"unknown LIBERO task(s) {bad}; use a suite ({', '.join(SUITES)}) or <suite>:<index>")
+        if assets_dir is not None:
+            use_assets_dir(assets_dir)
         import_libero()
     else:
         default_tasks("reach", ",".join(tasks or []))

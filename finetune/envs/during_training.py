@@ -39,6 +39,7 @@ class SimEvaluation:
                               "sharded weights do not allow; use a ZeRO-1/2 or DDP config, or evaluate the checkpoint "
                               "afterwards")
         try:
+            check_env(env.type, assets_dir=env.assets_dir)  # the assets folder first: LIBERO's task list needs it
             check_env(env.type, default_tasks(env.type, env.task))
         except (ValueError, RuntimeError) as err:  # unknown env/task; EnvUnavailable: extra or assets missing
             raise ConfigError(f"--env.type {env.type} --env.task {env.task}: {err}") from None
