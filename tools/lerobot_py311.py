@@ -2,7 +2,8 @@
 
 `class C[T, U](Base):` -> TypeVars defined above it and `class C(Base, Generic[T, U]):`;
 `def f[T: Bound](...)` -> `T = TypeVar("T", bound=Bound)` above it and `def f(...)`; `type X = Y` -> `X = Y`.
-Used by tools/lerobot_env.sh; idempotent. Usage: python tools/lerobot_py311.py SITE_PACKAGES/lerobot
+Used by tools/lerobot_env.sh and for the LIBERO comparison; idempotent.
+Usage: VENV/bin/python tools/lerobot_py311.py [SITE_PACKAGES/lerobot]   (default: the lerobot that VENV's python finds)
 """
 
 import re
@@ -66,4 +67,12 @@ def main(package: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 1:
+        main(Path(sys.argv[1]))
+    else:  # find_spec locates the package without importing it (its 3.12 syntax would not parse)
+        import importlib.util
+
+        spec = importlib.util.find_spec("lerobot")
+        if spec is None or spec.origin is None:
+            raise SystemExit("lerobot_py311: lerobot is not installed for this python")
+        main(Path(spec.origin).parent)
