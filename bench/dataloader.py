@@ -66,6 +66,17 @@ MEMORY_FILES = ((100, 110), (120, 100), (130, 300, 70))
 BEFORE_CACHE_MB = 1024  # the cache each loading process had before the node budget (--dataset.video-cache-mb)
 
 
+def drain(it, samples: int) -> tuple[int, int, float, float]:
+    """Batches until `samples` samples: (samples seen, frames decoded, decode CPU seconds, wall seconds)."""
+    start, seen, decoded, cpu = time.perf_counter(), 0, 0, 0.0
+    while seen < samples:
+        b = next(it)
+        seen += len(b["index"])
+        decoded += int(b["decoded_frames"].sum())
+        cpu += float(b["cpu_s"].sum())
+    return seen, decoded, cpu, time.perf_counter() - start
+
+
 def scene_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A smooth, detailed color field (sum of upsampled noise octaves): decodes like camera footage, unlike flat
     synthetic colors."""
@@ -239,13 +250,7 @@ def measure(root: Path, reader: str, workers: int, samples: int, cache_mb: int, 
     fill = (cache_mb * 2**20 // (H * W * 3)) // 3 if cache else 0
     for _ in range(max(1, workers) * max(1, -(-fill // batch))):
         next(it)
-    start, seen, decoded, cpu = time.perf_counter(), 0, 0, 0.0
-    while seen < samples:
-        b = next(it)
-        seen += len(b["index"])
-        decoded += int(b["decoded_frames"].sum())
-        cpu += float(b["cpu_s"].sum())
-    elapsed = time.perf_counter() - start
+    seen, decoded, cpu, elapsed = drain(it, samples)
     del it, loader
     rate = seen / elapsed
     return {"reader": reader, "workers": workers, "samples": seen, "seconds": elapsed, "samples_s": rate,
@@ -331,13 +336,7 @@ def memory_run(root: Path, variant: str, workers: int, samples: int, batch: int,
                                          prefetch_factor=2 if workers else None)
     it = iter(loader)
     next(it)  # workers started
-    start, seen, decoded, cpu = time.perf_counter(), 0, 0, 0.0
-    while seen < samples:
-        b = next(it)
-        seen += len(b["index"])
-        decoded += int(b["decoded_frames"].sum())
-        cpu += float(b["cpu_s"].sum())
-    elapsed = time.perf_counter() - start
+    seen, decoded, cpu, elapsed = drain(it, samples)
     monitor.stop()
     del it, loader
     return {"variant": variant, "workers": workers, "samples": seen, "samples_s": seen / elapsed,
