@@ -10,8 +10,8 @@ neighbour's single-threaded job); `twin` beside a second copy of the same traini
 (a second demo, a colleague's run), whose OpenMP threads spin-wait too. The arms differ only in their environment,
 set before torch loads:
 
-- `torch`: torch's own defaults (as many intra-op threads as cores; OpenMP threads spin while waiting), which the
-  project keeps when OMP_NUM_THREADS is set;
+- `torch`: torch's own defaults (as many intra-op threads as cores, `--cpu-threads` set to that; OpenMP threads
+  spin while waiting);
 - `passive`: torch's thread count with OMP_WAIT_POLICY=PASSIVE (waiting threads sleep);
 - `one-thread`: a single intra-op thread;
 - `project`: the project's default (finetune/training/threads.py: one thread for models under 50M parameters).
@@ -38,14 +38,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 CORES = str(os.cpu_count() or 1)
-ARMS = {  # OMP_NUM_THREADS set: the project keeps that count (finetune/training/threads.py)
-    "torch": {"OMP_NUM_THREADS": CORES},
-    "passive": {"OMP_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "PASSIVE"},
-    "one-thread": {"OMP_NUM_THREADS": "1"},
+THREADS_ENV = "BENCH_CPU_THREADS"  # the worker's --cpu-threads ("" for the project's default)
+ARMS = {
+    "torch": {THREADS_ENV: CORES},
+    "passive": {THREADS_ENV: CORES, "OMP_WAIT_POLICY": "PASSIVE"},
+    "one-thread": {THREADS_ENV: "1"},
     "project": {},
 }
 LOADS = ("idle", "busy", "twin")
-THREAD_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", THREADS_ENV)
 
 
 def make_assets(folder: Path) -> tuple[Path, Path]:
@@ -74,7 +75,8 @@ def worker(policy: str, dataset: str, out: str, steps: int) -> None:
     cfg = replace(FINETUNE, policy=replace(FINETUNE.policy, path=policy),
                   dataset=replace(FINETUNE.dataset, root=dataset, eval_episodes=0),
                   checkpoint=CheckpointOptions(every=10**6, keep_last=1), output_dir=out, steps=steps, log_every=5,
-                  eval_every=10**6, log_with=("none",), log_level="warning")
+                  eval_every=10**6, log_with=("none",), log_level="warning",
+                  cpu_threads=int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV) else None)
     train.run(cfg)
 
 

@@ -298,7 +298,7 @@ class TrainConfig:
     of a progress bar."""
     cpu_threads: int | None = None
     """Intra-op threads of a training process on CPU; None: one for models under 50M parameters (their speed
-    survives a shared CPU), else torch's default (or OMP_NUM_THREADS when set). GPU runs are not affected."""
+    survives a shared CPU), else torch's count (OMP_NUM_THREADS, which accelerate launch sets). GPU runs: unaffected."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Messages shown (and written to <output_dir>/train.log) on the main rank; other ranks show warnings and errors
     only, prefixed with their rank. `warning` also hides the progress lines."""

@@ -12,11 +12,12 @@ def test_cpu_threads_one_for_small_models_torchs_count_for_big_ones_and_the_flag
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert choose_cpu_threads(None, 3_000_000, 2)[0] == 1
-    assert choose_cpu_threads(None, 450_000_000, 2) == (2, "torch's default (one per core)")
+    assert choose_cpu_threads(None, 450_000_000, 2) == (2, "torch's default, one per core")
     assert choose_cpu_threads(None, SMALL_MODEL_PARAMS - 1, 1)[0] == 1
     assert choose_cpu_threads(4, 3_000_000, 2) == (4, "--cpu-threads")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # set by the user or the launcher: respected
-    assert choose_cpu_threads(None, 3_000_000, 2) == (2, "OMP_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # accelerate launch always sets it: a small model still gets one
+    assert choose_cpu_threads(None, 3_000_000, 2)[0] == 1
+    assert choose_cpu_threads(None, 450_000_000, 2) == (2, "OMP_NUM_THREADS")
 
 
 def test_a_run_uses_its_cpu_threads_and_gives_the_callers_back(policy_dir, dataset_root, tmp_path, capsys,

@@ -19,14 +19,14 @@ SMALL_MODEL_PARAMS = 50_000_000  # below this a step's parallel regions are too 
 
 
 def choose_cpu_threads(requested: int | None, n_params: int, torch_default: int) -> tuple[int, str]:
-    """(threads, why) for a model of `n_params` parameters."""
+    """(threads, why) for a model of `n_params` parameters. OMP_NUM_THREADS does not decide for small models:
+    `accelerate launch` always sets it (to the cores per process), so it says nothing about the model."""
     if requested is not None:
         return requested, "--cpu-threads"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch_default, "OMP_NUM_THREADS"
     if n_params < SMALL_MODEL_PARAMS and torch_default > 1:
         return 1, f"a small model ({n_params / 1e6:.1f}M parameters) keeps its speed on a shared CPU with one"
-    return torch_default, "torch's default (one per core)"
+    source = "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "torch's default, one per core"
+    return torch_default, source
 
 
 def apply_cpu_threads(requested: int | None, n_params: int, on_cpu: bool) -> tuple[int, str] | None:
