@@ -87,6 +87,35 @@ def test_closed_loop_replans_every_n_action_steps_and_counts_successes():
     assert result["per_task"]["reach-v3"]["successes"] == [True, True, True] and result["success_rate"] == 1.0
 
 
+def test_closed_loop_renders_only_the_frames_the_policy_plans_from(monkeypatch):
+    from finetune.envs.metaworld import FastRenderer, MetaWorldEnv
+
+    renders = []
+    real_render = FastRenderer.render
+    monkeypatch.setattr(FastRenderer, "render", lambda self, data, cam: renders.append(cam) or real_render(self, data,
+                                                                                                         cam))
+
+    def run():
+        seen = []
+
+        def moving(observations, tasks):  # actions depend on the image, so a stale frame would change the episode
+            seen.extend(o["observation.images.corner2"].copy() for o in observations)
+            return np.stack([np.full((8, 4), o["observation.images.corner2"].mean() / 255 - 0.3, np.float32)
+                             for o in observations])
+
+        renders.clear()
+        result = run_closed_loop(moving, "metaworld", ["reach-v3"], 2, seed=3, n_action_steps=4, image_size=16,
+                                 max_steps=10, batched=True, num_envs=2)
+        return result["per_task"]["reach-v3"], seen, len(renders)
+
+    lazy, lazy_seen, lazy_renders = run()
+    monkeypatch.setattr(MetaWorldEnv, "renders_on_demand", False)
+    full, full_seen, full_renders = run()
+    assert lazy["steps"] == full["steps"] == [10, 10] and len(lazy_seen) == len(full_seen) == 2 * 3
+    assert all(np.array_equal(a, b) for a, b in zip(lazy_seen, full_seen))
+    assert (lazy_renders, full_renders) == (2 * 3, 2 * 11)  # resets + steps 4 and 8, against every step
+
+
 def test_reach_env_through_the_same_contract():
     env = make_env("reach", "green", image_size=64, seed=2)
     assert isinstance(env, ReachEnv) and env.task == "move to the green ball"

@@ -8,7 +8,9 @@ Action: 4 values in [-1, 1] (hand dx, dy, dz, gripper). Success: Meta-World's ow
 terminates on it. Resets are seeded: `reset(seed=s)` gives the same object and goal positions every time.
 
 Rendering is headless (MUJOCO_GL=egl, Mesa's software renderer when no GPU driver is present) and set up for
-speed: no multisampling, no shadows, no reflections (about 10x faster per frame than Meta-World's defaults).
+speed: no multisampling, no shadows, no reflections (about 10x faster per frame than Meta-World's defaults). A frame
+still costs about 25x a physics step, so `step(action, observe=False)` skips the cameras (closed-loop evaluation asks
+for them only when the policy plans its next chunk).
 """
 
 from __future__ import annotations
@@ -188,11 +190,13 @@ class MetaWorldEnv(gym.Env):
         })
         self.action_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
 
-    def _observation(self) -> dict[str, np.ndarray]:
+    renders_on_demand = True  # step() takes observe=False (see run_task)
+
+    def _observation(self, images: bool = True) -> dict[str, np.ndarray]:
         state = {"agent": self.raw_obs[:4], "objects": np.concatenate([self.raw_obs[:18], self.raw_obs[36:]]),
                  "full": self.raw_obs}[self.state_kind]
         obs = {"observation.state": np.asarray(state, np.float32)}
-        if self.renderer is not None:
+        if self.renderer is not None and images:
             for camera, key in zip(self.cameras, self.image_keys):
                 obs[key] = self.renderer.render(self.sim.data, camera)
         return obs
@@ -205,13 +209,14 @@ class MetaWorldEnv(gym.Env):
         self.steps = 0
         return self._observation(), {"task": self.task, "task_name": self.task_name, "success": False}
 
-    def step(self, action):
+    def step(self, action, observe: bool = True):
+        """Gymnasium's step; with observe=False the observation holds the state only (no camera is rendered)."""
         action = np.clip(np.asarray(action, np.float32).reshape(4), -1.0, 1.0)
         self.raw_obs, reward, _, _, info = self.sim.step(action)
         self.steps += 1
         success = bool(info["success"])
         info = {**info, "success": success, "is_success": success, "task": self.task, "task_name": self.task_name}
-        return self._observation(), float(reward), success, self.steps >= self.max_steps, info
+        return self._observation(observe), float(reward), success, self.steps >= self.max_steps, info
 
     def expert_action(self) -> np.ndarray:
         """The scripted expert's action for the current state (it reads the full state, goal included)."""

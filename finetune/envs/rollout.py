@@ -68,7 +68,12 @@ def run_task(act_batch: BatchActionChunkFn, env_type: str, task: str, episodes: 
                     for e, chunk in zip(need, chunks):
                         queues[e] = list(np.asarray(chunk)[:n_action_steps])
                 for e in list(running):
-                    obs[e], _, terminated, truncated, info = envs[e - first].step(queues[e].pop(0))
+                    env, action = envs[e - first], queues[e].pop(0)
+                    if getattr(env, "renders_on_demand", False):  # render only what the policy or a video will see
+                        step = env.step(action, observe=not queues[e] or e in recorded)
+                    else:
+                        step = env.step(action)
+                    obs[e], _, terminated, truncated, info = step
                     steps[e] += 1
                     if e in recorded:
                         recorded[e].append(_camera_frame(obs[e]))
