@@ -175,6 +175,12 @@ def test_auto_measures_each_shape_once_per_machine_and_follows_the_measurement(t
     assert use_cpu_linear(again, "auto") == {"onednn": 1, "aten": 1} and timed == []
     assert [type(m) for m in again] == [nn.Linear, OneDNNLinear]
 
+    bigger = nn.Sequential(nn.Linear(64, 32), nn.Linear(48, 16))  # a model with a new shape on the same machine
+    use_cpu_linear(bigger, "auto")
+    assert timed == [(48, 16, True)]  # only the new shape is timed, and it joins the cache for the next run
+    cache = json.loads((tmp_path / "cpu_linear.json").read_text())[cpu_linear.machine_key()]
+    assert set(cache) == {*forced, "48x16 trained"} and cache["64x32 trained"] == "aten"
+
 
 def test_a_kernel_that_is_twice_as_slow_is_not_chosen(tmp_path, monkeypatch):
     from finetune.policies import cpu_linear

@@ -160,7 +160,7 @@ def choose_kernels(shapes: list[Shape]) -> dict[Shape, str]:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    known = cache.get(key, {})
+    known = dict(cache.get(key, {}))  # a copy: comparing it with the cache below must see what was added
     chosen: dict[Shape, str] = {}
     for shape in shapes:
         name = f"{shape[0]}x{shape[1]}{' trained' if shape[2] else ''}"
