@@ -76,7 +76,7 @@ class Side:
         self.model, self.optimizer, self.features, self.info = model, optimizer, features, info
         self.batches: dict[int, tuple] = {}
 
-    def step(self, batch: int, precision: str) -> dict[str, Any]:
+    def step(self, batch: int, precision: str, profile: bool = False) -> dict[str, Any]:
         import torch
 
         if batch not in self.batches:
@@ -84,10 +84,75 @@ class Side:
             checksum = sum(float(t.double().sum()) for t in [*inputs.values(), noise, time_])
             self.batches[batch] = inputs, noise, time_, checksum
         inputs, noise, time_, checksum = self.batches[batch]
+        autocast = torch.bfloat16 if precision == "bf16" else None
+        if profile:
+            return profile_step(self.model, self.optimizer, dict(inputs), noise, time_, autocast)
         reset_peak_rss()
-        loss, seconds = one_step(self.model, self.optimizer, dict(inputs), noise, time_, torch.device("cpu"),
-                                 torch.bfloat16 if precision == "bf16" else None)
+        loss, seconds = one_step(self.model, self.optimizer, dict(inputs), noise, time_, torch.device("cpu"), autocast)
         return {"seconds": seconds, "loss": loss, "peak_bytes": peak_rss(), "batch_checksum": checksum}
+
+
+# Where a step's CPU time goes, by operator (self time, so nothing is counted twice). The names cover both sides:
+# torch's linears (MKL), oneDNN's, attention as SDPA or as LeRobot's eager matmul + softmax, AdamW's kernels.
+OP_GROUPS = (
+    ("linear layers", ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
+                       "aten::_mkl_linear", "onednn", "aten::linear_backward")),
+    ("attention", ("scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::softmax",
+                   "aten::_softmax_backward_data", "flash_attention", "aten::masked_fill", "aten::where")),
+    ("convolution (patch embedding)", ("convolution", "aten::mkldnn_convolution", "aten::_slow_conv2d")),
+    ("optimizer (AdamW)", ("_foreach", "aten::addcdiv", "aten::addcmul", "aten::lerp", "aten::sqrt",
+                           "aten::_fused_adam")),
+    ("normalization", ("layer_norm", "rms_norm", "aten::rsqrt", "aten::pow", "aten::mean", "aten::var")),
+    ("activations", ("gelu", "silu", "aten::tanh", "aten::sigmoid", "aten::mul", "aten::add", "aten::sub",
+                     "aten::div", "aten::neg", "aten::cos", "aten::sin", "aten::exp")),
+    ("data movement (copies, casts, layout)", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous",
+                                              "aten::index", "aten::_to_copy", "aten::fill_", "aten::zero_",
+                                              "aten::stack", "aten::upsample", "aten::pad", "aten::constant_pad",
+                                              "aten::embedding", "aten::gather", "aten::scatter")),
+)
+
+
+def op_group(name: str) -> str:
+    for group, patterns in OP_GROUPS:
+        if any(p in name for p in patterns):
+            return group
+    return "other"
+
+
+def profile_step(model, optimizer, inputs, noise, time_, autocast) -> dict[str, Any]:
+    """One step with its phases timed apart (forward, backward, optimizer) and a second one under torch.profiler,
+    its operators' self CPU time summed by OP_GROUPS."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    phases = {}
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        loss, _ = model(inputs, noise=noise, time=time_)
+    phases["forward"] = time.perf_counter() - start
+    start = time.perf_counter()
+    loss.backward()
+    phases["backward"] = time.perf_counter() - start
+    start = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    phases["optimizer"] = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss, _ = model(inputs, noise=noise, time=time_)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    groups: dict[str, float] = {}
+    top: list[tuple[str, float]] = []
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        groups[op_group(event.key)] = groups.get(op_group(event.key), 0.0) + seconds
+        top.append((event.key, seconds))
+    top.sort(key=lambda kv: -kv[1])
+    return {"phases": phases, "groups": groups, "top_ops": top[:15]}
 
 
 def describe(model, optimizer, threads: int) -> dict[str, Any]:
@@ -102,8 +167,9 @@ def describe(model, optimizer, threads: int) -> dict[str, Any]:
             "threads": threads}
 
 
-def build_ours(threads: int, vlm_parent: Path) -> Side:
-    """Our policy as training runs it (SDPA, cpu-linear auto) and, for LeRobot, its backbone as a vlm/ folder."""
+def build_ours(threads: int, vlm_parent: Path, compile_model: bool = False) -> Side:
+    """Our policy as training runs it (SDPA, cpu-linear auto) and, for LeRobot, its backbone as a vlm/ folder;
+    `compile_model`: the model under torch.compile (inductor), compiled by the first step."""
     import torch
 
     from bench.step import build_policy, smolvla_config
@@ -119,8 +185,8 @@ def build_ours(threads: int, vlm_parent: Path) -> Side:
     linears = use_cpu_linear(model, "auto")  # probes (or reads the cached choice) now, outside the timed steps
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True)
     vlm = write_vlm(policy, vlm_parent)
-    info = {**describe(model, optimizer, threads), "linears": linears, "vlm": str(vlm)}
-    return Side(model, optimizer, config, info)
+    info = {**describe(model, optimizer, threads), "linears": linears, "vlm": str(vlm), "compiled": compile_model}
+    return Side(torch.compile(model) if compile_model else model, optimizer, config, info)
 
 
 def write_vlm(policy, parent: Path) -> Path:
@@ -161,13 +227,13 @@ def build_lerobot(threads: int, vlm: str) -> Side:
     return Side(model, optimizer, features, info)
 
 
-def serve(side: str, threads: int, where: str) -> None:
+def serve(side: str, threads: int, where: str, compile_model: bool = False) -> None:
     """Build the model, report it in one JSON line, then answer one JSON line per request until stdin closes."""
     import ctypes
 
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr: stdout carries the protocol only
-    built = build_ours(threads, Path(where)) if side == "ours" else build_lerobot(threads, where)
+    built = build_ours(threads, Path(where), compile_model) if side != "lerobot" else build_lerobot(threads, where)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # the build's freed memory (LeRobot drops 16 of 32 layers) leaves RSS
     protocol.write(json.dumps(built.info) + "\n")
     for line in sys.stdin:
@@ -179,12 +245,13 @@ def serve(side: str, threads: int, where: str) -> None:
 class Worker:
     """A side's process: started with its python, spoken to in JSON lines; its stderr goes to a log file."""
 
-    def __init__(self, side: str, python: str, threads: int, where: str, log: Path):
+    def __init__(self, side: str, python: str, threads: int, where: str, log: Path, compile_model: bool = False):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         if side == "lerobot":
             env["PYTHONPATH"] = ""  # LeRobot's venv; the torchvision stand-in is inside its site-packages
         self.side, self.log = side, log
-        self.proc = subprocess.Popen([python, __file__, "--worker", side, "--threads", str(threads), "--where", where],
+        command = [python, __file__, "--worker", side, "--threads", str(threads), "--where", where]
+        self.proc = subprocess.Popen(command + (["--compile"] if compile_model else []),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
                                      cwd=ROOT, env=env)
         self.info = self.read()
@@ -217,19 +284,25 @@ def cpu_name() -> str:
 
 def run_row(workers: dict[str, Worker], batch: int, precision: str, warmup: int, steps: int) -> dict[str, Any]:
     """One configuration: ours, LeRobot's, ours, ... for every warm-up and timed step; medians of the timed ones."""
-    samples: dict[str, list[dict]] = {side: [] for side in SIDES}
+    samples: dict[str, list[dict]] = {side: [] for side in workers}
+    first: dict[str, float] = {}
     for step in range(warmup + steps):
-        for side in SIDES:
-            result = workers[side].request(batch=batch, precision=precision)
+        for side, worker in workers.items():
+            result = worker.request(batch=batch, precision=precision)
+            first.setdefault(side, result["seconds"])
             if step >= warmup:
                 samples[side].append(result)
     row: dict[str, Any] = {"batch": batch, "precision": precision}
-    for side in SIDES:
+    if "compiled" in workers:  # its first step of a row compiles (a new batch size or precision recompiles)
+        row["compile_s"] = first["compiled"]
+    for side in workers:
         row[f"{side}_s"] = statistics.median(s["seconds"] for s in samples[side])
         row[f"{side}_peak_bytes"] = max(s["peak_bytes"] for s in samples[side])
         row[f"{side}_loss"] = samples[side][-1]["loss"]
     row["ratio"] = row["ours_s"] / row["lerobot_s"]
-    checksums = {samples[side][-1]["batch_checksum"] for side in SIDES}
+    if "compiled" in workers:
+        row["compiled_ratio"] = row["compiled_s"] / row["lerobot_s"]
+    checksums = {samples[side][-1]["batch_checksum"] for side in workers}
     row["same_batch"] = len(checksums) == 1
     row["samples"] = samples
     return row
@@ -252,6 +325,35 @@ def table(cpu: str, info: dict[str, dict], rows: list[dict]) -> str:
         lines.append(f"| {r['batch']} | {r['precision']} | {r['lerobot_s']:.2f} | {r['ours_s']:.2f} | "
                      f"{r['ratio']:.2f} | {r['lerobot_peak_bytes'] / 2**30:.2f} | {r['ours_peak_bytes'] / 2**30:.2f} | "
                      f"{r['lerobot_loss']:.4f} | {r['ours_loss']:.4f} |")
+    if any("compiled_s" in r for r in rows):
+        lines += ["", "Ours under torch.compile (inductor), alternated with the two above:", "",
+                  "| batch | precision | compiled s | compiled/LeRobot | compiled/ours | first step (compiles) s | "
+                  "peak RSS GiB |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['batch']} | {r['precision']} | {r['compiled_s']:.2f} | {r['compiled_ratio']:.2f} | "
+                         f"{r['compiled_s'] / r['ours_s']:.2f} | {r['compile_s']:.0f} | "
+                         f"{r['compiled_peak_bytes'] / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
+def profile_table(profiles: list[dict]) -> str:
+    """Per (batch, precision): each side's step by phase and by operator group, seconds (profiled step's self CPU
+    time; the profiler's own overhead inflates the total a little)."""
+    lines = []
+    for prof in profiles:
+        sides = [side for side in prof["sides"]]
+        lines += ["", f"Where the time goes, batch {prof['batch']} {prof['precision']} (seconds):", "",
+                  "| part | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
+        for phase in ("forward", "backward", "optimizer"):
+            lines.append(f"| {phase} (wall) | " + " | ".join(f"{prof['sides'][x]['phases'][phase]:.2f}"
+                                                               for x in sides) + " |")
+        groups = [g for g, _ in OP_GROUPS] + ["other"]
+        for group in groups:
+            lines.append(f"| {group} | " + " | ".join(f"{prof['sides'][x]['groups'].get(group, 0.0):.2f}"
+                                                      for x in sides) + " |")
+        for side in sides:
+            top = ", ".join(f"{name} {sec:.2f}" for name, sec in prof["sides"][side]["top_ops"][:8])
+            lines.append(f"\n{side}'s top operators (self s): {top}")
     return "\n".join(lines)
 
 
@@ -272,6 +374,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lerobot-python", type=Path, default=LEROBOT_PYTHON,
                         help="python of a venv with LeRobot 0.6.1 (tools/lerobot_env.sh builds .lerobot-venv)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "vs_lerobot.json", help="JSON results")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our step under torch.compile (a third process, alternated with the others)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rows, one profiled step per side and row: time by phase and operator")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--where", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -280,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        serve(args.worker, args.threads, args.where)
+        serve(args.worker, args.threads, args.where, args.compile)
         return
     if not args.lerobot_python.is_file():
         raise SystemExit(f"error: no LeRobot environment at {args.lerobot_python}: build it with "
@@ -292,6 +398,9 @@ def main() -> None:
             workers["ours"] = Worker("ours", sys.executable, args.threads, tmp, Path(tmp, "ours.log"))
             workers["lerobot"] = Worker("lerobot", str(args.lerobot_python), args.threads,
                                         workers["ours"].info["vlm"], Path(tmp, "lerobot.log"))
+            if args.compile:
+                workers["compiled"] = Worker("ours", sys.executable, args.threads, str(Path(tmp, "compiled")),
+                                             Path(tmp, "compiled.log"), compile_model=True)
             info = {side: w.info for side, w in workers.items()}
             print(json.dumps(info), flush=True)
             for warning in check_same_model(info):
@@ -303,12 +412,20 @@ def main() -> None:
                     print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}), flush=True)
                     if not rows[-1]["same_batch"]:
                         print("warning: the two sides' batches differ (checksums)", file=sys.stderr)
+            profiles = []
+            for batch in args.batch_sizes if args.profile else []:
+                for precision in args.precisions:
+                    profiles.append({"batch": batch, "precision": precision, "sides": {
+                        side: workers[side].request(batch=batch, precision=precision, profile=True)
+                        for side in ("ours", "lerobot")}})
         finally:
             for worker in workers.values():
                 worker.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu, "info": info, "rows": rows}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"cpu": cpu, "info": info, "rows": rows, "profiles": profiles}, indent=1) + "\n")
     print(table(cpu, info, rows))
+    if profiles:
+        print(profile_table(profiles))
     print(f"results: {args.out}")
 
 
