@@ -292,9 +292,11 @@ def run_job(out: Path, name: str) -> None:
 # ---- the scheduler ----------------------------------------------------------------------------------------------
 
 
-def run_all(out: Path, jobs: dict[str, dict], workers: int) -> None:
-    """Start each job once its dependencies are done, `workers` at a time; stop at the first failure."""
+def run_all(out: Path, jobs: dict[str, dict], workers: int) -> int:
+    """Start each job once its dependencies are done, `workers` at a time; stop at the first failure. Returns the
+    number of jobs run."""
     done = {n for n in jobs if (out / "jobs" / f"{n}.json").is_file()}
+    already = set(done)
     pending = [n for n in jobs if n not in done]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     (out / "logs").mkdir(exist_ok=True)
@@ -320,6 +322,7 @@ def run_all(out: Path, jobs: dict[str, dict], workers: int) -> None:
                 raise SystemExit(f"job {name} failed (exit {proc.returncode}); see {out / 'logs' / (name + '.log')}")
             done.add(name)
             log(f"done  {name} in {time.perf_counter() - started:.0f} s ({len(done)}/{len(jobs)})")
+    return len(jobs) - len(already)
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
@@ -420,6 +423,7 @@ def plot(path: Path, b: Budget, head: dict, curve: dict) -> None:
     left.set(xlabel="demos per held-out task", ylabel="success on ML10 test tasks (%)", xscale="log", ylim=(0, 100),
              title="Demos per task")
     left.set_xticks(list(b.demo_counts), [str(n) for n in b.demo_counts])
+    left.minorticks_off()
     left.legend()
     rows = [r for r in TABLE_ROWS if head.get(r)]
     means = [100 * head[r]["mean"] for r in rows]
@@ -471,8 +475,12 @@ def main() -> None:
     plan_file.write_text(json.dumps({"budget": dataclasses.asdict(b), "jobs": jobs}, indent=1) + "\n")
     log(f"budget {b}")
     start = time.perf_counter()
-    run_all(out, jobs, b.workers)
-    print(report(out, b, jobs, time.perf_counter() - start))
+    ran = run_all(out, jobs, b.workers)
+    wall = out / "wall_seconds.json"  # summed over the invocations that ran jobs (a rerun only reports)
+    seconds = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
+    seconds += (time.perf_counter() - start) if ran else 0.0
+    wall.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+    print(report(out, b, jobs, seconds))
     log(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'transfer.png'}")
 
 
