@@ -178,6 +178,10 @@ def build_ours(threads: int, vlm_parent: Path, compile_model: bool = False) -> S
     from finetune.policies.cpu_linear import use_cpu_linear
 
     torch.set_num_threads(threads)
+    if os.environ.get("BENCH_KEEP_FREED_MEMORY", "1") == "1":  # as training on CPU does (training/cpu_memory.py)
+        from finetune.training.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     config = smolvla_config(IMAGE)
     policy = build_policy(config, torch.float32)
     policy.set_attn_implementation("sdpa")
@@ -245,8 +249,10 @@ def serve(side: str, threads: int, where: str, compile_model: bool = False) -> N
 class Worker:
     """A side's process: started with its python, spoken to in JSON lines; its stderr goes to a log file."""
 
-    def __init__(self, side: str, python: str, threads: int, where: str, log: Path, compile_model: bool = False):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    def __init__(self, side: str, python: str, threads: int, where: str, log: Path, compile_model: bool = False,
+                 extra_env: dict[str, str] | None = None):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               **(extra_env or {})}
         if side == "lerobot":
             env["PYTHONPATH"] = ""  # LeRobot's venv; the torchvision stand-in is inside its site-packages
         self.side, self.log = side, log
@@ -376,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "vs_lerobot.json", help="JSON results")
     parser.add_argument("--compile", action="store_true",
                         help="also time our step under torch.compile (a third process, alternated with the others)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="also time ours with glibc malloc's defaults (training keeps freed memory for reuse)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed rows, one profiled step per side and row: time by phase and operator")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -398,6 +406,10 @@ def main() -> None:
             workers["ours"] = Worker("ours", sys.executable, args.threads, tmp, Path(tmp, "ours.log"))
             workers["lerobot"] = Worker("lerobot", str(args.lerobot_python), args.threads,
                                         workers["ours"].info["vlm"], Path(tmp, "lerobot.log"))
+            if args.system_malloc:  # A/B of finetune/training/cpu_memory.py: ours with glibc's defaults
+                workers["system_malloc"] = Worker("ours", sys.executable, args.threads, str(Path(tmp, "sysmalloc")),
+                                                  Path(tmp, "sysmalloc.log"),
+                                                  extra_env={"BENCH_KEEP_FREED_MEMORY": "0"})
             if args.compile:
                 workers["compiled"] = Worker("ours", sys.executable, args.threads, str(Path(tmp, "compiled")),
                                              Path(tmp, "compiled.log"), compile_model=True)

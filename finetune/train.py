@@ -45,6 +45,7 @@ from finetune.training import checkpoint as ckpt
 from finetune.training import distributed as dist
 from finetune.training import state as training_state
 from finetune.training.checkpoint import CheckpointWriteError
+from finetune.training.cpu_memory import keep_freed_memory
 from finetune.training.data import TrainData, build_data, build_processor, load_data_mix
 from finetune.training.distributed import make_accelerator
 from finetune.training.ema import EMA
@@ -98,6 +99,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     policy = load_base_policy(cfg, policy_dir, mix.merged_meta())
     threads = apply_cpu_threads(cfg.cpu_threads, sum(p.numel() for p in policy.parameters()),
                                 accelerator.device.type == "cpu")  # before the linears are timed (cpu-linear auto)
+    if accelerator.device.type == "cpu" and keep_freed_memory():
+        log.debug("malloc keeps freed memory for reuse (no page faults on each step's big activations)")
     processor = build_processor(cfg, policy, policy_dir, mix)
     resume_from = ckpt.resolve_last(cfg.checkpoints_dir) if cfg.resume else None
     model = build_model(cfg, policy, accelerator, resume_from)
