@@ -141,7 +141,12 @@ def test_training_and_inference_use_the_configured_kernel(policy_dir, dataset_ro
     assert not any(type(m) is OneDNNLinear for m in run.model.modules())
 
     model, _ = load_trained_policy(lora_run / "checkpoints" / "last", None, torch.device("cpu"), torch.float32)
-    assert any(type(m) is OneDNNLinear for m in model.modules())
+    measured = json.loads((tmp_path / "cpu_linear.json").read_text())[cpu_linear.machine_key()]
+    for module in model.modules():  # inference measures too (the shapes it runs), and follows the measurement
+        if type(module) in (nn.Linear, OneDNNLinear):
+            shape = f"{module.in_features}x{module.out_features}{' trained' if module.weight.requires_grad else ''}"
+            assert (type(module) is OneDNNLinear) == (measured[shape] == "onednn"), shape
+    use_cpu_linear(model, "onednn")
     batch = tiny_batch(model)
     noise = torch.randn(3, model.config.chunk_size, 32, generator=torch.Generator().manual_seed(2))
     fast = model.eval().predict_action_chunk(batch, noise=noise)

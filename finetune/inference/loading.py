@@ -103,7 +103,7 @@ def load_trained_policy(checkpoint: Path, base: str | None, device: torch.device
         base_dir = resolve_base(checkpoint, base)
         policy = load_base_for_checkpoint(checkpoint, base_dir, dtype)
         if not use_trained_weights:
-            use_cpu_linear(policy, "onednn")
+            use_cpu_linear(policy, "auto")
             return policy, base_dir
         train_cfg = read_train_config(checkpoint)
         quant = train_cfg.quant if train_cfg is not None else QuantOptions()
@@ -111,8 +111,8 @@ def load_trained_policy(checkpoint: Path, base: str | None, device: torch.device
         model = quantize_and_attach(policy, quant, peft, device, adapter_dir=weights_folder(checkpoint, use_ema),
                                     trainable=False)
         model = model if quant.enabled else model.merge_and_unload()
-        use_cpu_linear(model, "onednn")  # float32 CPU inference on oneDNN's GEMM; other cases are untouched
+        use_cpu_linear(model, "auto")  # float32 CPU: the faster kernel per shape here; other cases are untouched
         return model, base_dir
     model = load_policy(weights_folder(checkpoint, use_ema), dtype=dtype)
-    use_cpu_linear(model, "onednn")
+    use_cpu_linear(model, "auto")
     return model, checkpoint
