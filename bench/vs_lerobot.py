@@ -20,11 +20,12 @@ no gradient clipping on either side), each with its own trainer's AdamW at lr 0 
 unchanged): ours with foreach (finetune/training/optim.py), LeRobot's preset as lerobot-train builds it (torch's
 per-tensor loop on CPU). `--threads` intra-op threads on both sides (and OMP_NUM_THREADS).
 
-What differs is each codebase as it trains by default: ours with SDPA attention and `--policy.cpu-linear auto` (the
-faster of MKL and oneDNN per linear shape, probed before timing); LeRobot's eager float32-softmax joint attention,
-SigLIP on transformers' default (SDPA), torch's linears. The random weights differ too (ours N(0, 0.02) as in
-bench/step.py, built on the meta device; LeRobot's its own constructor with load_vlm_weights=False), so the losses
-only show that both steps ran; parameter counts, total and trainable, must be equal and are checked.
+What differs is each codebase as it trains by default: ours with `--policy.attn-implementation auto` (SDPA; eager in
+the joint layers for bf16 rows), `--policy.cpu-linear auto` (the faster of MKL and oneDNN per linear shape, probed
+before timing) and malloc keeping freed memory (finetune/training/cpu_memory.py); LeRobot's eager float32-softmax
+joint attention, SigLIP on transformers' default (SDPA), torch's linears. The random weights differ too (ours
+N(0, 0.02) as in bench/step.py, built on the meta device; LeRobot's its own constructor with load_vlm_weights=False),
+so the losses only show that both steps ran; parameter counts, total and trainable, must be equal and are checked.
 
 LeRobot builds the backbone from AutoConfig/AutoProcessor.from_pretrained(vlm_model_name), which needs the Hub for
 SmolVLM2's id. Offline, our process writes our real-size SmolVLM config as a vlm/ folder (write_vlm_folder of
@@ -72,8 +73,9 @@ LEROBOT_PYTHON = Path(os.environ.get("LEROBOT_PYTHON", ROOT / ".lerobot-venv" / 
 class Side:
     """One side's model, optimizer and batches; `step` runs and measures one training step."""
 
-    def __init__(self, model, optimizer, features: SimpleNamespace, info: dict[str, Any]):
+    def __init__(self, model, optimizer, features: SimpleNamespace, info: dict[str, Any], attention=None):
         self.model, self.optimizer, self.features, self.info = model, optimizer, features, info
+        self.attention = attention  # ours: precision -> policy set to what training's auto picks for it
         self.batches: dict[int, tuple] = {}
 
     def step(self, batch: int, precision: str, profile: bool = False) -> dict[str, Any]:
@@ -84,6 +86,8 @@ class Side:
             checksum = sum(float(t.double().sum()) for t in [*inputs.values(), noise, time_])
             self.batches[batch] = inputs, noise, time_, checksum
         inputs, noise, time_, checksum = self.batches[batch]
+        if self.attention is not None:
+            self.attention(precision)
         autocast = torch.bfloat16 if precision == "bf16" else None
         if profile:
             return profile_step(self.model, self.optimizer, dict(inputs), noise, time_, autocast)
@@ -190,7 +194,10 @@ def build_ours(threads: int, vlm_parent: Path, compile_model: bool = False) -> S
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True)
     vlm = write_vlm(policy, vlm_parent)
     info = {**describe(model, optimizer, threads), "linears": linears, "vlm": str(vlm), "compiled": compile_model}
-    return Side(torch.compile(model) if compile_model else model, optimizer, config, info)
+    def attention(precision: str) -> None:  # as training's --policy.attn-implementation auto on CPU
+        policy.set_attn_implementation("eager" if precision == "bf16" else "sdpa", "sdpa")
+
+    return Side(torch.compile(model) if compile_model else model, optimizer, config, info, attention)
 
 
 def write_vlm(policy, parent: Path) -> Path:

@@ -62,9 +62,11 @@ class PolicyOptions:
     relative_exclude_joints: tuple[str, ...] | None = None
     """Action joints kept absolute with relative actions, by name or part of a name (None: the checkpoint's value,
     LeRobot's default ["gripper"])."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     """Attention kernel in the joint VLM/expert layers and the vision tower: torch's fused scaled_dot_product_attention
-    (same loss as eager to float32 rounding) or LeRobot's eager float32-softmax path. Not written to config.json."""
+    (same loss as eager to float32 rounding) or LeRobot's eager float32-softmax path. auto: SDPA, except in the joint
+    layers of a CPU run under bf16/fp16 autocast, where eager's backward is faster (the vision tower keeps SDPA).
+    Not written to config.json."""
     cpu_linear: Literal["auto", "onednn", "aten"] = "auto"
     """Kernel of float32 linear layers on CPU: auto measures oneDNN's GEMM and torch's (MKL) on the model's own layer
     shapes at start and keeps the faster per shape (cached per CPU model, torch version and threads in

@@ -51,7 +51,7 @@ from finetune.training.distributed import make_accelerator
 from finetune.training.ema import EMA
 from finetune.training.evaluation import heldout_mse, to_device
 from finetune.training.metrics import MetricsLogger, check_trackers, read_metrics
-from finetune.training.model import build_model, load_base_policy, make_ema
+from finetune.training.model import attention_kernels, build_model, load_base_policy, make_ema
 from finetune.training.optim import build_optimizer
 from finetune.training.preemption import STOP, Preempted, StopRequest, report_preempted, report_status
 from finetune.training.preflight import check_dataset_stats, check_policy_folder, earlier_checkpoint_fix
@@ -96,7 +96,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, sim: Any = None) -> Run:
     check_policy_folder(cfg, policy_dir, cfg.batch_size)  # a readable, known policy before anything reads it
     cfg, mix = load_data_mix(cfg)
     check_dataset_stats(cfg, policy_dir, mix.sources)  # missing stats stop now, before any model is built
-    policy = load_base_policy(cfg, policy_dir, mix.merged_meta())
+    policy = load_base_policy(cfg, policy_dir, mix.merged_meta(), attention_kernels(cfg, accelerator))
     threads = apply_cpu_threads(cfg.cpu_threads, sum(p.numel() for p in policy.parameters()),
                                 accelerator.device.type == "cpu")  # before the linears are timed (cpu-linear auto)
     if accelerator.device.type == "cpu" and keep_freed_memory():

@@ -343,3 +343,20 @@ def test_progress_in_a_log_file_is_plain_lines_not_bar_frames(policy_dir, datase
     train.main(train_args(policy_dir, dataset_root, tmp_path / "b", "--steps", "6", "--progress-every-s", "1e-6"))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train step")]
     assert [line.split()[2] for line in lines] == [f"{s}/6" for s in range(1, 7)]
+
+
+@pytest.mark.parametrize("extra, joint", [((), "sdpa"), (("--mixed-precision", "bf16"), "eager"),
+                                          (("--mixed-precision", "bf16", "--policy.attn-implementation", "sdpa"),
+                                           "sdpa")])
+def test_auto_attention_is_eager_in_the_joint_layers_under_bf16_on_cpu(policy_dir, dataset_root, tmp_path, extra,
+                                                                       joint):
+    """auto: SDPA, but the joint layers of a CPU run under bf16 autocast take eager (its backward is faster there);
+    the vision tower keeps SDPA; an explicit choice is kept."""
+    from helpers import set_up_run
+
+    run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "run", *extra))
+    joint_layers = [m for m in run.model.modules() if hasattr(m, "attn_implementation")]
+    assert joint_layers and {m.attn_implementation for m in joint_layers} == {joint}
+    vision = {m.config._attn_implementation for m in run.model.modules()
+              if "Vision" in type(m).__name__ and hasattr(m, "config")}
+    assert vision == {"sdpa"}

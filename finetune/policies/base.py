@@ -239,10 +239,11 @@ class FlowMatchingPolicy(nn.Module):
             frozen.append(self._vlm())
         return frozen
 
-    def set_attn_implementation(self, name: str) -> None:
-        """`sdpa` (torch's fused attention, the default) or `eager`, in the joint layers and in the vision tower."""
+    def set_attn_implementation(self, name: str, vision: str | None = None) -> None:
+        """`sdpa` (torch's fused attention, the default) or `eager` in the joint layers; the vision tower takes
+        `vision` (default: the same)."""
         self.model.joint.attn_implementation = check_attn_implementation(name)
-        set_vision_attn_implementation(self._vision_tower(), name)
+        set_vision_attn_implementation(self._vision_tower(), check_attn_implementation(vision or name))
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each joint decoder layer (both towers) in the backward pass."""

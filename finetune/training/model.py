@@ -41,7 +41,19 @@ def policy_features(meta, rename_map: dict[str, str]) -> tuple[dict, dict]:
     return inputs, {ACTION: {"type": "ACTION", "shape": list(meta.features[ACTION]["shape"])}}
 
 
-def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
+def attention_kernels(cfg: TrainConfig, accelerator: Accelerator) -> tuple[str, str]:
+    """(joint layers, vision tower) kernels for --policy.attn-implementation. auto is SDPA, except in the joint layers
+    of a CPU run under bf16/fp16 autocast: there SDPA's flash-attention backward is slower than eager's matmul and
+    softmax backward (real-size SmolVLA LoRA step, batch 8, bf16, 2-core Intel Xeon: 4.82 s against 4.30 s,
+    bench/step.py --attn main sdpa). The vision tower keeps SDPA: eager made that step 3x slower."""
+    name = cfg.policy.attn_implementation
+    if name != "auto":
+        return name, name
+    half_on_cpu = accelerator.device.type == "cpu" and accelerator.mixed_precision in ("bf16", "fp16")
+    return ("eager" if half_on_cpu else "sdpa"), "sdpa"
+
+
+def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta, attention: tuple[str, str]) -> nn.Module:
     """The pretrained policy, its features taken from the dataset (as LeRobot does), with the run's overrides."""
     overrides = {k: v for k, v in (("chunk_size", cfg.policy.chunk_size), ("num_steps", cfg.policy.num_steps))
                  if v is not None}
@@ -64,7 +76,7 @@ def load_base_policy(cfg: TrainConfig, policy_dir: Path, meta) -> nn.Module:
     if error:
         raise ConfigError(error)
     policy.set_gradient_checkpointing(cfg.policy.gradient_checkpointing)
-    policy.set_attn_implementation(cfg.policy.attn_implementation)
+    policy.set_attn_implementation(*attention)
     return policy
 
 
@@ -92,7 +104,7 @@ def build_model(cfg: TrainConfig, policy: nn.Module, accelerator: Accelerator, r
         model = load_policy(resume_from)
         model.config.input_features = policy.config.input_features
         model.config.output_features = policy.config.output_features
-        model.set_attn_implementation(cfg.policy.attn_implementation)
+        model.set_attn_implementation(*attention_kernels(cfg, accelerator))
         set_full_training_grads(model)
     else:
         adapter_dir = resume_from if resume_from is not None else initial_adapter(cfg)
