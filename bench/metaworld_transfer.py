@@ -451,9 +451,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few minutes with tiny budgets (CI-sized check)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job of <out>/plan.json
     for f in dataclasses.fields(Budget):
-        kind = int if f.name != "demo_counts" else None
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None,
-                            nargs="+" if kind is None else None)
+                            nargs="+" if f.name == "demo_counts" else None)
     args = parser.parse_args()
     out = Path(args.out)
     if args.job:

@@ -354,7 +354,7 @@ def profile_table(profiles: list[dict]) -> str:
     time; the profiler's own overhead inflates the total a little)."""
     lines = []
     for prof in profiles:
-        sides = [side for side in prof["sides"]]
+        sides = list(prof["sides"])
         lines += ["", f"Where the time goes, batch {prof['batch']} {prof['precision']} (seconds):", "",
                   "| part | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
         for phase in ("forward", "backward", "optimizer"):
