@@ -138,3 +138,12 @@ def test_sampler_refuses_a_split_smaller_than_a_global_batch():
     with pytest.raises(ValueError, match=r"12 frames, fewer than one global batch \(4 x 4 processes\)"):
         ResumableBatchSampler(12, 4, 4, 0)
 
+
+
+def test_no_seed_and_epoch_pair_replays_another_ones_order():
+    """`seed + epoch` made seed 1000 at epoch 1 the order of seed 1001 at epoch 0; each (seed, epoch) has its own."""
+    orders = {(seed, epoch): tuple(epoch_permutation(50, seed, epoch).tolist())
+              for seed in (0, 1, 2, 1000, 1001) for epoch in range(3)}
+    assert len(set(orders.values())) == len(orders)
+    assert orders[(1000, 1)] != orders[(1001, 0)] and orders[(0, 1)] != orders[(1, 0)]
+    assert tuple(epoch_permutation(50, 1000, 1).tolist()) == orders[(1000, 1)]  # and it is the same every time

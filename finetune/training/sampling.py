@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of epoch `epoch`: a permutation of 0..num_samples-1 drawn from seed + epoch (the same everywhere).
-    Known weakness: seed s at epoch e+1 replays seed s+1 at epoch e. Decorrelating them (a SeedSequence per (seed,
-    epoch)) waits for a demo whose base pretraining does not depend on one lucky order (see issue 22's note)."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
+    """The order of epoch `epoch`: a permutation of 0..num_samples-1 (the same everywhere), drawn from a seed derived
+    from (seed, epoch) together by numpy's SeedSequence, so no (seed, epoch) pair replays another (`seed + epoch`
+    made seed s at epoch e+1 the order of seed s+1 at epoch e)."""
+    derived = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]) >> 1  # torch: < 2**63
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(derived))
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
