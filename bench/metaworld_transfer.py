@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/metaworld_transfer.py --out runs/bench_transfer            # ~90 min on 2 cores, '.[sim]'
     .venv/bin/python bench/metaworld_transfer.py --out runs/bench_transfer_quick --quick   # a few minutes
+    .venv/bin/python bench/metaworld_transfer.py --out runs/bench_transfer_rerun --first-seed 2 \
+        --compare runs/bench_transfer     # a rerun on new seeds, checked against the first run's intervals
 
 Setting (fixed here, before any training): the policy sees LeRobot's 4-value agent state (hand xyz, gripper) and
 the `corner2` camera at 64 px, so object and goal positions come from the image only. A tiny SmolVLA (the project's
 SmolVLA code at the demo's 2.8 M parameters) is pretrained in full on scripted-expert demos of ML10's 10 train tasks,
 then adapted to ML10's 5 test tasks, which pretraining never saw: drawer-open, door-close, shelf-place, sweep-into,
-lever-pull. Rows, on the same held-out demos, each trained with `--seeds` seeds (seed s adapts the base pretrained
-with seed s; random initializations are seeded with s too):
+lever-pull. Rows, on the same held-out demos, each trained with `--seeds` seeds from `--first-seed` (seed s adapts the
+base pretrained with seed s; random initializations are seeded with s too):
 
 - base: the pretrained policy zero-shot (the LoRA run's step 0: base weights, the held-out demos' stats);
 - scratch: the same architecture from random weights, every weight trained;
@@ -21,7 +23,8 @@ Every row trains the same number of steps at the same batch size. The demos-per-
 sets are the first episodes of the larger ones (same seeds), each recorded as its own dataset so normalization
 statistics come from the training demos only.
 
-Closed loop: `--eval-episodes` seeded episodes per held-out task (seeds 10000..., none used for a demo), at most 150
+Closed loop: `--eval-episodes` seeded episodes per held-out task (seeds 10000 + 1000 * first seed ..., none used for
+a demo, so a rerun with another `--first-seed` also draws new episodes), at most 150
 steps, 5 actions executed per 10-action chunk, success from Meta-World's `info["success"]`. The 95% confidence
 interval of a row's mean success is a two-level bootstrap: training seeds resampled, then episodes within each
 (seed, task) cell, so it covers both seed-to-seed and episode-to-episode variation.
@@ -69,12 +72,21 @@ class Budget:
     demo_counts: tuple[int, ...] = (5, 10, 25)
     headline_demos: int = 10
     seeds: int = 2
+    first_seed: int = 0  # training seeds first_seed, first_seed + 1, ...; also shifts the evaluation episodes
     pretrain_steps: int = 3000
     adapt_steps: int = 800
     batch_size: int = 32
     eval_episodes: int = 50
     pretrain_eval_episodes: int = 10
     workers: int = 2
+
+    @property
+    def seed_ids(self) -> range:
+        return range(self.first_seed, self.first_seed + self.seeds)
+
+    @property
+    def eval_seed(self) -> int:
+        return EVAL_SEED + 1000 * self.first_seed
 
 
 QUICK = Budget(pretrain_demos=2, demo_counts=(2, 3), headline_demos=2, seeds=2, pretrain_steps=20, adapt_steps=10,
@@ -124,9 +136,9 @@ def plan(b: Budget) -> dict[str, dict]:
     for n in sorted(set(b.demo_counts) | {b.headline_demos}):
         jobs[f"record_heldout_{n}"] = {"kind": "record", "deps": [], "set": HELDOUT_SET, "episodes": n,
                                        "seed": HELDOUT_SEED}
-    for s in range(b.seeds):
+    for s in b.seed_ids:
         jobs[f"pretrain_s{s}"] = {"kind": "pretrain", "deps": ["record_pretrain"], "seed": s}
-    for s in range(b.seeds):
+    for s in b.seed_ids:
         for n in sorted(set(b.demo_counts) | {b.headline_demos}):
             names = ROWS if n == b.headline_demos else CURVE_ROWS
             for row in names:
@@ -202,14 +214,14 @@ def train(out: Path, name: str, policy: Path, dataset: Path, method: str, steps:
     return Path(summary["checkpoint"]), summary
 
 
-def evaluate(predictor, task_names, episodes: int) -> dict:
+def evaluate(predictor, task_names, episodes: int, seed: int) -> dict:
     from finetune.envs.rollout import run_closed_loop
     from finetune.eval import predictor_policy
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant.*may be too high")
         result = run_closed_loop(predictor_policy(predictor, seed=0), "metaworld", task_names, episodes,
-                                 seed=EVAL_SEED, n_action_steps=N_ACTION_STEPS, image_size=IMAGE_SIZE,
+                                 seed=seed, n_action_steps=N_ACTION_STEPS, image_size=IMAGE_SIZE,
                                  max_steps=EVAL_MAX_STEPS, batched=True, num_envs=NUM_ENVS,
                                  env_kwargs={"state": STATE, "cameras": CAMERAS})
     return {t: {"successes": r["successes"], "mean_steps": r["mean_steps"]} for t, r in result["per_task"].items()}
@@ -234,7 +246,8 @@ def pretrain_job(out: Path, job: dict, b: Budget) -> dict:
     base = out / f"base_s{s}"
     export_base(ckpt, init, base)
     tick = time.perf_counter()
-    own = evaluate(Predictor.from_checkpoint(base, device="cpu"), tasks(PRETRAIN_SET), b.pretrain_eval_episodes) \
+    own = evaluate(Predictor.from_checkpoint(base, device="cpu"), tasks(PRETRAIN_SET), b.pretrain_eval_episodes,
+                   b.eval_seed) \
         if b.pretrain_eval_episodes else {}
     return {"train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - tick, 1),
             "trainable_params": summary["trainable_params"], "pretrain_tasks": own}
@@ -254,7 +267,7 @@ def adapt_job(out: Path, job: dict, b: Budget) -> dict:
         predictor = Predictor.from_checkpoint(ckpt, device="cpu", tokenizer_path=str(start))
     else:
         predictor = Predictor.from_checkpoint(ckpt, str(start), device="cpu")
-    result = evaluate(predictor, tasks(HELDOUT_SET), b.eval_episodes)
+    result = evaluate(predictor, tasks(HELDOUT_SET), b.eval_episodes, b.eval_seed)
     return {"train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - tick, 1),
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             "saved_bytes": saved_bytes(ckpt), "heldout": result}
@@ -267,7 +280,7 @@ def base_job(out: Path, job: dict, b: Budget) -> dict:
     lora = out / "runs" / f"lora_r16_d{job['demos']}_s{s}" / "checkpoints" / "last"
     tick = time.perf_counter()
     predictor = Predictor.from_checkpoint(lora, str(out / f"base_s{s}"), device="cpu", use_trained_weights=False)
-    result = evaluate(predictor, tasks(HELDOUT_SET), b.eval_episodes)
+    result = evaluate(predictor, tasks(HELDOUT_SET), b.eval_episodes, b.eval_seed)
     return {"train_seconds": 0.0, "eval_seconds": round(time.perf_counter() - tick, 1), "trainable_params": 0,
             "saved_bytes": 0, "heldout": result}
 
@@ -340,8 +353,8 @@ def bootstrap_ci(cells: dict[int, dict[str, list[bool]]], reps: int = 4000, seed
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def row_stats(results: dict[str, dict], row: str, n: int, seeds: int) -> dict | None:
-    names = [f"{row}_d{n}_s{s}" for s in range(seeds)]
+def row_stats(results: dict[str, dict], row: str, n: int, seeds: range) -> dict | None:
+    names = [f"{row}_d{n}_s{s}" for s in seeds]
     if not all(name in results for name in names):
         return None
     cells = {s: {t: r["successes"] for t, r in results[name]["heldout"].items()} for s, name in enumerate(names)}
@@ -365,11 +378,11 @@ def report(out: Path, b: Budget, jobs: dict[str, dict], seconds: float) -> str:
     results = {n: json.loads((out / "jobs" / f"{n}.json").read_text()) for n in jobs
                if (out / "jobs" / f"{n}.json").is_file()}
     held = tasks(HELDOUT_SET)
-    head = {row: row_stats(results, row, b.headline_demos, b.seeds) for row in TABLE_ROWS}
-    curve = {row: {n: row_stats(results, row, n, b.seeds) for n in b.demo_counts} for row in CURVE_ROWS}
+    head = {row: row_stats(results, row, b.headline_demos, b.seed_ids) for row in TABLE_ROWS}
+    curve = {row: {n: row_stats(results, row, n, b.seed_ids) for n in b.demo_counts} for row in CURVE_ROWS}
     short = {t: t.removesuffix("-v3") for t in held}
     md = [f"Held-out ML10 test tasks, {b.headline_demos} demos per task, {b.eval_episodes} episodes per task and "
-          f"seed, {b.seeds} training seeds (success; 95% CI of the mean):", "",
+          f"seed, training seeds {b.seed_ids.start}-{b.seed_ids.stop - 1} (success; 95% CI of the mean):", "",
           "| row | " + " | ".join(short.values()) + " | mean [95% CI] | per seed | trainable | saved | train | "
           "eval | peak RSS |", "|---|" + "---:|" * (len(held) + 7)]
     for row, st in head.items():
@@ -385,13 +398,13 @@ def report(out: Path, b: Budget, jobs: dict[str, dict], seconds: float) -> str:
     for row, by_n in curve.items():
         md.append(f"| {row} | " + " | ".join(f"{pct(st['mean'])} [{pct(st['ci95'][0])}, {pct(st['ci95'][1])}]"
                                                if st else "" for st in by_n.values()) + " |")
-    own = [results[f"pretrain_s{s}"]["pretrain_tasks"] for s in range(b.seeds) if f"pretrain_s{s}" in results]
+    own = [results[f"pretrain_s{s}"]["pretrain_tasks"] for s in b.seed_ids if f"pretrain_s{s}" in results]
     if own and own[0]:
         rates = {t: np.mean([np.mean(o[t]["successes"]) for o in own]) for t in own[0]}
         md += ["", f"The base on its own pretraining tasks ({b.pretrain_eval_episodes} episodes per task and seed): "
                + ", ".join(f"{t.removesuffix('-v3')} {pct(r)}" for t, r in rates.items())
                + f" (mean {pct(float(np.mean(list(rates.values()))))})."]
-    pre = [results[f"pretrain_s{s}"]["train_seconds"] for s in range(b.seeds) if f"pretrain_s{s}" in results]
+    pre = [results[f"pretrain_s{s}"]["train_seconds"] for s in b.seed_ids if f"pretrain_s{s}" in results]
     md += ["", f"Pretraining {b.pretrain_steps} steps: {np.mean(pre):.0f} s per seed. Whole run {seconds / 60:.1f} min "
            f"wall with {b.workers} workers on {cpu_name()}."]
     (out / "results.json").write_text(json.dumps({"budget": dataclasses.asdict(b), "headline": head, "curve": {
@@ -399,6 +412,36 @@ def report(out: Path, b: Budget, jobs: dict[str, dict], seconds: float) -> str:
         "machine": platform.platform(), "cpu": cpu_name()}, indent=1) + "\n")
     (out / "results.md").write_text("\n".join(md) + "\n")
     plot(out / "transfer.png", b, head, curve)
+    return "\n".join(md)
+
+
+def compare(out: Path, other: Path) -> str:
+    """This run's rows beside another run's (same budget, other seeds): does each mean fall in the other's interval?"""
+    mine, theirs = (json.loads((d / "results.json").read_text()) for d in (out, other))
+    pairs = [(f"{row}, {mine['budget']['headline_demos']} demos", mine["headline"][row], theirs["headline"].get(row))
+             for row in TABLE_ROWS if mine["headline"].get(row)]
+    pairs += [(f"{row}, {n} demos", st, theirs["curve"].get(row, {}).get(n)) for row, by_n in mine["curve"].items()
+              for n, st in by_n.items() if st and n != str(mine["budget"]["headline_demos"])]
+
+    def cell(st: dict) -> str:
+        return f"{pct(st['mean'])} [{pct(st['ci95'][0])}, {pct(st['ci95'][1])}]"
+
+    def inside(x: dict, y: dict) -> bool:
+        return y["ci95"][0] <= x["mean"] <= y["ci95"][1]
+
+    md = [f"This run ({out}, seeds from {mine['budget'].get('first_seed', 0)}) against {other} (seeds from "
+          f"{theirs['budget'].get('first_seed', 0)}):", "",
+          "| row | other run | this run | this mean in the other's CI | other mean in this CI |", "|---|---|---|---|---|"]
+    agree = 0
+    for name, st, ref in pairs:
+        if ref is None:
+            md.append(f"| {name} | (not run) | {cell(st)} | | |")
+            continue
+        both = inside(st, ref) and inside(ref, st)
+        agree += both
+        md.append(f"| {name} | {cell(ref)} | {cell(st)} | {'yes' if inside(st, ref) else '**no**'} | "
+                  f"{'yes' if inside(ref, st) else '**no**'} |")
+    md += ["", f"{agree} of {sum(ref is not None for _, _, ref in pairs)} rows: each mean inside the other run's interval."]
     return "\n".join(md)
 
 
@@ -449,6 +492,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/bench_transfer")
     parser.add_argument("--quick", action="store_true", help="a few minutes with tiny budgets (CI-sized check)")
+    parser.add_argument("--compare", help="another run's --out (other seeds): is each row inside its interval?")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job of <out>/plan.json
     for f in dataclasses.fields(Budget):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None,
@@ -468,7 +512,8 @@ def main() -> None:
     jobs = plan(b)
     plan_file = out / "plan.json"
     same = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(b))).items() if k != "workers"}
-    if plan_file.is_file() and {k: v for k, v in json.loads(plan_file.read_text())["budget"].items()
+    defaults = json.loads(json.dumps(dataclasses.asdict(Budget())))  # for fields a run of an older version lacks
+    if plan_file.is_file() and {k: v for k, v in {**defaults, **json.loads(plan_file.read_text())["budget"]}.items()
                                 if k != "workers"} != same:
         raise SystemExit(f"{out} holds a run with another budget ({plan_file}); use a new --out")
     plan_file.write_text(json.dumps({"budget": dataclasses.asdict(b), "jobs": jobs}, indent=1) + "\n")
@@ -480,6 +525,10 @@ def main() -> None:
     seconds += (time.perf_counter() - start) if ran else 0.0
     wall.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
     print(report(out, b, jobs, seconds))
+    if args.compare:
+        text = compare(out, Path(args.compare))
+        (out / "compare.md").write_text(text + "\n")
+        print("\n" + text)
     log(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'transfer.png'}")
 
 
