@@ -186,12 +186,37 @@ class FlowMatchingModel(nn.Module):
         return self._velocity(suffix_out)
 
     def _denoise_full(self, state, prefix, prefix_pad, prefix_att, x_t, time) -> Tensor:
-        """The velocity at (x_t, time) from one pass over prefix and suffix (the training forward's too)."""
+        """The velocity at (x_t, time) from one pass over prefix and suffix (the training forward's too).
+
+        When gradients flow but the VLM trains nothing, the prefix's frozen context (the tokens before its first block
+        flag: images and text) is encoded first without autograd, into a KV cache, and the rest of the prefix and the
+        suffix attend to it, as sampling does. The joint pass would get the same numbers but record every VLM layer
+        over the whole context and run its backward, which changes no gradient: no trained weight is upstream and the
+        context tokens see no later token.
+        """
         suffix, suffix_pad, suffix_att, joint_kwargs = self._suffix(state, x_t, time)
         pad_masks = torch.cat([prefix_pad, suffix_pad], dim=1)
         att_2d = make_att_2d_masks(pad_masks, torch.cat([prefix_att, suffix_att], dim=1))
-        (_, suffix_out), _ = self.joint(att_2d, torch.cumsum(pad_masks, dim=1) - 1, [prefix, suffix], **joint_kwargs)
+        position_ids = torch.cumsum(pad_masks, dim=1) - 1
+        context = self._frozen_context_length(prefix_att)
+        if not context:
+            (_, suffix_out), _ = self.joint(att_2d, position_ids, [prefix, suffix], **joint_kwargs)
+            return self._velocity(suffix_out)
+        with torch.no_grad():
+            _, kv_cache = self.joint(att_2d[:, :context, :context], position_ids[:, :context],
+                                     [prefix[:, :context], None], fill_kv_cache=True)
+        rest = prefix[:, context:] if context < prefix.shape[1] else None
+        (_, suffix_out), _ = self.joint(att_2d[:, context:], position_ids[:, context:], [rest, suffix],
+                                        kv_cache=kv_cache, **joint_kwargs)
         return self._velocity(suffix_out)
+
+    def _frozen_context_length(self, prefix_att: Tensor) -> int:
+        """How many leading prefix tokens can be encoded without autograd: those before the first block flag (they see
+        no later token) when gradients are on and no VLM parameter trains; 0 otherwise (the joint pass then runs)."""
+        if not torch.is_grad_enabled() or any(p.requires_grad for p in self.joint.vlm_parameters()):
+            return 0
+        opens = prefix_att.any(dim=0).tolist()
+        return opens.index(True) if True in opens else len(opens)
 
 
 class FlowMatchingPolicy(nn.Module):

@@ -11,6 +11,7 @@ pi0.5 (finetune/policies/pi05.py) reuses all of it with adaRMS time conditioning
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -238,6 +239,10 @@ class PaliGemmaWithExpertModel(nn.Module):
     @property
     def language_model(self) -> nn.Module:
         return self.paligemma.model.language_model
+
+    def vlm_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything that computes the prefix (SigLIP, the projector, Gemma's embeddings and layers)."""
+        return self.paligemma.parameters()
 
     def embed_image(self, image: Tensor) -> Tensor:
         """SigLIP + the multi-modal projector (transformers 5.x does not rescale the features; neither does LeRobot)."""

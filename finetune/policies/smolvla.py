@@ -10,6 +10,7 @@ a LeRobot checkpoint gives the same loss and actions here.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,10 @@ class SmolVLMWithExpertModel(nn.Module):
             return None
         return self.lm_expert.layers[idx // every]
 
+    def vlm_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything that computes the prefix's images and text (vision tower, connector, embeddings, text layers)."""
+        return self.vlm.parameters()
+
     def embed_image(self, image: Tensor) -> Tensor:
         vision = self.vlm.model.vision_model
         hidden = vision(pixel_values=image.to(vision.embeddings.patch_embedding.weight.dtype)).last_hidden_state
@@ -303,7 +308,8 @@ class SmolVLMWithExpertModel(nn.Module):
         query, key, value = torch.cat(queries, 1), torch.cat(keys, 1), torch.cat(values, 1)
         seq_len = query.shape[1]
         if seq_len < position_ids.shape[1]:  # the expert is shallower than the VLM and skipped this layer
-            position_ids, attention_mask = position_ids[:, :seq_len], attention_mask[:, :seq_len, :seq_len]
+            cached = 0 if fill_kv_cache or kv_cache is None else kv_cache[idx][0].shape[1]
+            position_ids, attention_mask = position_ids[:, :seq_len], attention_mask[:, :seq_len, : cached + seq_len]
         query, key = apply_rope(query, position_ids), apply_rope(key, position_ids)
         if fill_kv_cache:
             kv_cache[idx] = (key, value)
@@ -316,16 +322,18 @@ class SmolVLMWithExpertModel(nn.Module):
         vlm_layer, expert_layer = layers
         prefix, suffix = inputs_embeds
         att_outputs = []
-        if kv_cache is None:
-            seq_len = prefix.shape[1]
-            prefix_pos, expert_pos = position_ids[:, :seq_len], position_ids[:, seq_len:]
+        seq_len = 0 if prefix is None else prefix.shape[1]
+        if prefix is not None:  # the prefix (or its part after a cached context) self-attends
+            prefix_pos = position_ids[:, :seq_len]
             q, k, value = _project_qkv(vlm_layer, prefix)
             query, key = apply_rope(q, prefix_pos), apply_rope(k, prefix_pos)
-            prefix_mask = attention_mask[:, :seq_len, :seq_len]
+            if kv_cache is not None:
+                key, value = torch.cat([kv_cache[idx][0], key], dim=1), torch.cat([kv_cache[idx][1], value], dim=1)
+            prefix_mask = attention_mask[:, :seq_len, : key.shape[1]]
             att_outputs.append(self.attend(prefix_mask, query, key, value))
         else:
-            expert_pos = position_ids
             key, value = kv_cache[idx]
+        expert_pos = position_ids[:, seq_len:]
         if expert_layer is None:
             return att_outputs + [None]
 
