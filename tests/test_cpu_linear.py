@@ -14,7 +14,7 @@ from finetune.adapters import apply_adapter
 from finetune.config import PeftOptions
 from finetune.inference.loading import load_trained_policy
 from finetune.policies import load_policy
-from finetune.policies.cpu_linear import OneDNNLinear, onednn_available, use_cpu_linear
+from finetune.policies.cpu_linear import AtenLinear, OneDNNLinear, onednn_available, use_cpu_linear
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear")
 
@@ -77,6 +77,52 @@ def test_other_dtypes_and_autocast_take_torchs_linear():
     assert torch.equal(layer(x.bfloat16()), ref(x.bfloat16()))
 
 
+@pytest.mark.parametrize("kind", ["aten", "onednn"])
+def test_frozen_weight_is_cast_to_bf16_once_while_training_under_autocast(kind):
+    torch.manual_seed(0)
+    layer, ref = nn.Linear(32, 8), nn.Linear(32, 8)
+    ref.load_state_dict(layer.state_dict())
+    layer.weight.requires_grad_(False), ref.weight.requires_grad_(False)
+    use_cpu_linear(layer, kind)
+    x = torch.randn(4, 32, requires_grad=True)
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counting_to(tensor, *args, **kwargs):
+        if tensor is layer.weight or tensor._base is layer.weight or tensor.data_ptr() == layer.weight.data_ptr():
+            casts.append(args)
+        return real_to(tensor, *args, **kwargs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(x)
+        torch.Tensor.to = counting_to
+        try:
+            outs = [layer(x) for _ in range(3)]
+        finally:
+            torch.Tensor.to = real_to
+    assert len(casts) == 1  # autocast would cast the weight at each of the 3 calls
+    for out in outs:
+        assert out.dtype == torch.bfloat16 and torch.equal(out, expected)  # the same rounding as autocast's cast
+    sum(o.float().sum() for o in outs).backward()  # the input still gets its gradient, through the bf16 weight
+    torch.testing.assert_close(x.grad, ref.weight.bfloat16().float().sum(0).expand(4, 32).mul(3), rtol=1e-2,
+                               atol=1e-2)
+
+    with torch.no_grad():
+        layer.weight.add_(1.0), ref.weight.add_(1.0)  # an in-place change bumps the version: cast again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), ref(x))
+    layer.weight.data += 1.0  # `.data` keeps the version (as PEFT's merge does); a mode switch drops the copy
+    ref.weight.data += 1.0
+    layer.eval().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), ref(x))
+    assert "_bf16_cache" not in layer.state_dict() and "_bf16_cache" in layer.__dict__
+    layer.eval()  # eval mode (and a trained weight) keeps autocast's own cast
+    assert "_bf16_cache" not in layer.__dict__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), ref(x)) and "_bf16_cache" not in layer.__dict__
+
+
 def test_switch_is_reversible_keeps_state_dict_and_leaves_subclasses_alone():
     class Quantized(nn.Linear):  # stands for bitsandbytes' layers, nn.Linear subclasses with their own forward
         pass
@@ -90,7 +136,7 @@ def test_switch_is_reversible_keeps_state_dict_and_leaves_subclasses_alone():
     assert use_cpu_linear(model, "onednn") == {"onednn": 2, "aten": 0}  # again: nothing changes
     assert use_cpu_linear(model, "aten") == {"onednn": 0, "aten": 2}
     assert [type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)] == \
-        ["Linear", "Quantized", "Linear"]
+        ["AtenLinear", "Quantized", "AtenLinear"]
     with pytest.raises(ValueError, match="unknown CPU linear kernel 'mkl'"):
         use_cpu_linear(model, "mkl")
 
@@ -132,7 +178,7 @@ def test_training_and_inference_use_the_configured_kernel(policy_dir, dataset_ro
     measured = json.loads((tmp_path / "cpu_linear.json").read_text())
     chosen = next(iter(measured.values()))
     for module in run.model.modules():
-        if type(module) in (nn.Linear, OneDNNLinear):
+        if type(module) in (AtenLinear, OneDNNLinear):
             shape = f"{module.in_features}x{module.out_features}{' trained' if module.weight.requires_grad else ''}"
             assert (type(module) is OneDNNLinear) == (chosen[shape] == "onednn"), shape
     run = set_up_run(train_args(policy_dir, dataset_root, tmp_path / "a", "--policy.cpu-linear", "onednn"))
@@ -143,7 +189,7 @@ def test_training_and_inference_use_the_configured_kernel(policy_dir, dataset_ro
     model, _ = load_trained_policy(lora_run / "checkpoints" / "last", None, torch.device("cpu"), torch.float32)
     measured = json.loads((tmp_path / "cpu_linear.json").read_text())[cpu_linear.machine_key()]
     for module in model.modules():  # inference measures too (the shapes it runs), and follows the measurement
-        if type(module) in (nn.Linear, OneDNNLinear):
+        if type(module) in (AtenLinear, OneDNNLinear):
             shape = f"{module.in_features}x{module.out_features}{' trained' if module.weight.requires_grad else ''}"
             assert (type(module) is OneDNNLinear) == (measured[shape] == "onednn"), shape
     use_cpu_linear(model, "onednn")
@@ -178,7 +224,7 @@ def test_auto_measures_each_shape_once_per_machine_and_follows_the_measurement(t
     (tmp_path / "cpu_linear.json").write_text(json.dumps({cpu_linear.machine_key(): forced}))
     again = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64))
     assert use_cpu_linear(again, "auto") == {"onednn": 1, "aten": 1} and timed == []
-    assert [type(m) for m in again] == [nn.Linear, OneDNNLinear]
+    assert [type(m) for m in again] == [AtenLinear, OneDNNLinear]
 
     bigger = nn.Sequential(nn.Linear(64, 32), nn.Linear(48, 16))  # a model with a new shape on the same machine
     use_cpu_linear(bigger, "auto")
@@ -193,4 +239,4 @@ def test_a_kernel_that_is_twice_as_slow_is_not_chosen(tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_linear.CACHE_ENV, str(tmp_path / "cache.json"))
     monkeypatch.setattr(cpu_linear, "time_kernels", lambda shape: {"onednn": 2e-3, "aten": 1e-3})
     layer = nn.Linear(8, 8)
-    assert use_cpu_linear(layer, "auto") == {"onednn": 0, "aten": 1} and type(layer) is nn.Linear
+    assert use_cpu_linear(layer, "auto") == {"onednn": 0, "aten": 1} and type(layer) is AtenLinear

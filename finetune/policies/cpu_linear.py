@@ -13,10 +13,14 @@ backward products the layer needs, a few milliseconds each), keeps the faster pe
 CPU model, torch version and thread count (`~/.cache/finetune/cpu_linear.json`), so later runs skip the probe.
 
 `use_cpu_linear(model, "onednn")` turns every plain `nn.Linear` (base layers, LoRA's A/B, heads) into a
-`OneDNNLinear`, a subclass with the same parameters and state dict, so PEFT wrappers, saving and merging see no
-difference. It takes the oneDNN path only for float32 CPU inputs outside autocast and torch.compile; anything else
-(CUDA, bf16, half storage, autocast, compiled graphs) goes through `F.linear` as before. Quantized layers
-(bitsandbytes) are not plain `nn.Linear`s and are left alone.
+`OneDNNLinear`, and "aten" into an `AtenLinear`: subclasses with the same parameters and state dict, so PEFT wrappers,
+saving and merging see no difference. `OneDNNLinear` takes the oneDNN path only for float32 CPU inputs outside
+autocast and torch.compile; anything else (CUDA, bf16, half storage, autocast, compiled graphs) goes through
+`F.linear` as before. Quantized layers (bitsandbytes) are not plain `nn.Linear`s and are left alone.
+
+Both classes keep, in training mode under CPU bf16 autocast, the bf16 copy of a frozen weight that autocast would
+make again at every call (casting the real-size SmolVLA's ~350M frozen weights costs 0.2-0.3 s per step, a fifth of
+a batch-2 bf16 step). It is the same rounding, so the same numbers, for 2 bytes per frozen weight while training.
 """
 
 from __future__ import annotations
@@ -67,15 +71,46 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-class OneDNNLinear(nn.Linear):
-    """An `nn.Linear` whose float32 CPU products run on oneDNN; every other case is `F.linear`."""
+class AtenLinear(nn.Linear):
+    """An `nn.Linear` on torch's own kernels that, training under CPU bf16 autocast, casts a frozen weight once."""
+
+    def _bf16_operands(self) -> tuple[Tensor, Tensor | None] | None:
+        """The frozen weight and bias in bf16, made on first use and kept while the weight is unchanged; None where
+        autocast's own cast applies (eval mode, a trained or non-float32 weight, no CPU bf16 autocast, compiling)."""
+        weight = self.weight
+        if (not self.training or weight.requires_grad or weight.dtype != torch.float32 or weight.device.type != "cpu"
+                or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
+                or torch.compiler.is_compiling()):
+            return None
+        key = (weight.data_ptr(), weight._version)
+        cached = self.__dict__.get("_bf16_cache")  # a plain attribute: in no state dict, never saved
+        if cached is None or cached[0] != key:
+            bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
+            cached = (key, weight.detach().to(torch.bfloat16), bias)
+            self.__dict__["_bf16_cache"] = cached
+        return cached[1], cached[2]
+
+    def train(self, mode: bool = True) -> AtenLinear:
+        # dropped at every mode switch: in-place edits through `.data` (PEFT's merge) leave `_version` unchanged
+        self.__dict__.pop("_bf16_cache", None)
+        return super().train(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        operands = self._bf16_operands()
+        if operands is not None:
+            return F.linear(x, *operands)  # autocast casts x to bf16 as it would have; the weight is bf16 already
+        return F.linear(x, self.weight, self.bias)
+
+
+class OneDNNLinear(AtenLinear):
+    """A linear layer whose float32 CPU products run on oneDNN; every other case is AtenLinear's."""
 
     def forward(self, x: Tensor) -> Tensor:
         # under torch.compile (compile_model) inductor plans the GEMMs itself and cannot lower this op's inputs
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return _OneDNNLinearFn.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 def onednn_available() -> bool:
@@ -96,7 +131,7 @@ def linear_shapes(model: nn.Module) -> dict[Shape, list[nn.Linear]]:
     """The model's plain float32 CPU linear layers grouped by shape and whether their weight trains."""
     groups: dict[Shape, list[nn.Linear]] = {}
     for module in model.modules():
-        if type(module) in (nn.Linear, OneDNNLinear) and module.weight.dtype == torch.float32 \
+        if type(module) in (nn.Linear, AtenLinear, OneDNNLinear) and module.weight.dtype == torch.float32 \
                 and module.weight.device.type == "cpu":
             shape = (module.in_features, module.out_features, module.weight.requires_grad)
             groups.setdefault(shape, []).append(module)
@@ -196,6 +231,6 @@ def use_cpu_linear(model: nn.Module, kind: CpuLinear) -> dict[str, int]:
     counts = {"onednn": 0, "aten": 0}
     for shape, layers in groups.items():
         for layer in layers:
-            layer.__class__ = OneDNNLinear if chosen[shape] == "onednn" else nn.Linear
+            layer.__class__ = OneDNNLinear if chosen[shape] == "onednn" else AtenLinear
             counts[chosen[shape]] += 1
     return counts
