@@ -31,7 +31,7 @@ from helpers import train_args
 from safetensors.torch import load_file
 
 from finetune import train
-from finetune.config import ConfigError, TrainConfig
+from finetune.config import ConfigError, PolicyOptions, TrainConfig
 from finetune.training import distributed
 from finetune.training.metrics import read_metrics
 from finetune.training.run_dir import topology_changes
@@ -289,6 +289,15 @@ def test_unworkable_combinations_are_refused_with_the_reason(env, accelerator, m
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=message):
         distributed.check_distributed_support(TrainConfig(), accelerator)
+
+
+def test_compile_under_deepspeed_is_refused(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    accelerator = fake_accelerator("DEEPSPEED", ds_config={"zero_optimization": {"stage": 2}})
+    distributed.check_distributed_support(TrainConfig(), accelerator)
+    with pytest.raises(ConfigError, match="--policy.compile is not supported under DeepSpeed"):
+        distributed.check_distributed_support(TrainConfig(policy=PolicyOptions(compile=True)), accelerator)
 
 
 def test_supported_deepspeed_config_passes_and_gets_the_training_config(monkeypatch):

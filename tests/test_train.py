@@ -360,3 +360,24 @@ def test_auto_attention_is_eager_in_the_joint_layers_under_bf16_on_cpu(policy_di
     vision = {m.config._attn_implementation for m in run.model.modules()
               if "Vision" in type(m).__name__ and hasattr(m, "config")}
     assert vision == {"sdpa"}
+
+
+@pytest.mark.slow
+def test_compiled_policy_trains_like_the_eager_one(policy_dir, dataset_root, tmp_path):
+    """--policy.compile (inductor; minutes of compiling on 2 cores, hence slow): the same losses as the eager run,
+    the same adapter keys."""
+    eager = tmp_path / "eager"
+    train.main(train_args(policy_dir, dataset_root, eager, "--steps", "3", "--log-every", "1"))
+    compiled = tmp_path / "compiled"
+    from torch._dynamo.utils import counters  # test-only: proof that graphs were compiled
+
+    counters.clear()
+    train.main(train_args(policy_dir, dataset_root, compiled, "--steps", "3", "--log-every", "1",
+                          "--policy.compile"))
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    ours, ref = losses(compiled), losses(eager)
+    assert ours.keys() == ref.keys() and len(ref) == 3
+    for step, loss in ref.items():
+        assert abs(ours[step] - loss) < 1e-4 * max(1.0, abs(loss)), (step, ours[step], loss)
+    keys = load_file(str(compiled / "checkpoints" / "last" / "adapter_model.safetensors")).keys()
+    assert keys == load_file(str(eager / "checkpoints" / "last" / "adapter_model.safetensors")).keys()

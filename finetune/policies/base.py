@@ -210,6 +210,7 @@ class FlowMatchingModel(nn.Module):
                                         kv_cache=kv_cache, **joint_kwargs)
         return self._velocity(suffix_out)
 
+    @torch.compiler.disable  # a Python-level decision over the parameters: no graph to trace
     def _frozen_context_length(self, prefix_att: Tensor) -> int:
         """How many leading prefix tokens can be encoded without autograd: those before the first block flag (they see
         no later token) when gradients are on and no VLM parameter trains; 0 otherwise (the joint pass then runs)."""

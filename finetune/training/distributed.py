@@ -157,6 +157,9 @@ def check_distributed_support(cfg: TrainConfig, accelerator: Accelerator) -> Non
             "remove it from the config file: the training config sets it")
     if is_deepspeed(accelerator):
         _check_deepspeed_config(cfg, accelerator)
+    if cfg.policy.compile and is_deepspeed(accelerator):
+        raise ConfigError("--policy.compile is not supported under DeepSpeed: its engine wraps the model after it is "
+                          "compiled; drop the flag, or use DDP (accelerate_configs/ddp.yaml)")
     if cfg.nonfinite == "skip" and is_deepspeed(accelerator):
         raise ConfigError("--nonfinite skip is not supported under DeepSpeed: its engine applies the update inside "
                           "backward(), before the gradient norm can be checked; use --nonfinite stop")

@@ -120,6 +120,9 @@ def build_model(cfg: TrainConfig, policy: nn.Module, accelerator: Accelerator, r
     counts = use_cpu_linear(model, kind)
     if accelerator.device.type == "cpu" and sum(counts.values()):
         log.info(f"cpu linears ({kind}): {counts['onednn']} on oneDNN, {counts['aten']} on torch's (MKL)")
+    if cfg.policy.compile:
+        model.compile()  # in place: parameter names and state dicts stay those of the eager model
+        log.info("torch.compile: the first step compiles (minutes on a few CPU cores), as does each new batch shape")
     return model
 
 
