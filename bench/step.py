@@ -19,6 +19,11 @@ through oneDNN (`--policy.cpu-linear onednn`; finetune/policies/cpu_linear.py), 
 two per layer shape, measured on this machine and cached. Under bf16 autocast both
 are torch's bf16 kernel, so bf16 rows run `aten` only.
 
+`--without frozen-context bf16-cache` adds, for every row, the same row with one of the step's savings switched
+off, to show what each is worth: `frozen-context` runs the joint pass over the whole prefix (LeRobot's way: every VLM
+layer recorded by autograd over the images and text, and its backward run) instead of encoding the frozen context
+first without autograd; `bf16-cache` lets autocast cast every frozen weight to bf16 at every call again.
+
 The rows of one batch size run in one process, interleaved step by step (a busy neighbour slows every row alike);
 each row's time is the median of `--steps` timed steps after `--warmup` untimed rounds. AdamW runs with lr 0 (its
 arithmetic included), so every step sees the same weights and the rows' losses (same inputs, noise and time) show that
@@ -118,6 +123,22 @@ def set_attention(policy, attn: str) -> None:
         set_vision_attn_implementation(vision, "sdpa")
 
 
+def set_variant(policy, model, variant: str) -> None:
+    """Switch one of the step's savings off ("no-frozen-context", "no-bf16-cache") or keep them all ("default")."""
+    from torch import nn
+
+    from finetune.policies.cpu_linear import AtenLinear, OneDNNLinear
+
+    policy.model.__dict__.pop("_frozen_context_length", None)
+    if variant == "no-frozen-context":  # the joint pass (see FlowMatchingModel._denoise_full)
+        policy.model._frozen_context_length = lambda prefix_att: 0
+    if variant == "no-bf16-cache":  # plain nn.Linear: under autocast the same kernel, weights cast at every call
+        for module in model.modules():
+            if type(module) in (AtenLinear, OneDNNLinear):
+                module.__dict__.pop("_bf16_cache", None)
+                module.__class__ = nn.Linear
+
+
 def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
@@ -166,12 +187,14 @@ def cpu_worker(spec: dict) -> list[dict]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, foreach=True)
     batch, noise, time_ = make_batch(config, spec["batch"], 256, device)
     model.train()
-    rows = {(precision, attn, linear): {"batch": spec["batch"], "precision": precision, "attn": attn,
-                                        "linear": linear, "times": [], "peaks": [], "loss": None}
-            for precision, attn, linear in spec["rows"]}
+    rows = {(precision, attn, linear, variant): {"batch": spec["batch"], "precision": precision, "attn": attn,
+                                                 "linear": linear, "variant": variant, "times": [], "peaks": [],
+                                                 "loss": None}
+            for precision, attn, linear in spec["rows"] for variant in spec.get("variants", ["default"])}
     for step in range(spec["warmup"] + spec["steps"]):
-        for (precision, attn, linear), row in rows.items():
+        for (precision, attn, linear, variant), row in rows.items():
             set_kernels(policy, model, attn, linear)
+            set_variant(policy, model, variant)
             reset_peak_rss()
             loss, seconds = one_step(model, optimizer, batch, noise, time_, device,
                                      torch.bfloat16 if precision == "bf16" else None)
@@ -228,13 +251,15 @@ def run_worker(spec: dict):
 
 
 def cpu_table(rows: list[dict]) -> str:
-    base = {r["batch"]: r for r in rows if (r["precision"], r["attn"], r["linear"]) == ("fp32", "main", "aten")}
-    lines = ["| batch | precision | attention | linear | s/step | x main fp32 | peak RSS GiB | first loss |",
-             "|-------|-----------|-----------|--------|--------|-------------|--------------|------------|"]
+    base = {r["batch"]: r for r in rows if (r["precision"], r["attn"], r["linear"], r.get("variant", "default"))
+            == ("fp32", "main", "aten", "default")}
+    lines = ["| batch | precision | attention | linear | variant | s/step | x main fp32 | peak RSS GiB | first loss |",
+             "|-------|-----------|-----------|--------|---------|--------|-------------|--------------|------------|"]
     for r in rows:
         ref = base.get(r["batch"])
         ratio = f"{r['s_per_step'] / ref['s_per_step']:.2f}" if ref else "-"
-        lines.append(f"| {r['batch']} | {r['precision']} | {r['attn']} | {r['linear']} | {r['s_per_step']:.2f} | "
+        lines.append(f"| {r['batch']} | {r['precision']} | {r['attn']} | {r['linear']} | {r.get('variant', 'default')} | "
+                     f"{r['s_per_step']:.2f} | "
                      f"{ratio} | "
                      f"{r['peak_bytes'] / 2**30:.2f} | {r['loss']:.6f} |")
     return "\n".join(lines)
@@ -258,6 +283,8 @@ def main() -> None:
     parser.add_argument("--linears", nargs="+", default=["aten", "onednn", "auto"], choices=["aten", "onednn", "auto"],
                         help="CPU float32 linear kernels (bf16 rows always run aten); auto: measured per shape "
                              "(its one-time probe runs outside the timed steps)")
+    parser.add_argument("--without", nargs="+", default=[], choices=["frozen-context", "bf16-cache"],
+                        help="also time every row with this saving switched off")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row before timing")
     parser.add_argument("--gpu", action="store_true", help="the CUDA rows (SmolVLA and pi0 on 8/4-bit bases)")
@@ -289,7 +316,8 @@ def main() -> None:
     order = [baseline] + [(p, a, lin) for p in args.precisions for a in args.attn
                           for lin in (args.linears if p == "fp32" else ["aten"]) if (p, a, lin) != baseline]
     for batch in args.batch_sizes or [2, 8]:
-        spec = {"batch": batch, "rows": order, "steps": args.steps, "warmup": args.warmup}
+        spec = {"batch": batch, "rows": order, "steps": args.steps, "warmup": args.warmup,
+                "variants": ["default"] + [f"no-{name}" for name in args.without]}
         for row in run_worker(spec):
             rows.append(row)
             print(json.dumps(row), flush=True)
