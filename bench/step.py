@@ -181,11 +181,17 @@ def cpu_worker(spec: dict) -> list[dict]:
     from finetune.config import PeftOptions
 
     device = torch.device("cpu")
-    config = smolvla_config(256)
-    policy = build_policy(config, torch.float32)
+    pi0 = spec.get("policy") == "pi0"  # pi0 (3.2B): bf16 storage, as a CPU or GPU run of it would hold it
+    config = pi0_config() if pi0 else smolvla_config(256)
+    policy = build_policy(config, torch.bfloat16 if pi0 else torch.float32)
+    if pi0:
+        policy.apply_storage_dtype(torch.bfloat16)
     model = apply_adapter(policy, PeftOptions(r=64, lora_alpha=64))
+    for p in model.parameters():  # trained parameters in float32, as training keeps them
+        if p.requires_grad:
+            p.data = p.data.float()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, foreach=True)
-    batch, noise, time_ = make_batch(config, spec["batch"], 256, device)
+    batch, noise, time_ = make_batch(config, spec["batch"], 224 if pi0 else 256, device)
     model.train()
     rows = {(precision, attn, linear, variant): {"batch": spec["batch"], "precision": precision, "attn": attn,
                                                  "linear": linear, "variant": variant, "times": [], "peaks": [],
@@ -283,6 +289,8 @@ def main() -> None:
     parser.add_argument("--linears", nargs="+", default=["aten", "onednn", "auto"], choices=["aten", "onednn", "auto"],
                         help="CPU float32 linear kernels (bf16 rows always run aten); auto: measured per shape "
                              "(its one-time probe runs outside the timed steps)")
+    parser.add_argument("--cpu-policy", default="smolvla", choices=["smolvla", "pi0"],
+                        help="the CPU rows' policy; pi0 (3.2B, bf16 storage) takes --attn sdpa and --precisions bf16")
     parser.add_argument("--without", nargs="+", default=[], choices=["frozen-context", "bf16-cache"],
                         help="also time every row with this saving switched off")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (the median is reported)")
@@ -312,12 +320,12 @@ def main() -> None:
         print(gpu_table(rows))
         return
     # the baseline first, then the rest; each batch size in its own process
-    baseline = ("fp32", "main", "aten")
+    baseline = ("fp32", "main", "aten") if args.cpu_policy == "smolvla" else (args.precisions[0], "sdpa", "aten")
     order = [baseline] + [(p, a, lin) for p in args.precisions for a in args.attn
                           for lin in (args.linears if p == "fp32" else ["aten"]) if (p, a, lin) != baseline]
     for batch in args.batch_sizes or [2, 8]:
         spec = {"batch": batch, "rows": order, "steps": args.steps, "warmup": args.warmup,
-                "variants": ["default"] + [f"no-{name}" for name in args.without]}
+                "variants": ["default"] + [f"no-{name}" for name in args.without], "policy": args.cpu_policy}
         for row in run_worker(spec):
             rows.append(row)
             print(json.dumps(row), flush=True)
