@@ -429,8 +429,8 @@ def compare(out: Path, other: Path) -> str:
     def inside(x: dict, y: dict) -> bool:
         return y["ci95"][0] <= x["mean"] <= y["ci95"][1]
 
-    md = [f"This run ({out}, seeds from {mine['budget'].get('first_seed', 0)}) against {other} (seeds from "
-          f"{theirs['budget'].get('first_seed', 0)}):", "",
+    mine_seed, their_seed = mine["budget"].get("first_seed", 0), theirs["budget"].get("first_seed", 0)
+    md = [f"This run ({out}, seeds from {mine_seed}) against {other} (seeds from {their_seed}):", "",
           "| row | other run | this run | this mean in the other's CI | other mean in this CI |", "|---|---|---|---|---|"]
     agree = 0
     for name, st, ref in pairs:
@@ -439,8 +439,8 @@ def compare(out: Path, other: Path) -> str:
             continue
         both = inside(st, ref) and inside(ref, st)
         agree += both
-        md.append(f"| {name} | {cell(ref)} | {cell(st)} | {'yes' if inside(st, ref) else '**no**'} | "
-                  f"{'yes' if inside(ref, st) else '**no**'} |")
+        verdicts = ["yes" if inside(x, y) else "**no**" for x, y in ((st, ref), (ref, st))]
+        md.append(f"| {name} | {cell(ref)} | {cell(st)} | {verdicts[0]} | {verdicts[1]} |")
     md += ["", f"{agree} of {sum(ref is not None for _, _, ref in pairs)} rows: each mean inside the other run's interval."]
     return "\n".join(md)
 

@@ -264,7 +264,8 @@ def cpu_table(rows: list[dict]) -> str:
     for r in rows:
         ref = base.get(r["batch"])
         ratio = f"{r['s_per_step'] / ref['s_per_step']:.2f}" if ref else "-"
-        lines.append(f"| {r['batch']} | {r['precision']} | {r['attn']} | {r['linear']} | {r.get('variant', 'default')} | "
+        variant = r.get("variant", "default")
+        lines.append(f"| {r['batch']} | {r['precision']} | {r['attn']} | {r['linear']} | {variant} | "
                      f"{r['s_per_step']:.2f} | "
                      f"{ratio} | "
                      f"{r['peak_bytes'] / 2**30:.2f} | {r['loss']:.6f} |")

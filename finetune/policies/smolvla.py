@@ -10,8 +10,8 @@ a LeRobot checkpoint gives the same loss and actions here.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
