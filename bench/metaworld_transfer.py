@@ -431,7 +431,8 @@ def compare(out: Path, other: Path) -> str:
 
     mine_seed, their_seed = mine["budget"].get("first_seed", 0), theirs["budget"].get("first_seed", 0)
     md = [f"This run ({out}, seeds from {mine_seed}) against {other} (seeds from {their_seed}):", "",
-          "| row | other run | this run | this mean in the other's CI | other mean in this CI |", "|---|---|---|---|---|"]
+          "| row | other run | this run | this mean in the other's CI | other mean in this CI |",
+          "|---|---|---|---|---|"]
     agree = 0
     for name, st, ref in pairs:
         if ref is None:
@@ -441,7 +442,8 @@ def compare(out: Path, other: Path) -> str:
         agree += both
         verdicts = ["yes" if inside(x, y) else "**no**" for x, y in ((st, ref), (ref, st))]
         md.append(f"| {name} | {cell(ref)} | {cell(st)} | {verdicts[0]} | {verdicts[1]} |")
-    md += ["", f"{agree} of {sum(ref is not None for _, _, ref in pairs)} rows: each mean inside the other run's interval."]
+    compared = sum(ref is not None for _, _, ref in pairs)
+    md += ["", f"{agree} of {compared} rows: each mean inside the other run's interval."]
     return "\n".join(md)
 
 
