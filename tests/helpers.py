@@ -62,10 +62,11 @@ TINY_PI_BACKBONE = {
 
 
 def make_tiny_pi_policy(folder: Path, meta, policy_type: str = "pi0", seed: int = 0,
-                        variants: tuple[str, str] = ("tiny", "tiny")) -> Path:
+                        variants: tuple[str, str] = ("tiny", "tiny"), backbone: dict | None = None) -> Path:
     """A randomly initialized tiny pi0 / pi0.5 in LeRobot's format (its architecture in vlm_config.json), with the
     demo's tokenizer beside it (as finetune.demo.make_initial_policy does for SmolVLA). `variants`: the names in
-    config.json (LeRobot's config accepts only gemma_2b / gemma_300m); vlm_config.json gives the sizes either way."""
+    config.json (LeRobot's config accepts only gemma_2b / gemma_300m); vlm_config.json gives the sizes either way.
+    `backbone`: the sizes, TINY_PI_BACKBONE by default."""
     from finetune.demo import train_tokenizer
     from finetune.policies import PI0Config, PI05Config, make_policy, save_policy
 
@@ -79,7 +80,7 @@ def make_tiny_pi_policy(folder: Path, meta, policy_type: str = "pi0", seed: int 
         action_expert_variant=variants[1], tokenizer_max_length=16 if policy_type == "pi0" else 64,
     )
     torch.manual_seed(seed)
-    policy = make_policy(config, TINY_PI_BACKBONE)
+    policy = make_policy(config, backbone or TINY_PI_BACKBONE)
     for name, param in policy.named_parameters():  # adaRMS starts as the identity; a pretrained one is not
         if name.endswith("norm.dense.weight"):
             torch.nn.init.normal_(param, std=0.05)

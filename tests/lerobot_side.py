@@ -16,6 +16,12 @@
         LeRobot's make_pre_post_processors for POLICY_DIR's config and stats, built (not loaded), saved to OUT_DIR.
     python tests/lerobot_side.py full-run BASE_DIR CHECKPOINT_DIR
         A LeRobot full fine-tune's checkpoint (every weight nudged), written by LeRobot's save_checkpoint.
+    python tests/lerobot_side.py grads ADAPTER_DIR BATCH OUT
+        One training step's gradients: the adapter loaded as lerobot-train loads `--policy.path=ADAPTER_DIR` (LeRobot's
+        PEFT loading, is_trainable=True), policy.train(), then its training call `policy.forward(batch)` on the
+        already normalized and tokenized batch of BATCH (safetensors; also `noise` and `time`, which the model's
+        sample_noise / sample_time return instead of drawing), loss.backward(). OUT (safetensors): `loss` and the
+        gradient of every trainable parameter under its PEFT name.
 Prints one JSON line describing what it loaded or wrote.
 
 `--tiny-pi SPEC.json` (pi0/pi0.5 only): LeRobot 0.6.1 builds PaliGemma + expert at full size only (its variant table
@@ -72,9 +78,9 @@ def use_tiny_pi_sizes(spec_path: str) -> None:
         module.CONFIG_MAPPING = {"paligemma": paligemma, "gemma": gemma}
 
 
-def load_policy(folder: str, peft: bool):
+def load_policy(folder: str, peft: bool, trainable: bool = False):
     """LeRobot's policy class from_pretrained(strict=True), or for an adapter folder LeRobot's PEFT loading (PeftConfig
-    -> base_model_name_or_path -> from_pretrained -> PeftModel.from_pretrained)."""
+    -> base_model_name_or_path -> from_pretrained -> PeftModel.from_pretrained; `trainable` as make_policy has it)."""
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class
 
@@ -86,7 +92,8 @@ def load_policy(folder: str, peft: bool):
 
     peft_config = PeftConfig.from_pretrained(folder)
     base = cls.from_pretrained(peft_config.base_model_name_or_path, strict=True)
-    return PeftModel.from_pretrained(base, folder, config=peft_config), {"base": peft_config.base_model_name_or_path}
+    model = PeftModel.from_pretrained(base, folder, config=peft_config, is_trainable=trainable)
+    return model, {"base": peft_config.base_model_name_or_path}
 
 
 def make_policy_as_scripts_do(folder: str, dataset_root: str):
@@ -189,6 +196,28 @@ def peft_run(base: str, checkpoint_dir: str) -> dict:
             sum("lora_" in n for n, _ in model.named_parameters())}
 
 
+def grads(folder: str, batch_file: str, out: str) -> dict:
+    """LeRobot's loss and LoRA gradients for one batch with the given noise and flow time (see the module docstring)."""
+    model, info = load_policy(folder, peft=True, trainable=True)
+    model.train()
+    with safe_open(batch_file, "pt") as f:
+        batch = {key: f.get_tensor(key) for key in f.keys()}
+    noise, time = batch.pop("noise"), batch.pop("time")
+    flow = model.get_base_model().model
+    drawn = []  # lerobot-train's call draws them inside forward; here they are ours
+    flow.sample_noise = lambda shape, device: drawn.append("noise") or noise.clone()
+    flow.sample_time = lambda bsize, device: drawn.append("time") or time.clone()
+    loss, _ = model.forward(batch)
+    loss.backward()
+    assert sorted(drawn) == ["noise", "time"], drawn
+    result = {"loss": loss.detach().reshape(1)}
+    result.update({name: p.grad.contiguous() for name, p in model.named_parameters() if p.grad is not None})
+    save_file(result, out)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    return {**info, "type": model.get_base_model().config.type, "trainable": len(trainable),
+            "with_grad": len(result) - 1, "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if "--tiny-pi" in args:
@@ -203,8 +232,10 @@ if __name__ == "__main__":
         result = peft_run(*args[:2])
     elif command == "full-run":
         result = full_run(*args[:2])
+    elif command == "grads":
+        result = grads(*args[:3])
     elif command == "fresh-processors":
         result = fresh_processors(*args[:2])
     else:
-        raise SystemExit(f"unknown command {command!r}: predict, peft-run or full-run")
+        raise SystemExit(f"unknown command {command!r}: predict, peft-run, full-run, fresh-processors or grads")
     print(json.dumps(result))
