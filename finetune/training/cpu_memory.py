@@ -20,7 +20,9 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only when 2 GB lie free
 
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse; False where the C library is not glibc or refused. Threads
-    other than the main one may still map big blocks (their arenas fall back to mmap), which is harmless."""
+    other than the main one may still map big blocks (their arenas fall back to mmap), which is harmless; but when an
+    OpenMP thread holds the main arena's lock at the wrong moment, glibc can move the main thread to such an arena for
+    good, and that process then gains nothing (3 of 8 short runs with 2 threads on a loaded machine; none with 1)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
