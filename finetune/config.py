@@ -73,9 +73,11 @@ class PolicyOptions:
     ~/.cache/finetune/cpu_linear.json); onednn or aten force one. Same float32 math either way. CUDA, bf16 and
     autocast always use torch's. Not under ZeRO-3."""
     compile: bool = False
-    """torch.compile the policy (inductor), as LeRobot's compile_model. On the 2-core Intel Xeon: the real-size SmolVLA
-    LoRA step 0.87x / 0.93x of the eager one at batch 2 / 8 (float32), after an 80-116 s compile on the first step;
-    every new batch shape or train/eval switch compiles again, so it pays on long runs only. Not under DeepSpeed."""
+    """torch.compile the policy's forward and sampling (inductor) for this run, as LeRobot's compile_model (a
+    config.json that sets compile_model compiles too; this flag is not written to it). On the 2-core Intel Xeon the
+    real-size SmolVLA LoRA step took 0.87x / 0.93x of the eager one at batch 2 / 8 (float32), after an 80-116 s compile
+    on the first step; each new batch shape or train/eval switch compiles again, so it pays on long runs only. Not
+    under DeepSpeed."""
 
 
 @dataclass(frozen=True)

@@ -297,11 +297,16 @@ class FlowMatchingPolicy(nn.Module):
         return self
 
     def compile_if_configured(self) -> None:
-        """LeRobot's compile_model: torch.compile the flow-matching model's forward and sampling (compile_mode)."""
-        if not getattr(self.config, "compile_model", False):
+        """LeRobot's compile_model from the config (with its compile_mode)."""
+        if getattr(self.config, "compile_model", False):
+            self.compile_forward(getattr(self.config, "compile_mode", None))
+
+    def compile_forward(self, mode: str | None = None) -> None:
+        """torch.compile the flow-matching model's forward and sampling, as LeRobot's compile_model does; parameter
+        names and state dicts stay those of the eager model. Once per policy."""
+        if getattr(self.model.forward, "_torchdynamo_orig_callable", None) is not None:
             return
         torch.set_float32_matmul_precision("high")
-        mode = getattr(self.config, "compile_mode", None)
         self.model.forward = torch.compile(self.model.forward, mode=mode)
         self.model.sample_actions = torch.compile(self.model.sample_actions, mode=mode)
 

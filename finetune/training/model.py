@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from finetune.adapters import quantize_and_attach, set_full_training_grads
+from finetune.adapters import base_policy, quantize_and_attach, set_full_training_grads
 from finetune.config import ConfigError, TrainConfig
 from finetune.data import DatasetError
 from finetune.hub import resolve_repo
@@ -121,7 +121,7 @@ def build_model(cfg: TrainConfig, policy: nn.Module, accelerator: Accelerator, r
     if accelerator.device.type == "cpu" and sum(counts.values()):
         log.info(f"cpu linears ({kind}): {counts['onednn']} on oneDNN, {counts['aten']} on torch's (MKL)")
     if cfg.policy.compile:
-        model.compile()  # in place: parameter names and state dicts stay those of the eager model
+        base_policy(model).compile_forward()
         log.info("torch.compile: the first step compiles (minutes on a few CPU cores), as does each new batch shape")
     return model
 
