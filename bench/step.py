@@ -80,6 +80,10 @@ def build_policy(config, dtype):
     with torch.device("meta"):
         policy = make_policy(config)
     policy = policy.to(dtype).to_empty(device="cpu")
+    for module in policy.modules():  # to_empty left non-persistent buffers (SigLIP's position ids, rotary tables)
+        for name, buf in list(module.named_buffers(recurse=False)):  # uninitialized: rebuild them from the config
+            if buf is not None and name in module._non_persistent_buffers_set:
+                module.register_buffer(name, torch.empty_like(buf, device="meta"), persistent=False)
     keep = getattr(policy, "keep_in_float32", ())
     with torch.no_grad():
         for name, p in policy.named_parameters():
