@@ -3,7 +3,7 @@
     .venv/bin/python bench/metaworld_transfer.py --out runs/bench_transfer            # ~90 min on 2 cores, '.[sim]'
     .venv/bin/python bench/metaworld_transfer.py --out runs/bench_transfer_quick --quick   # a few minutes
     .venv/bin/python bench/metaworld_transfer.py --out runs/bench_transfer_rerun --first-seed 2 \
-        --compare runs/bench_transfer     # a rerun on new seeds, checked against the first run's intervals
+        --compare runs/bench_transfer     # a rerun on new seeds: against the first run's intervals, then pooled
 
 Setting (fixed here, before any training): the policy sees LeRobot's 4-value agent state (hand xyz, gripper) and
 the `corner2` camera at 64 px, so object and goal positions come from the image only. A tiny SmolVLA (the project's
@@ -447,6 +447,29 @@ def compare(out: Path, other: Path) -> str:
     return "\n".join(md)
 
 
+def pooled(out: Path, other: Path) -> str:
+    """Both runs' training seeds together (their seeds must differ): each row's mean and interval over all of them."""
+    results, seeds = {}, set()
+    for run in (out, other):
+        budget = json.loads((run / "results.json").read_text())["budget"]
+        first = budget.get("first_seed", 0)
+        seeds |= set(range(first, first + budget["seeds"]))
+        results |= {f.stem: json.loads(f.read_text()) for f in (run / "jobs").glob("*.json")}
+    ids = range(min(seeds), max(seeds) + 1)
+    if len(seeds) != len(ids):
+        raise SystemExit(f"--compare: the two runs' seeds {sorted(seeds)} overlap or leave a gap")
+    b = Budget()
+    md = [f"Both runs pooled ({out}, {other}): training seeds {ids.start}-{ids.stop - 1}:", "",
+          "| row | " + " | ".join(f"{n} demos" for n in b.demo_counts) + " |", "|---|" + "---:|" * len(b.demo_counts)]
+    for row in TABLE_ROWS:
+        cells = []
+        for n in b.demo_counts:
+            st = row_stats(results, row, n, ids)
+            cells.append(f"{pct(st['mean'])} [{pct(st['ci95'][0])}, {pct(st['ci95'][1])}]" if st else "")
+        md.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(md)
+
+
 def plot(path: Path, b: Budget, head: dict, curve: dict) -> None:
     import matplotlib
 
@@ -528,7 +551,7 @@ def main() -> None:
     wall.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
     print(report(out, b, jobs, seconds))
     if args.compare:
-        text = compare(out, Path(args.compare))
+        text = compare(out, Path(args.compare)) + "\n\n" + pooled(out, Path(args.compare))
         (out / "compare.md").write_text(text + "\n")
         print("\n" + text)
     log(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'transfer.png'}")
